@@ -1,0 +1,85 @@
+"""Replace the sites marked sparse with the ``t4d::block_sparse_attention`` op.
+
+The op takes [B, H, N, D]; sites of another rank are reshaped to [-1, 1, N, D] and back. The
+block table travels as buffers of the graph module, on the device of the site's tensors. With
+``reference=True`` the same sites become SDPA with the explicit boolean token mask instead:
+the dense reference that ``verify`` compares against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._dynamo.source import ConstantSource
+
+from t4dopt.sites import SiteDecision
+
+import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
+
+
+def _device_of(node: fx.Node) -> torch.device:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+
+
+def _buffer(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
+    gm.register_buffer(name, tensor)
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        sources[name] = ConstantSource(name)
+    return gm.graph.get_attr(name)
+
+
+def _as_bhnd(graph: fx.Graph, node: fx.Node, shape: tuple[int, ...]) -> fx.Node:
+    if len(shape) == 4:
+        return node
+    return graph.call_method("reshape", (node, -1, 1, shape[-2], shape[-1]))
+
+
+def _rewrite_site(gm: fx.GraphModule, index: int, decision: SiteDecision, reference: bool) -> None:
+    site, graph = decision.site, gm.graph
+    layout = decision.block_layout
+    device = _device_of(site.query)
+    with graph.inserting_before(site.output):
+        key = graph.call_method("transpose", (site.key, -2, -1)) if site.key_transposed else site.key
+        key_shape = site.key_shape[:-2] + (site.key_shape[-1], site.key_shape[-2]) if site.key_transposed else site.key_shape
+        q = _as_bhnd(graph, site.query, site.query_shape)
+        k = _as_bhnd(graph, key, key_shape)
+        v = _as_bhnd(graph, site.value, site.value_shape)
+        heads, kv_heads = site.query_shape[-3] if len(site.query_shape) == 4 else 1, key_shape[-3] if len(key_shape) == 4 else 1
+        if heads != kv_heads:
+            k = graph.call_method("repeat_interleave", (k, heads // kv_heads), {"dim": 1})
+            v = graph.call_method("repeat_interleave", (v, heads // kv_heads), {"dim": 1})
+        prefix = f"_t4d_site{index}"
+        if reference:
+            mask = _buffer(gm, f"{prefix}_token_mask", layout.token_mask().to(device))
+            out = graph.call_function(F.scaled_dot_product_attention, (q, k, v),
+                                      {"attn_mask": mask, "scale": site.scale})
+        else:
+            counts, indices, starts = (
+                _buffer(gm, f"{prefix}_{name}", tensor)
+                for name, tensor in zip(("kv_counts", "kv_indices", "block_starts"), layout.tensors(device))
+            )
+            out = graph.call_function(torch.ops.t4d.block_sparse_attention.default,
+                                      (q, k, v, counts, indices, starts, layout.block_size, site.scale))
+        if len(site.query_shape) != 4:
+            out = graph.call_method("reshape", (out, *site.query_shape[:-1], site.value_shape[-1]))
+    site.output.replace_all_uses_with(out)
+    for node in reversed(site.nodes):
+        if not node.users:
+            graph.erase_node(node)
+
+
+def rewrite(gm: fx.GraphModule, decisions: list[SiteDecision], *, reference: bool = False) -> int:
+    """Rewrite the sparse sites of `gm` in place; returns how many were rewritten."""
+    count = 0
+    for index, decision in enumerate(decisions):
+        if decision.action == "sparse":
+            _rewrite_site(gm, index, decision, reference)
+            count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return count

@@ -1,0 +1,67 @@
+"""Decide, per attention site, whether it becomes block-sparse, and with which block table.
+
+Only joint spatio-temporal self-attention is made sparse. A site we cannot handle (unknown
+layout, an attention mask or causal flag we would have to combine, dropout, an unsupported
+dtype) stays dense; the decision carries the reason and whether the user should be warned.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from t4dopt import masks
+from t4dopt.block_layout import BlockLayout
+from t4dopt.options import Options, SparseSpec
+from t4dopt.sites import AttentionSite, SiteDecision, SiteKind, SiteLayout
+
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@lru_cache(maxsize=64)
+def _cached_layout(policy, params: tuple, frames: int, tokens: int, prefix: int) -> BlockLayout:
+    return masks.build(policy, frames, tokens, prefix_tokens=prefix, **dict(params))
+
+
+def block_layout_for(spec: SparseSpec, layout: SiteLayout) -> BlockLayout:
+    """The block table of `spec` for a site's token grid (cached: one per model shape)."""
+    return _cached_layout(spec.policy, tuple(sorted(spec.params.items())), layout.frames,
+                          layout.tokens_per_frame, layout.prefix_tokens)
+
+
+def _unsupported(site: AttentionSite) -> str | None:
+    if site.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {site.dtype} is not supported by the block-sparse op (allowed: {', '.join(SUPPORTED_DTYPES)})"
+    if site.attn_mask is not None:
+        return "it has an attention mask; combining it with the block mask is not supported"
+    if site.is_causal:
+        return "it is causal; Sculpt4D masks are not causal"
+    if site.dropout_p:
+        return f"it uses dropout_p={site.dropout_p}"
+    if site.value_shape[-2] != site.key_len:
+        return f"values have {site.value_shape[-2]} tokens, keys {site.key_len}"
+    heads_q = site.query_shape[-3] if len(site.query_shape) >= 3 else 1
+    heads_k = site.key_shape[-3] if len(site.key_shape) >= 3 else 1
+    if heads_q != heads_k and not (site.enable_gqa and len(site.query_shape) == 4 and heads_q % heads_k == 0):
+        return f"queries have {heads_q} heads, keys {heads_k}"
+    if site.query_shape[:-3] != site.key_shape[:-3]:
+        return f"queries {list(site.query_shape)} and keys {list(site.key_shape)} differ in batch dims"
+    return None
+
+
+def decide(site: AttentionSite, layout: SiteLayout, options: Options) -> SiteDecision:
+    """What to do with one site under `options`."""
+    if options.sparse is None:
+        return SiteDecision(site, layout, "dense", "sparse=None: no mask policy chosen")
+    if layout.kind is SiteKind.UNKNOWN:
+        return SiteDecision(site, layout, "dense", f"layout unknown: {layout.evidence}", warn=True)
+    if layout.kind is not SiteKind.SPATIOTEMPORAL:
+        return SiteDecision(site, layout, "dense", f"{layout.kind.value} attention is kept dense")
+    problem = _unsupported(site)
+    if problem is not None:
+        return SiteDecision(site, layout, "dense", f"joint attention left dense: {problem}", warn=True)
+    block_layout = block_layout_for(options.sparse, layout)
+    return SiteDecision(site, layout, "sparse", block_layout.description, block_layout=block_layout)
+
+
+def decide_all(sites: list[AttentionSite], layouts: list[SiteLayout], options: Options) -> list[SiteDecision]:
+    return [decide(site, layout, options) for site, layout in zip(sites, layouts)]

@@ -1,0 +1,1 @@
+"""TensorRT plugins and ONNX Runtime custom ops for the ``t4d`` ops (none yet)."""

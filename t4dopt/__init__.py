@@ -1,0 +1,29 @@
+"""t4dopt: a torch.compile backend (``backend="turbo4d"``) for video and 4D diffusion transformers.
+
+It finds the attention in a model's graph, works out which axes each attention mixes, and
+rewrites joint spatio-temporal attention into Sculpt4D-style block-sparse attention.
+"""
+
+from t4dopt import masks
+from t4dopt.backend import turbo4d
+from t4dopt.block_layout import BlockLayout
+from t4dopt.errors import T4DOptionError, T4DUnsupportedError, T4DVerifyError, T4DWarning
+from t4dopt.explain import explain
+from t4dopt.ops import block_sparse_attention
+from t4dopt.report import Report, SiteReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockLayout",
+    "Report",
+    "SiteReport",
+    "T4DOptionError",
+    "T4DUnsupportedError",
+    "T4DVerifyError",
+    "T4DWarning",
+    "block_sparse_attention",
+    "explain",
+    "masks",
+    "turbo4d",
+]

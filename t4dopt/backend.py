@@ -1,0 +1,88 @@
+"""The ``turbo4d`` torch.compile backend.
+
+``torch.compile(model, backend="turbo4d", options={...})`` hands each captured FX graph to
+`turbo4d`, which runs the passes (detect, layout, sparsify, rewrite), reports what it did,
+and lowers the rewritten graph through Inductor (or runs it eagerly with ``target="eager"``).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_leaves
+
+from t4dopt import report
+from t4dopt.errors import T4DUnsupportedError, T4DVerifyError, T4DWarning
+from t4dopt.options import Options, parse_options
+from t4dopt.passes import run_passes
+from t4dopt.sites import SiteDecision
+
+VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def _lower(gm: fx.GraphModule, example_inputs: list[Any], target: str) -> Callable:
+    if target == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _warn_or_raise(decisions: list[SiteDecision], options: Options) -> None:
+    for decision in decisions:
+        if not decision.warn:
+            continue
+        where = decision.site.module_path or decision.site.name
+        message = f"turbo4d: attention {decision.site.name} ({where}) left dense: {decision.reason}"
+        if options.strict:
+            raise T4DUnsupportedError(message + " (strict=True)")
+        warnings.warn(message, T4DWarning, stacklevel=2)
+
+
+def _max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.detach().abs().max().clamp(min=1e-6)
+    return float((actual.detach().float() - expected.detach().float()).abs().max() / scale)
+
+
+def _verified(compiled: Callable, reference: fx.GraphModule) -> Callable:
+    """Run the dense masked reference beside the first call and raise if they differ."""
+    checked = False
+
+    def run(*args):
+        nonlocal checked
+        outputs = compiled(*args)
+        if not checked:
+            checked = True
+            with torch.no_grad():
+                expected = reference(*args)
+            for got, want in zip(tree_leaves(outputs), tree_leaves(expected)):
+                if isinstance(got, torch.Tensor) and got.is_floating_point():
+                    error = _max_relative_error(got, want)
+                    tolerance = VERIFY_TOLERANCE.get(want.dtype, 1e-4)
+                    if not error <= tolerance:
+                        raise T4DVerifyError(
+                            f"turbo4d verify: rewritten graph differs from its dense masked reference by "
+                            f"{error:.2e} (relative to the largest output), tolerance {tolerance:.0e} for {want.dtype}"
+                        )
+        return outputs
+
+    return run
+
+
+def turbo4d(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | Options | None = None) -> Callable:
+    """torch.compile backend: rewrite joint attention to block-sparse attention, then lower."""
+    opts = parse_options(options)
+    reference = copy.deepcopy(gm) if opts.verify else None
+    decisions = run_passes(gm, opts)
+    report.publish(decisions)
+    _warn_or_raise(decisions, opts)
+    compiled = _lower(gm, example_inputs, opts.target)
+    if reference is not None and any(d.action == "sparse" for d in decisions):
+        run_passes(reference, opts, reference=True)
+        return _verified(compiled, reference)
+    return compiled

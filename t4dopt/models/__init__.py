@@ -1,0 +1,10 @@
+"""Reference models: plain torch, importing nothing else of t4dopt.
+
+`Sculpt4DDiT` is a Hunyuan3D-2.1-like 4D DiT (configs ``"tiny"`` and ``"hunyuan3d-2.1"``);
+`sample_flow_matching` is the Euler sampler used by the demo and the benchmarks.
+"""
+
+from t4dopt.models.sampler import flow_matching_timesteps, make_inputs, sample_flow_matching
+from t4dopt.models.sculpt4d_dit import CONFIGS, Sculpt4DConfig, Sculpt4DDiT
+
+__all__ = ["CONFIGS", "Sculpt4DConfig", "Sculpt4DDiT", "flow_matching_timesteps", "make_inputs", "sample_flow_matching"]

@@ -1,0 +1,141 @@
+"""The `options=` of ``torch.compile(model, backend="turbo4d", options=...)``, parsed and checked.
+
+Every unknown key or bad value raises `T4DOptionError` naming the option, the value and what
+is allowed, before any graph is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from t4dopt import masks
+from t4dopt.errors import T4DOptionError
+
+TARGETS = ("inductor", "eager")
+LAYOUT_KEYS = ("frames", "views", "tokens_per_frame", "prefix_tokens", "height", "width")
+TOP_LEVEL_KEYS = ("layout", "sparse", "target", "strict", "verify")
+DEFAULT_POLICY = "sculpt4d"
+
+
+@dataclass(frozen=True)
+class LayoutHints:
+    """What the user told us about the token grid; every field optional."""
+
+    frames: int | None = None
+    views: int | None = None
+    tokens_per_frame: int | None = None
+    prefix_tokens: int | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """A mask policy (name or rule on block coordinates) and its parameters."""
+
+    policy: str | Callable
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.policy if isinstance(self.policy, str) else getattr(self.policy, "__name__", "custom")
+
+
+@dataclass(frozen=True)
+class Options:
+    layout: LayoutHints = LayoutHints()
+    sparse: SparseSpec | None = None
+    target: str = "inductor"
+    strict: bool = False
+    verify: bool = False
+
+
+def _fail(option: str, value: Any, allowed: str) -> T4DOptionError:
+    return T4DOptionError(f"turbo4d option {option}={value!r} is not valid; allowed: {allowed}")
+
+
+def _parse_layout(value: Any) -> LayoutHints:
+    if value is None:
+        return LayoutHints()
+    if isinstance(value, LayoutHints):
+        return value
+    if not isinstance(value, Mapping):
+        raise _fail("layout", value, f"a dict with keys {list(LAYOUT_KEYS)}")
+    unknown = sorted(set(value) - set(LAYOUT_KEYS))
+    if unknown:
+        raise _fail(f"layout[{unknown[0]!r}]", value[unknown[0]], f"the keys {list(LAYOUT_KEYS)}")
+    for key, item in value.items():
+        minimum = 0 if key == "prefix_tokens" else 1
+        if item is not None and (isinstance(item, bool) or not isinstance(item, int) or item < minimum):
+            raise _fail(f"layout[{key!r}]", item, f"None or an integer >= {minimum}")
+    hints = LayoutHints(**value)
+    if hints.height and hints.width and hints.tokens_per_frame:
+        if hints.height * hints.width != hints.tokens_per_frame:
+            raise _fail("layout['tokens_per_frame']", hints.tokens_per_frame,
+                        f"height * width = {hints.height * hints.width} (or leave it out)")
+    if hints.height and hints.width and not hints.tokens_per_frame:
+        hints = LayoutHints(**{**value, "tokens_per_frame": hints.height * hints.width})
+    return hints
+
+
+def _parse_sparse(value: Any) -> SparseSpec | None:
+    if value is None or value is False:
+        return None
+    if isinstance(value, SparseSpec):
+        spec = value
+    elif isinstance(value, str) or callable(value):
+        spec = SparseSpec(value, {})
+    elif isinstance(value, Mapping):
+        params = dict(value)
+        spec = SparseSpec(params.pop("policy", DEFAULT_POLICY), params)
+    else:
+        raise _fail("sparse", value, f"None, a policy name {sorted(masks.POLICIES)}, a callable "
+                                     "rule(query_frame, query_block, key_frame, key_block), or a dict "
+                                     "{'policy': name, **parameters}")
+    if isinstance(spec.policy, str):
+        if spec.policy not in masks.POLICIES:
+            raise _fail("sparse['policy']", spec.policy, f"{sorted(masks.POLICIES)} or a callable")
+        allowed = masks.policy_parameters(spec.policy)
+    elif callable(spec.policy):
+        allowed = ("block_size",)
+    else:
+        raise _fail("sparse['policy']", spec.policy, f"{sorted(masks.POLICIES)} or a callable")
+    for key in spec.params:
+        if key not in allowed:
+            raise _fail(f"sparse[{key!r}]", spec.params[key], f"the parameters of {spec.name}: {list(allowed)}")
+    try:
+        masks.build(spec.policy, 2, 8, **spec.params)
+    except (ValueError, TypeError) as error:
+        raise T4DOptionError(f"turbo4d option sparse={dict(spec.params)!r} for {spec.name}: {error}") from None
+    return spec
+
+
+def _parse_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, value, "True or False")
+    return value
+
+
+def parse_options(options: Mapping[str, Any] | Options | None) -> Options:
+    """Check and normalise the backend options; raise `T4DOptionError` on anything bad."""
+    if options is None:
+        return Options()
+    if isinstance(options, Options):
+        return options
+    if not isinstance(options, Mapping):
+        raise _fail("options", options, f"a dict with keys {list(TOP_LEVEL_KEYS)}")
+    unknown = sorted(set(options) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise _fail(unknown[0], options[unknown[0]], f"the keys {list(TOP_LEVEL_KEYS)}")
+    target = options.get("target", "inductor")
+    if target not in TARGETS:
+        raise _fail("target", target, f"one of {list(TARGETS)}")
+    return Options(
+        layout=_parse_layout(options.get("layout")),
+        sparse=_parse_sparse(options.get("sparse")),
+        target=target,
+        strict=_parse_flag("strict", options.get("strict", False)),
+        verify=_parse_flag("verify", options.get("verify", False)),
+    )

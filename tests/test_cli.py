@@ -1,0 +1,37 @@
+import subprocess
+import sys
+
+from PIL import Image
+
+from t4dopt.cli import main
+
+
+def test_mask_command_draws_a_png(tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    assert main(["mask", "--frames", "8", "--tokens-per-frame", "256", "--block-size", "32", "--out", str(out)]) == 0
+    assert "density=0.581" in capsys.readouterr().out
+    assert Image.open(out).size[0] > 64
+
+
+def test_analyze_prints_the_explain_table(capsys):
+    assert main(["analyze", "--config", "tiny", "--block-size", "16"]) == 0
+    table = capsys.readouterr().out
+    assert "spatiotemporal" in table and "sparse" in table and "cross" in table and "saved" in table
+
+
+def test_demo_runs_end_to_end_eagerly(tmp_path, capsys):
+    assert main(["demo", "--config", "tiny", "--block-size", "16", "--steps", "2", "--target", "eager",
+                 "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "time per denoising step" in out and "relative L2" in out
+    assert (tmp_path / "mask.png").exists()
+
+
+def test_bad_arguments_exit_with_a_message(capsys):
+    assert main(["mask", "--frames", "0", "--out", "x.png"]) == 2
+    assert "frames=0" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "t4dopt.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "demo" in result.stdout
