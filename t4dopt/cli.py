@@ -49,11 +49,10 @@ def _analyze(args: argparse.Namespace) -> int:
 def _mask(args: argparse.Namespace) -> int:
     from t4dopt.plotting import draw_block_mask
 
-    block_size = args.block_size or 128
-    layout = masks.build(args.policy, args.frames or 16, args.tokens_per_frame or 4096,
-                         block_size=block_size, prefix_tokens=args.prefix_tokens)
-    path = draw_block_mask(layout, args.out, frames=args.frames or 16,
-                           blocks_per_frame=-(-(args.tokens_per_frame or 4096) // block_size))
+    layout = masks.build(args.policy, args.frames, args.tokens_per_frame,
+                         block_size=args.block_size, prefix_tokens=args.prefix_tokens)
+    path = draw_block_mask(layout, args.out, frames=args.frames,
+                           blocks_per_frame=-(-args.tokens_per_frame // args.block_size))
     print(f"{layout}\nwritten to {path}")
     return 0
 
@@ -79,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _layout_arguments(mask)
     mask.add_argument("--prefix-tokens", type=int, default=0)
     mask.add_argument("--out", default="mask.png")
-    mask.set_defaults(run=_mask)
+    mask.set_defaults(run=_mask, frames=16, tokens_per_frame=4096, block_size=128)
     return parser
 
 

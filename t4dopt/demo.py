@@ -21,7 +21,7 @@ from t4dopt.models import CONFIGS, Sculpt4DDiT, make_inputs, sample_flow_matchin
 from t4dopt.plotting import draw_block_mask
 from t4dopt.report import Report
 
-CPU_DEMO = {"hidden": 128, "heads": 2, "depth": 2, "frames": 8, "tokens_per_frame": 512}
+CPU_DEMO = {"hidden": 128, "heads": 2, "depth": 2, "frames": 16, "tokens_per_frame": 512}
 CUDA_DEMO = {"frames": 16, "tokens_per_frame": 4096}
 
 

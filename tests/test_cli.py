@@ -8,7 +8,7 @@ from t4dopt.cli import main
 
 def test_mask_command_draws_a_png(tmp_path, capsys):
     out = tmp_path / "mask.png"
-    assert main(["mask", "--frames", "8", "--tokens-per-frame", "256", "--block-size", "32", "--out", str(out)]) == 0
+    assert main(["mask", "--frames", "8", "--tokens-per-frame", "512", "--block-size", "16", "--out", str(out)]) == 0
     assert "density=0.581" in capsys.readouterr().out
     assert Image.open(out).size[0] > 64
 

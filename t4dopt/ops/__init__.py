@@ -1,5 +1,5 @@
-"""The ``t4d`` ops and their kernels. Importing this registers ``torch.ops.t4d``."""
+"""The ``t4d`` operators; importing this package registers ``torch.ops.t4d.block_sparse_attention``."""
 
-from t4dopt.ops.block_sparse import block_sparse_attention, block_sparse_attention_op
+from t4dopt.ops.block_sparse import block_sparse_attention
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_op"]
+__all__ = ["block_sparse_attention"]

@@ -1,111 +1,130 @@
-"""CUDA path: FlexAttention with the block table turned directly into a BlockMask.
+"""CUDA path: FlexAttention with the block table turned directly into a ``BlockMask``.
 
-No mask function is evaluated over N x N tokens: when every block has length ``block_size``
-our table is FlexAttention's table (every kept block "full", no mask_mod). When blocks are
-unequal (partial last block of a frame, prefix blocks), our blocks are mapped onto
-FlexAttention's uniform tiles: a tile pair is kept when any block pair under it is kept, full
-when all are, and the partial tiles consult a small [blocks, blocks] lookup in the mask_mod.
+No mask function is ever evaluated over N x N tokens (too slow at 65k tokens): the table maps
+onto FlexAttention's uniform tiles with a few small tensor operations. FlexAttention's Triton
+kernels need tiles that are multiples of their own BLOCK_M / BLOCK_N (128 in the default bf16
+configurations), so the tile is the layout's block size when that is a multiple of 128 and 128
+otherwise. A tile pair is kept when any of our block pairs under it is kept and "full" (no
+mask_mod) when all are; so with equal blocks aligned to the tiles every kept tile is full and no
+mask_mod runs. Partial tiles (unequal blocks: a frame's partial last block, prefix blocks; or
+blocks smaller than a tile) look ``dense_blocks[block_of_token[q], block_of_token[kv]]`` up in
+the mask_mod.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-_block_masks: dict[tuple, object] = {}
+FLEX_TILE = 128
+
 _compiled_flex = None
+
+
+def tile_size(block_size: int) -> int:
+    """The FlexAttention tile for a layout of nominal block size `block_size`."""
+    return block_size if block_size % FLEX_TILE == 0 else FLEX_TILE
 
 
 @dataclass(frozen=True)
 class TileTable:
-    """Per query tile: kept key tiles that need the mask_mod (partial) and those that do not (full)."""
+    """Our block table on uniform tiles: per query tile, the key tiles that are partial or full."""
 
-    partial_counts: torch.Tensor
-    partial_indices: torch.Tensor
-    full_counts: torch.Tensor
-    full_indices: torch.Tensor
-    block_of_token: torch.Tensor
-    dense_blocks: torch.Tensor
-
-    @property
-    def needs_mask_mod(self) -> bool:
-        return bool(self.partial_counts.any())
+    tile: int
+    partial: torch.Tensor
+    """bool [tiles, tiles]: some but not all token pairs of the tile pair are kept."""
+    full: torch.Tensor
+    """bool [tiles, tiles]: every (in-range) token pair of the tile pair is kept."""
 
 
-def _dense_blocks(kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
-    n = kv_counts.numel()
-    keep = torch.arange(kv_indices.shape[1], device=kv_counts.device).unsqueeze(0) < kv_counts.unsqueeze(1)
-    dense = torch.zeros(n, n, dtype=torch.bool, device=kv_counts.device)
-    rows = torch.arange(n, device=kv_counts.device).unsqueeze(1).expand_as(kv_indices)
-    dense[rows[keep], kv_indices.long()[keep]] = True
-    return dense
+def tile_table(dense: torch.Tensor, block_starts: torch.Tensor, tile: int) -> TileTable:
+    """Classify every tile pair from bool `dense` [blocks, blocks] and int64 `block_starts`.
 
-
-def _table_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    counts = mask.sum(dim=1).to(torch.int32)
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
-    return counts, order
-
-
-def tile_table(kv_counts: torch.Tensor, kv_indices: torch.Tensor, block_starts: torch.Tensor, tile: int) -> TileTable:
-    """Map our (possibly unequal) blocks onto uniform tiles of `tile` tokens."""
-    device = kv_counts.device
-    seq_len = int(block_starts[-1])
+    A tile overlaps a range of consecutive blocks; 2-D prefix sums of the block mask count the
+    kept block pairs under each tile pair in O(1), so this costs O(tiles^2 + blocks^2).
+    """
+    dense = dense.cpu().to(torch.bool)
+    starts = block_starts.cpu().to(torch.int64)
+    seq_len, blocks = int(starts[-1]), dense.shape[0]
     tiles = -(-seq_len // tile)
-    lengths = block_starts[1:] - block_starts[:-1]
-    block_of_token = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
-    dense = _dense_blocks(kv_counts, kv_indices)
-    # overlap[t, b]: tokens of block b inside tile t.
-    tile_of_token = torch.arange(seq_len, device=device) // tile
-    overlap = torch.zeros(tiles, lengths.numel(), dtype=torch.float64, device=device)
-    overlap.index_put_((tile_of_token, block_of_token), torch.ones(seq_len, dtype=torch.float64, device=device),
-                       accumulate=True)
-    kept_pairs = overlap @ dense.to(torch.float64) @ overlap.T
-    all_pairs = overlap.sum(1, keepdim=True) @ overlap.sum(1, keepdim=True).T
-    full = (kept_pairs == all_pairs) & (all_pairs > 0)
-    partial = (kept_pairs > 0) & ~full
-    full_counts, full_indices = _table_rows(full)
-    partial_counts, partial_indices = _table_rows(partial)
-    return TileTable(partial_counts, partial_indices, full_counts, full_indices, block_of_token, dense)
+    first_token = torch.arange(tiles) * tile
+    last_token = (first_token + tile).clamp(max=seq_len) - 1
+    first = torch.searchsorted(starts, first_token, right=True) - 1
+    last = torch.searchsorted(starts, last_token, right=True) - 1
+    prefix = torch.zeros(blocks + 1, blocks + 1, dtype=torch.int64)
+    prefix[1:, 1:] = dense.to(torch.int64).cumsum(0).cumsum(1)
+    top, bottom = first.unsqueeze(1), last.unsqueeze(1) + 1
+    left, right = first.unsqueeze(0), last.unsqueeze(0) + 1
+    kept = prefix[bottom, right] - prefix[top, right] - prefix[bottom, left] + prefix[top, left]
+    area = (bottom - top) * (right - left)
+    full = kept == area
+    return TileTable(tile, (kept > 0) & ~full, full)
 
 
-def block_mask_for(kv_counts: torch.Tensor, kv_indices: torch.Tensor, block_starts: torch.Tensor, block_size: int):
-    """A FlexAttention BlockMask for the table, cached per table and device."""
+def _ordered(mask: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts [1, 1, rows], indices [1, 1, rows, cols]) of a bool tile mask, kept columns first."""
+    counts = mask.sum(dim=1).to(torch.int32)
+    indices = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
+    return counts[None, None].to(device), indices[None, None].contiguous().to(device)
+
+
+def build_block_mask(dense: torch.Tensor, block_starts: torch.Tensor, block_size: int, device: torch.device):
+    """The FlexAttention ``BlockMask`` for a block table, on `device`; broadcasts over B and H."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    key = (kv_counts.data_ptr(), kv_indices.data_ptr(), block_starts.data_ptr(), kv_counts.device, block_size)
-    cached = _block_masks.get(key)
-    if cached is not None:
-        return cached
-    table = tile_table(kv_counts, kv_indices, block_starts, block_size)
+    table = tile_table(dense, block_starts, tile_size(block_size))
     seq_len = int(block_starts[-1])
-    if table.needs_mask_mod:
-        block_of_token, dense = table.block_of_token, table.dense_blocks
+    mask_mod = None
+    if bool(table.partial.any()):
+        lengths = (block_starts[1:] - block_starts[:-1]).cpu()
+        block_of_token = torch.repeat_interleave(torch.arange(lengths.numel(), dtype=torch.int32), lengths).to(device)
+        dense_blocks = dense.to(device=device, dtype=torch.bool)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return dense[block_of_token[q_idx], block_of_token[kv_idx]]
-    else:
-        mask_mod = None
-    block_mask = BlockMask.from_kv_blocks(
-        table.partial_counts[None, None], table.partial_indices[None, None],
-        table.full_counts[None, None], table.full_indices[None, None],
-        BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
+            return dense_blocks[block_of_token[q_idx], block_of_token[kv_idx]]
+
+    partial_counts, partial_indices = _ordered(table.partial, device)
+    full_counts, full_indices = _ordered(table.full, device)
+    return BlockMask.from_kv_blocks(
+        partial_counts, partial_indices, full_counts, full_indices,
+        BLOCK_SIZE=table.tile, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
     )
-    if len(_block_masks) > 64:
-        _block_masks.clear()
-    _block_masks[key] = block_mask
-    return block_mask
 
 
-def flex_block_sparse_attention(q, k, v, kv_counts, kv_indices, block_starts, block_size, scale, *, compiled=True):
-    """Block-sparse attention through FlexAttention (compiled on first use)."""
+def _flex():
+    """flex_attention compiled once, on first use."""
     global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    block_mask = block_mask_for(kv_counts, kv_indices, block_starts, block_size)
-    if not compiled:
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
     if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+    return _compiled_flex
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float) -> torch.Tensor:
+    with torch.no_grad():
+        return _flex()(q, k, v, block_mask=block_mask, scale=scale)
+
+
+@contextlib.contextmanager
+def _autograd_enabled() -> Iterator[None]:
+    """Let autograd record inside an op kernel (the dispatcher excludes it below the op's autograd key)."""
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = (torch._C._dispatch_tls_local_exclude_set()
+               .remove(torch._C.DispatchKey.AutogradFunctionality)
+               .remove(torch._C.DispatchKey.ADInplaceOrView))
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
+def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) by FlexAttention's own backward kernels, after recomputing the forward."""
+    with _autograd_enabled():
+        inputs = tuple(x.detach().requires_grad_() for x in (q, k, v))
+        out = _flex()(*inputs, block_mask=block_mask, scale=scale)
+        dq, dk, dv = torch.autograd.grad(out, inputs, grad_out)
+    return dq, dk, dv

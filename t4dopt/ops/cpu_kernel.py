@@ -1,0 +1,282 @@
+"""Block-sparse attention on CPU that computes only the kept blocks.
+
+The block table is turned once per layout into a `Plan` of dense pieces. Each piece runs on the
+fused flash-attention kernel that SDPA uses on CPU, which also returns the log-sum-exp of every
+query row, so the pieces of a row merge exactly (softmax over the union of their keys):
+
+* rectangles: consecutive query blocks that share long runs of consecutive key blocks (whole
+  frames, in video layouts) attend those runs as zero-copy views of K and V;
+* gathered rows: what is left of each query block's row (strided blocks, short runs) is gathered
+  into a compact K/V and batched with the other query blocks that keep as many tokens.
+
+Work is proportional to the kept token pairs: `Plan.pairs` of them per batch entry and head.
+The backward pass recomputes each query block against all of its gathered keys with plain
+matmuls (no merging needed), one bounded chunk at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MIN_RUN_TOKENS = 256
+"""Shortest run of consecutive key tokens worth a rectangle of its own; shorter runs are gathered."""
+
+JOIN_FRACTION = 0.9
+"""A query block joins its predecessors' group if that keeps this fraction of its long-run pairs."""
+
+GATHER_BUDGET = 1 << 22
+"""Elements of gathered K and V (or of backward score matrices) held at once, per chunk."""
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+@dataclass(frozen=True)
+class Rect:
+    """Query tokens ``q_start:q_end`` attend key tokens ``k_start:k_end``."""
+
+    q_start: int
+    q_end: int
+    k_start: int
+    k_end: int
+    fresh: bool
+    """The only piece of its rows so far: written directly instead of merged."""
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """Query blocks of equal length that attend equally many gathered key tokens."""
+
+    q_index: torch.Tensor
+    """int64 [blocks, q_len / unit]: the query units (`Plan.unit` consecutive tokens) of each block."""
+    kv_index: torch.Tensor
+    """int64 [blocks, kv_len / unit]: the key units each block attends."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    seq_len: int
+    unit: int
+    """Tokens per gathered unit: the gcd of the block boundaries, so gathers copy whole runs."""
+    rects: tuple[Rect, ...]
+    rest: tuple[Gathered, ...]
+    """What the rectangles leave of each row; computed first, at most one piece per row."""
+    rows: tuple[Gathered, ...]
+    """Every query block with all of its kept keys, for the backward pass."""
+    covers_all_rows: bool
+    """False when some query block keeps no key at all (its output is zero)."""
+    pairs: int
+    """Query-key token pairs the forward pass computes, per batch entry and head."""
+
+
+def _runs(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Begin and end (exclusive) block of each maximal run of True in a bool row."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], row.astype(np.int8), [0]))))
+    return edges[0::2], edges[1::2]
+
+
+def _long_runs(row: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    begins, ends = _runs(row)
+    tokens = starts[ends] - starts[begins]
+    keep = tokens >= MIN_RUN_TOKENS
+    return begins[keep], ends[keep], int(tokens[keep].sum())
+
+
+def _row_groups(mask: np.ndarray, starts: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """Split the query blocks into runs that share long key runs: (first, end, common row).
+
+    Greedy: the next query block joins the group while its shared long runs still cover at
+    least JOIN_FRACTION of what its own long runs would, so a frame's query blocks stay
+    together and a group ends where the next query block sees other keys.
+    """
+    groups = []
+    first, count = 0, mask.shape[0]
+    while first < count:
+        common = mask[first]
+        covered = (starts[first + 1] - starts[first]) * _long_runs(common, starts)[2]
+        end = first + 1
+        while covered and end < count:
+            candidate = common & mask[end]
+            candidate_covered = (starts[end + 1] - starts[first]) * _long_runs(candidate, starts)[2]
+            alone = (starts[end + 1] - starts[end]) * _long_runs(mask[end], starts)[2]
+            if candidate_covered - covered < JOIN_FRACTION * alone:
+                break
+            common, covered, end = candidate, candidate_covered, end + 1
+        groups.append((first, end, common))
+        first = end
+    return groups
+
+
+def _batch(items: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]]) -> tuple[Gathered, ...]:
+    return tuple(
+        Gathered(torch.from_numpy(np.stack([q for q, _ in pairs])), torch.from_numpy(np.stack([kv for _, kv in pairs])))
+        for _, pairs in sorted(items.items())
+    )
+
+
+def _merge_stacked(rects: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Join rectangles over the same keys whose query ranges touch (bigger calls run faster)."""
+    merged: list[tuple[int, int, int, int]] = []
+    for q_start, q_end, k_start, k_end in sorted(rects, key=lambda r: (r[2], r[3], r[0])):
+        if merged and merged[-1][2:] == (k_start, k_end) and merged[-1][1] == q_start:
+            merged[-1] = (merged[-1][0], q_end, k_start, k_end)
+        else:
+            merged.append((q_start, q_end, k_start, k_end))
+    return sorted(merged, key=lambda r: (r[0], r[2] - r[3]))
+
+
+def build_plan(dense: torch.Tensor, block_starts: torch.Tensor) -> Plan:
+    """The pieces that compute exactly the kept blocks of `dense` (bool [blocks, blocks])."""
+    mask = dense.cpu().numpy().astype(bool)
+    starts = block_starts.cpu().numpy().astype(np.int64)
+    unit = int(np.gcd.reduce(starts))
+    block_of_unit = np.repeat(np.arange(mask.shape[0]), np.diff(starts) // unit)
+    rects: list[tuple[int, int, int, int]] = []
+    rest: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    rows: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+    written = np.zeros(int(starts[-1]), dtype=bool)
+    for first, end, common in _row_groups(mask, starts):
+        begins, ends, _ = _long_runs(common, starts)
+        covered = np.zeros_like(common)
+        for begin, stop in zip(begins, ends):
+            covered[begin:stop] = True
+            rects.append((int(starts[first]), int(starts[end]), int(starts[begin]), int(starts[stop])))
+        for block in range(first, end):
+            queries = np.arange(starts[block] // unit, starts[block + 1] // unit)
+            keys = np.flatnonzero(mask[block][block_of_unit])
+            if keys.size:
+                rows.setdefault((queries.size, keys.size), []).append((queries, keys))
+            left = np.flatnonzero((mask[block] & ~covered)[block_of_unit])
+            if left.size:
+                rest.setdefault((queries.size, left.size), []).append((queries, left))
+                written[starts[block]:starts[block + 1]] = True
+    pieces = []
+    for q_start, q_end, k_start, k_end in _merge_stacked(rects):
+        pieces.append(Rect(q_start, q_end, k_start, k_end, fresh=not written[q_start:q_end].any()))
+        written[q_start:q_end] = True
+    gathered = _batch(rest)
+    pairs = sum((r.q_end - r.q_start) * (r.k_end - r.k_start) for r in pieces) + sum(
+        group.q_index.numel() * group.kv_index.shape[1] * unit * unit for group in gathered)
+    covers_all_rows = bool(mask.any(axis=1).all())
+    return Plan(int(starts[-1]), unit, tuple(pieces), gathered, _batch(rows), covers_all_rows, pairs)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of one piece: (output in q's dtype, log-sum-exp in float32/float64)."""
+    return _flash(q, k, v, 0.0, False, scale=scale)
+
+
+def _merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """acc <- softmax-weighted union of (acc, acc_lse) and (out, lse), in place."""
+    total = torch.logaddexp(acc_lse, lse)
+    acc.mul_((acc_lse - total).exp_().unsqueeze(-1))
+    acc.addcmul_(out, (lse - total).exp_().unsqueeze(-1))
+    acc_lse.copy_(total)
+
+
+def _chunks(group: Gathered, per_block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(q_index, kv_index) slices of `group` with at most GATHER_BUDGET elements of work each."""
+    step = max(1, GATHER_BUDGET // max(per_block, 1))
+    for begin in range(0, group.q_index.shape[0], step):
+        yield group.q_index[begin:begin + step], group.kv_index[begin:begin + step]
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, unit: int) -> torch.Tensor:
+    """[B, H, N, D] -> [B, H * blocks, len, D]: the units `index` ([blocks, len / unit]) of x, per block.
+
+    Gathering runs of `unit` tokens (rows of unit * D elements) copies far faster than token by token.
+    """
+    b, h, n, d = x.shape
+    units = x.reshape(b, h, n // unit, unit * d).index_select(2, index.reshape(-1))
+    return units.view(b, h * index.shape[0], index.shape[1] * unit, d)
+
+
+def _tokens(index: torch.Tensor, unit: int) -> torch.Tensor:
+    """The token indices of the units `index`, flattened."""
+    return (index.reshape(-1, 1) * unit + torch.arange(unit, device=index.device)).reshape(-1)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float) -> torch.Tensor:
+    """Block-sparse attention of [B, H, N, D] CPU tensors; returns [B, H, N, Dv] in q's dtype."""
+    head_dim, value_dim = q.shape[-1], v.shape[-1]
+    if value_dim != head_dim:
+        # The fused kernel wants one head size: zero columns change neither scores nor outputs.
+        width = max(head_dim, value_dim)
+        q, k, v = (torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    b, h, n, d = q.shape
+    unit = plan.unit
+    acc_dtype = _accumulation_dtype(q.dtype)
+    acc = q.new_zeros((b, h, n, d), dtype=acc_dtype)
+    acc_lse = q.new_full((b, h, n), -math.inf, dtype=acc_dtype)
+    for group in plan.rest:
+        for q_index, kv_index in _chunks(group, b * h * group.kv_index.shape[1] * unit * 2 * d):
+            out, lse = _attend(_gather(q, q_index, unit), _gather(k, kv_index, unit), _gather(v, kv_index, unit),
+                               scale)
+            rows = _tokens(q_index, unit)
+            acc.index_copy_(2, rows, out.reshape(b, h, rows.numel(), d).to(acc_dtype))
+            acc_lse.index_copy_(2, rows, lse.reshape(b, h, rows.numel()).to(acc_dtype))
+    for rect in plan.rects:
+        rows = slice(rect.q_start, rect.q_end)
+        keys = slice(rect.k_start, rect.k_end)
+        out, lse = _attend(q[:, :, rows], k[:, :, keys], v[:, :, keys], scale)
+        if rect.fresh:
+            acc[:, :, rows] = out
+            acc_lse[:, :, rows] = lse
+        else:
+            _merge_(acc[:, :, rows], acc_lse[:, :, rows], out, lse)
+    return acc[..., :value_dim].to(q.dtype)
+
+
+def backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: Plan,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of `forward`, recomputing attention one chunk of query blocks at a time.
+
+    Plain tensor ops, so it runs on any device; it accumulates in float32 (float64 for float64).
+    """
+    q, k, v, grad_out = (x.contiguous() for x in (q, k, v, grad_out))
+    b, h, _, d = q.shape
+    value_dim = v.shape[-1]
+    dtype = _accumulation_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
+
+    unit = plan.unit
+
+    def gathered(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return _gather(x, index, unit).to(dtype)
+
+    for group in plan.rows:
+        q_len, kv_len = group.q_index.shape[1] * unit, group.kv_index.shape[1] * unit
+        per_block = b * h * max(q_len * kv_len * 3, kv_len * (d + value_dim))
+        for q_index, kv_index in _chunks(group, per_block):
+            q_index, kv_index = q_index.to(q.device), kv_index.to(q.device)
+            qg, kg, vg = gathered(q, q_index), gathered(k, kv_index), gathered(v, kv_index)
+            grad = gathered(grad_out, q_index)
+            probs = torch.softmax(torch.matmul(qg, kg.transpose(-1, -2)) * scale, dim=-1)
+            out = torch.matmul(probs, vg)
+            dv_g = torch.matmul(probs.transpose(-1, -2), grad)
+            dprobs = torch.matmul(grad, vg.transpose(-1, -2))
+            dscores = probs.mul_(dprobs.sub_((grad * out).sum(-1, keepdim=True))).mul_(scale)
+            dq_g = torch.matmul(dscores, kg)
+            dk_g = torch.matmul(dscores.transpose(-1, -2), qg)
+            rows, keys = _tokens(q_index, unit), _tokens(kv_index, unit)
+            dq.index_copy_(2, rows, dq_g.reshape(b, h, rows.numel(), d))
+            dk.index_add_(2, keys, dk_g.reshape(b, h, keys.numel(), d))
+            dv.index_add_(2, keys, dv_g.reshape(b, h, keys.numel(), value_dim))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

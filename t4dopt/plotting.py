@@ -1,0 +1,250 @@
+"""Pictures for reports: a layout's block mask and a speed / quality curve, drawn with Pillow.
+
+`draw_block_mask` draws the block table the way the Sculpt4D paper shows its masks: query blocks
+as rows, key blocks as columns, computed blocks dark and skipped blocks light, with thin lines
+between frames. `draw_speed_quality_curve` plots (speedup, quality) points of several runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from t4dopt.block_layout import BlockLayout
+
+Color = tuple[int, int, int]
+
+MARGIN = 16
+TITLE_BAND = 40
+MAX_MASK_SIDE = 1024
+MAX_CELL = 24
+
+BACKGROUND: Color = (255, 255, 255)
+KEPT: Color = (28, 45, 82)
+SKIPPED: Color = (238, 240, 244)
+PREFIX_KEPT: Color = (176, 96, 28)
+PREFIX_SKIPPED: Color = (250, 228, 204)
+FRAME_LINE: Color = (150, 156, 168)
+BORDER: Color = (90, 90, 90)
+TEXT: Color = (20, 20, 20)
+CURVE: Color = (31, 92, 168)
+AXIS: Color = (60, 60, 60)
+GRID: Color = (228, 228, 228)
+
+
+@dataclass(frozen=True)
+class _MaskScale:
+    """Cells are `pixels` pixels wide, or, for very large layouts, `blocks` blocks share a pixel."""
+
+    pixels: int
+    blocks: int
+
+    @classmethod
+    def for_blocks(cls, num_blocks: int) -> _MaskScale:
+        if num_blocks <= MAX_MASK_SIDE:
+            return cls(pixels=max(1, min(MAX_CELL, MAX_MASK_SIDE // max(num_blocks, 1))), blocks=1)
+        return cls(pixels=1, blocks=math.ceil(num_blocks / MAX_MASK_SIDE))
+
+    def offset(self, block: int) -> int:
+        """Pixel offset, inside the mask, of the first pixel of `block`."""
+        return block * self.pixels // self.blocks
+
+    def side(self, num_blocks: int) -> int:
+        return math.ceil(num_blocks * self.pixels / self.blocks)
+
+
+def block_center_pixel(num_blocks: int, row: int, col: int) -> tuple[int, int]:
+    """(x, y) of the pixel `draw_block_mask` paints at the centre of block (row, col).
+
+    Useful to annotate a picture or to check one: the mask sits at (MARGIN, MARGIN + TITLE_BAND).
+    """
+    scale = _MaskScale.for_blocks(num_blocks)
+    center = scale.pixels // 2
+    return MARGIN + scale.offset(col) + center, MARGIN + TITLE_BAND + scale.offset(row) + center
+
+
+def _frame_structure(num_blocks: int, frames: int | None, blocks_per_frame: int | None) -> tuple[int, int, int]:
+    """(prefix blocks, frames, blocks per frame); (0, 0, 0) when neither is given."""
+    if frames is None and blocks_per_frame is None:
+        return 0, 0, 0
+    for name, value in (("frames", frames), ("blocks_per_frame", blocks_per_frame)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value}: expected an integer >= 1")
+    if frames is None:
+        frames = num_blocks // blocks_per_frame
+    elif blocks_per_frame is None:
+        blocks_per_frame = num_blocks // frames
+    if frames < 1 or blocks_per_frame < 1 or frames * blocks_per_frame > num_blocks:
+        raise ValueError(
+            f"frames={frames}, blocks_per_frame={blocks_per_frame} do not fit a layout of {num_blocks} blocks"
+        )
+    return num_blocks - frames * blocks_per_frame, frames, blocks_per_frame
+
+
+def _mask_pixels(dense: np.ndarray, prefix: int, scale: _MaskScale) -> Image.Image:
+    """RGB image of the block mask, one colour per block, scaled to `scale`."""
+    num_blocks = dense.shape[0]
+    is_prefix = np.zeros(num_blocks, dtype=bool)
+    is_prefix[:prefix] = True
+    prefix_cell = is_prefix[:, None] | is_prefix[None, :]
+    colors = np.empty((num_blocks, num_blocks, 3), dtype=np.uint8)
+    colors[...] = SKIPPED
+    colors[dense] = KEPT
+    colors[prefix_cell & dense] = PREFIX_KEPT
+    colors[prefix_cell & ~dense] = PREFIX_SKIPPED
+    if scale.blocks == 1:
+        colors = colors.repeat(scale.pixels, axis=0).repeat(scale.pixels, axis=1)
+        return Image.fromarray(colors)
+    side = scale.side(num_blocks)
+    return Image.fromarray(colors).resize((side, side), Image.Resampling.BOX)
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
+    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+    return int(right - left)
+
+
+def _text_height(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
+    _, top, _, bottom = draw.textbbox((0, 0), text, font=font)
+    return int(bottom - top)
+
+
+def _save(image: Image.Image, path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
+
+
+def draw_block_mask(
+    layout: BlockLayout,
+    path: str | os.PathLike,
+    *,
+    frames: int | None = None,
+    blocks_per_frame: int | None = None,
+    title: str | None = None,
+) -> pathlib.Path:
+    """Write a PNG of ``layout.to_dense()``: query blocks as rows, key blocks as columns.
+
+    Computed blocks are dark and skipped blocks light. Given `frames` and/or `blocks_per_frame`
+    (a missing one is derived from the other; the blocks left over before the first frame are
+    prefix blocks), thin lines separate the frames and prefix rows and columns get their own
+    colours. Each block is a square of up to `MAX_CELL` pixels, chosen so the mask is at most
+    `MAX_MASK_SIDE` pixels wide; larger layouts are averaged down. The title band shows `title`
+    (default: the layout's description) and the density. Returns the path written.
+    """
+    dense = layout.to_dense().numpy()
+    num_blocks = dense.shape[0]
+    prefix, frames, blocks_per_frame = _frame_structure(num_blocks, frames, blocks_per_frame)
+    scale = _MaskScale.for_blocks(num_blocks)
+    mask = _mask_pixels(dense, prefix, scale)
+    side = mask.width
+
+    font = ImageFont.load_default()
+    heading = title or layout.description or "custom layout"
+    shape = f"{num_blocks} x {num_blocks} blocks of {layout.block_size} tokens"
+    if frames:
+        shape += f", {frames} frames" + (f" + {prefix} prefix blocks" if prefix else "")
+    details = f"density {layout.density:.3f}  ({shape}; dark = computed, light = skipped)"
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = max(_text_width(measure, heading, font), _text_width(measure, details, font))
+    width = 2 * MARGIN + max(side, text_width)
+    image = Image.new("RGB", (width, 2 * MARGIN + TITLE_BAND + side), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.text((MARGIN, MARGIN), heading, fill=TEXT, font=font)
+    draw.text((MARGIN, MARGIN + TITLE_BAND // 2), details, fill=TEXT, font=font)
+
+    left, top = MARGIN, MARGIN + TITLE_BAND
+    image.paste(mask, (left, top))
+    frame_starts = [prefix + f * blocks_per_frame for f in range(frames)]
+    for start in filter(None, frame_starts):
+        offset = scale.offset(start)
+        draw.line([(left + offset, top), (left + offset, top + side - 1)], fill=FRAME_LINE)
+        draw.line([(left, top + offset), (left + side - 1, top + offset)], fill=FRAME_LINE)
+    draw.rectangle([left - 1, top - 1, left + side, top + side], outline=BORDER)
+    return _save(image, path)
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> tuple[list[float], int]:
+    """Round tick values covering [low, high] and the decimals to print them with."""
+    if high - low < 1e-12:
+        pad = abs(low) * 0.1 or 1.0
+        low, high = low - pad, high + pad
+    raw_step = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw_step))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw_step)
+    first = math.floor(low / step + 1e-9)
+    last = math.ceil(high / step - 1e-9)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return [round(k * step, decimals) for k in range(first, last + 1)], decimals
+
+
+def draw_speed_quality_curve(
+    points: Sequence[tuple[str, float, float]],
+    path: str | os.PathLike,
+    *,
+    x_label: str = "speedup",
+    y_label: str = "PSNR (dB)",
+) -> pathlib.Path:
+    """Write a PNG plotting labelled (label, x, y) points, joined in order of x.
+
+    Axes get round tick values and the labels `x_label` and `y_label`; each point is marked
+    and annotated with its label. Raises ValueError for no points or a non-finite coordinate
+    (an infinite PSNR, say, from comparing a run with itself). Returns the path written.
+    """
+    if not points:
+        raise ValueError("points is empty: nothing to plot")
+    for label, x, y in points:
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ValueError(f"point {label!r} has a non-finite coordinate ({x}, {y})")
+
+    width, height = 720, 480
+    left, right, top, bottom = 72, width - 32, 24, height - 56
+    x_ticks, x_decimals = _nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
+    y_ticks, y_decimals = _nice_ticks(min(p[2] for p in points), max(p[2] for p in points))
+
+    def to_pixel(x: float, y: float) -> tuple[float, float]:
+        px = left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left)
+        py = bottom - (y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (bottom - top)
+        return px, py
+
+    font = ImageFont.load_default()
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for tick in x_ticks:
+        px, _ = to_pixel(tick, y_ticks[0])
+        text = f"{tick:.{x_decimals}f}"
+        draw.line([(px, top), (px, bottom)], fill=GRID)
+        draw.line([(px, bottom), (px, bottom + 4)], fill=AXIS)
+        draw.text((px - _text_width(draw, text, font) / 2, bottom + 8), text, fill=TEXT, font=font)
+    for tick in y_ticks:
+        _, py = to_pixel(x_ticks[0], tick)
+        text = f"{tick:.{y_decimals}f}"
+        draw.line([(left, py), (right, py)], fill=GRID)
+        draw.line([(left - 4, py), (left, py)], fill=AXIS)
+        draw.text((left - 8 - _text_width(draw, text, font), py - _text_height(draw, text, font) / 2 - 2),
+                  text, fill=TEXT, font=font)
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill=AXIS)
+
+    draw.text(((left + right - _text_width(draw, x_label, font)) / 2, bottom + 30), x_label, fill=TEXT, font=font)
+    label_image = Image.new("RGB", (_text_width(draw, y_label, font) + 4, 16), BACKGROUND)
+    ImageDraw.Draw(label_image).text((2, 1), y_label, fill=TEXT, font=font)
+    label_image = label_image.rotate(90, expand=True)
+    image.paste(label_image, (12, int((top + bottom - label_image.height) / 2)))
+
+    pixels = [to_pixel(x, y) for _, x, y in sorted(points, key=lambda p: p[1])]
+    if len(pixels) > 1:
+        draw.line(pixels, fill=CURVE, width=2)
+    for label, x, y in points:
+        px, py = to_pixel(x, y)
+        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=CURVE, outline=BACKGROUND)
+        text_x = min(px + 7, width - 4 - _text_width(draw, label, font))
+        text_y = max(py - 18, 2)
+        draw.text((text_x, text_y), label, fill=TEXT, font=font)
+    return _save(image, path)

@@ -1,0 +1,30 @@
+"""An independent dense reference for masked attention, shared by the tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def dense_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    token_mask: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale, over the keys `token_mask` keeps) v, computed in float64.
+
+    q, k: [..., N, D]; v: [..., N, Dv]; token_mask: bool [N, N] (query, key). Rows that keep no
+    key come out as zeros (as in FlexAttention). Differentiable; returns float64.
+    """
+    q, k, v = (x.to(torch.float64) for x in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = token_mask.to(device=q.device, dtype=torch.bool)
+    has_keys = mask.any(dim=-1, keepdim=True)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    # Rows without keys keep all scores (no -inf-only rows, so no NaN) and are zeroed afterwards.
+    scores = scores.masked_fill(~(mask | ~has_keys), -math.inf)
+    probs = torch.softmax(scores, dim=-1) * has_keys
+    return torch.matmul(probs, v)
