@@ -66,7 +66,10 @@ def _module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    return re.sub(r"^L\['self'\]\.?|^L__self___?", "", str(path))
+    # Modules reached through a custom __getattr__ (diffusers' ModelMixin) are recorded as
+    # ``L['self'].__dict__['_modules']['blocks'].0``: spell them ``blocks.0`` like the others.
+    path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", str(path))
+    return re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
 
 
 def _sdpa_site(node: fx.Node) -> AttentionSite | None:

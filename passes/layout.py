@@ -5,7 +5,7 @@ prefix_tokens), and the query's sequence axis is traced back through the graph t
 token order: joint attention must be frame-major (``frame * tokens_per_frame + token``) after the
 prefix tokens. Where the hints are missing, frames and tokens per frame are taken from the
 graph when a reshape merges two axes into the sequence and another site attends over exactly
-the inner one (per-frame attention). Anything ambiguous is ``unknown`` and stays dense.
+the inner one with the frames folded into its batch (per-frame attention). Anything ambiguous is ``unknown`` and stays dense.
 """
 
 from __future__ import annotations
@@ -26,10 +26,22 @@ class _Grid:
     source: str
 
 
+def _folds_frames_into_batch(site: AttentionSite, frames: int) -> bool:
+    """Whether the batch axis of `site` ends in an axis of `frames` (``x.reshape(b * f, p, c)``): per-frame attention.
+
+    Sizes alone cannot tell per-frame attention from another site that happens to attend over
+    as many tokens (Latte's temporal attention over F frames when the patch grid is H x F):
+    the frames must be visibly folded into the batch.
+    """
+    if len(site.query_shape) < 3:
+        return False
+    return trace_sequence(site.query, 0).factors[-1] == frames
+
+
 def _infer_grid(hints: LayoutHints, sites: list[AttentionSite], origins: list[SequenceOrigin]) -> _Grid:
     if hints.frames and hints.tokens_per_frame:
         return _Grid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
-    self_lengths = {s.query_len for s in sites if s.query_len == s.key_len}
+    self_sites = [s for s in sites if s.query_len == s.key_len]
     for site, origin in zip(sites, origins):
         if site.query_len != site.key_len or not origin.merged:
             continue
@@ -38,7 +50,10 @@ def _infer_grid(hints: LayoutHints, sites: list[AttentionSite], origins: list[Se
         inner //= outer
         if hints.frames not in (None, outer) or hints.tokens_per_frame not in (None, inner):
             continue
-        if outer > 1 and inner in self_lengths:
+        # frames == tokens_per_frame: the per-frame site could as well be temporal; do not guess.
+        if outer > 1 and outer != inner and any(
+            s.query_len == inner and _folds_frames_into_batch(s, outer) for s in self_sites
+        ):
             return _Grid(outer, hints.views, inner, hints.prefix_tokens,
                          f"inferred from the graph (frames={outer}, tokens_per_frame={inner})")
     return _Grid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")

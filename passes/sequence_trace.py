@@ -27,7 +27,10 @@ SAME_AXIS_METHODS = {
 SAME_AXIS_FUNCTIONS = {
     operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, torch.mul, torch.add,
     torch.sub, torch.neg, F.linear, F.layer_norm, F.group_norm, F.rms_norm, F.silu, F.gelu,
-    torch.nn.functional.normalize, torch.sigmoid, torch.tanh,
+    torch.nn.functional.normalize, torch.sigmoid, torch.tanh, F.dropout,
+    torch.layer_norm, torch.group_norm, torch.rms_norm,  # what nn.RMSNorm & co. record in the graph
+    # ``out = torch.empty_like(x); out[..., 0::2] = ...`` (rotary embeddings): out has x's axes.
+    torch.empty_like, torch.zeros_like,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -18,9 +19,8 @@ def explain(model: torch.nn.Module, *args: Any, options: Mapping[str, Any] | Non
 
     The model runs once, with the rewritten graph executed eagerly (no Inductor compile).
     """
-    parsed = parse_options(options)
-    backend = functools.partial(turbo4d, options=parsed.__class__(**{**parsed.__dict__, "target": "eager",
-                                                                     "strict": False, "verify": False}))
+    analysis = dataclasses.replace(parse_options(options), target="eager", strict=False, verify=False)
+    backend = functools.partial(turbo4d, options=analysis)
     compiled = torch.compile(model, backend=backend)
     with collecting() as report, torch.no_grad():
         compiled(*args, **kwargs)

@@ -70,7 +70,7 @@ class Report:
         header = ("site", "module", "kind", "action", "q shape", "density", "GFLOP dense", "GFLOP now", "why")
         rows = [header] + [
             (s.name, s.module or "-", s.kind, s.action, "x".join(map(str, s.shape)), f"{s.density:.3f}",
-             _gflops(s.flops_dense), _gflops(s.flops), s.reason if s.action == "dense" else s.reason)
+             _gflops(s.flops_dense), _gflops(s.flops), s.reason)
             for s in self.sites
         ]
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(header) - 1)]

@@ -74,7 +74,8 @@ def test_position_major_sequence_is_left_dense_with_a_warning():
     with pytest.warns(t4dopt.T4DWarning, match="left dense"):
         got = _compile(model, **_options())(x)
     torch.testing.assert_close(got, model(x))
-    report = t4dopt.explain(model, x, options=_options())
+    with pytest.warns(t4dopt.T4DWarning, match="frame-major"):
+        report = t4dopt.explain(model, x, options=_options())
     assert report.sites[1].kind == "unknown" and report.sites[1].action == "dense"
     assert "frame-major" in report.sites[1].reason
 

@@ -8,7 +8,6 @@ import torch
 
 from reference import dense_masked_attention
 from t4dopt import masks
-from t4dopt.block_layout import BlockLayout
 from t4dopt.ops import block_sparse, block_sparse_attention, cpu_kernel, flex_path
 from t4dopt.ops.block_sparse import layout_tensors
 
@@ -34,12 +33,14 @@ def _check(layout, *, dtype=torch.float32, scale=None, device="cpu", **shape):
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
 
 
-@pytest.fixture(params=["default", "rect-heavy"])
+@pytest.fixture(params=["default", "many-pieces"])
 def plan_shape(request, monkeypatch):
-    """Run a test with the default plan and with every run of keys a rectangle (more merging)."""
+    """Run a test with the default plan, and with every key run a rectangle and every key block
+    shared by two query blocks a biclique (many more pieces to merge)."""
     monkeypatch.setattr(block_sparse, "_tables", block_sparse._TableCache())
-    if request.param == "rect-heavy":
+    if request.param == "many-pieces":
         monkeypatch.setattr(cpu_kernel, "MIN_RUN_TOKENS", 1)
+        monkeypatch.setattr(cpu_kernel, "MIN_SHARED_ROWS", 2)
     return request.param
 
 
@@ -62,10 +63,11 @@ def test_a_user_rule_with_rows_that_keep_nothing():
     _check(layout)
 
 
-def test_large_frames_use_rectangles_and_gathers():
+def test_large_frames_use_rectangles_bicliques_and_gathers():
     layout = masks.sculpt4d(6, 320, block_size=32, prefix_tokens=24)
     plan = cpu_kernel.build_plan(layout.to_dense(), layout.block_starts)
-    assert plan.rects and plan.rest
+    query_tokens = {group.q_index.shape[1] * plan.unit for group in plan.gathered}
+    assert plan.rects and min(query_tokens) <= 32 < max(query_tokens)
     _check(layout, batch=1, heads=2, head_dim=32)
 
 
@@ -111,6 +113,8 @@ def test_opcheck():
     layout = masks.sculpt4d(3, 40, block_size=16, prefix_tokens=7)
     torch.library.opcheck(torch.ops.t4d.block_sparse_attention.default, _op_args(layout, requires_grad=True))
     torch.library.opcheck(torch.ops.t4d.block_sparse_attention.default, _op_args(layout))
+    q, k, v, *table = _op_args(layout)
+    torch.library.opcheck(torch.ops.t4d.block_sparse_attention_backward.default, (torch.randn_like(q), q, k, v, *table))
 
 
 def test_fake_tensor_output_metadata():
@@ -130,12 +134,16 @@ def test_compiled_with_eager_backend_fullgraph():
     layout = masks.sculpt4d(3, 40, block_size=16, prefix_tokens=7)
     tables = layout.tensors("cpu")
 
-    def fn(q, k, v):
+    def with_op(q, k, v):
         return torch.ops.t4d.block_sparse_attention(q * 2, k, v, *tables, layout.block_size, 0.25) + 1
 
+    def with_wrapper(q, k, v):
+        return block_sparse_attention(q * 2, k, v, layout, scale=0.25) + 1
+
     q, k, v = _inputs(layout)
-    compiled = torch.compile(fn, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), atol=1e-6, rtol=0)
+    for fn in (with_op, with_wrapper):
+        compiled = torch.compile(fn, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(q, k, v), with_op(q, k, v), atol=1e-6, rtol=0)
 
 
 def test_compiled_with_aot_eager_backend_forward_and_backward():
@@ -212,6 +220,7 @@ def test_work_is_exactly_the_kept_pairs(monkeypatch, plan_shape):
         block_sparse_attention(q, k, v, layout)
         kept_pairs = int(layout.token_mask().sum())
         assert sum(computed) == kept_pairs * q.shape[0] * q.shape[1]
+        assert cpu_kernel.build_plan(layout.to_dense(), layout.block_starts).pairs == kept_pairs
         assert kept_pairs < 0.7 * layout.seq_len ** 2
 
 
@@ -226,13 +235,22 @@ def _fastest_of(fn, repeats=5):
 
 
 def test_sparse_layouts_run_faster():
-    """Density 1/8 against density 1 on the same tokens: at least 2x faster (ideal 8x)."""
-    sparse = masks.temporal_only(8, 256, block_size=32)
-    dense = masks.window(8, 256, block_size=32, window=8)
+    """Density 1/8 against density 1 on the same tokens: at least 2x faster (ideal 8x, about 6x here).
+
+    On one thread: with several, a run of short parallel calls stalls whenever another process
+    takes a core, which says nothing about the work done.
+    """
+    sparse = masks.temporal_only(8, 512, block_size=64)
+    dense = masks.window(8, 512, block_size=64, window=8)
     assert sparse.density == pytest.approx(1 / 8) and dense.density == 1.0
     q, k, v = _inputs(sparse, batch=1, heads=2, head_dim=32)
-    sparse_time = _fastest_of(lambda: block_sparse_attention(q, k, v, sparse))
-    dense_time = _fastest_of(lambda: block_sparse_attention(q, k, v, dense))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sparse_time = _fastest_of(lambda: block_sparse_attention(q, k, v, sparse))
+        dense_time = _fastest_of(lambda: block_sparse_attention(q, k, v, dense))
+    finally:
+        torch.set_num_threads(threads)
     assert dense_time > 2 * sparse_time, f"dense {dense_time * 1e3:.2f} ms, sparse {sparse_time * 1e3:.2f} ms"
 
 
@@ -286,6 +304,17 @@ def test_flex_tiles_for_unequal_blocks():
     assert not (table.partial & table.full).any()
 
 
+@pytest.mark.inductor
+def test_flex_path_through_flex_attention_compiled_for_cpu():
+    """Our BlockMask (full and partial tiles, mask_mod, prefix) in FlexAttention itself; ~10 s of compile."""
+    layout = masks.sculpt4d(3, 200, block_size=128, prefix_tokens=77)
+    block_mask = flex_path.build_block_mask(layout.to_dense(), layout.block_starts, 128, torch.device("cpu"))
+    q, k, v = _inputs(layout, batch=1, heads=2, head_dim=32)
+    out = flex_path.forward(q, k, v, block_mask, 0.3)
+    torch.testing.assert_close(out.double(), dense_masked_attention(q, k, v, layout.token_mask(), 0.3),
+                               atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- CUDA (FlexAttention)
 
 @gpu
@@ -313,15 +342,16 @@ def test_cuda_dtypes_head_dims_and_partial_blocks(dtype, head_dim, shape):
 
 @gpu
 @needs_cuda
-def test_cuda_backward():
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-3), (torch.bfloat16, 6e-2)])
+def test_cuda_backward(dtype, tolerance):
     layout = masks.sculpt4d(3, 300, block_size=128, prefix_tokens=77)
-    q, k, v = (x.requires_grad_() for x in _inputs(layout, device="cuda", dtype=torch.bfloat16, head_dim=64))
+    q, k, v = (x.requires_grad_() for x in _inputs(layout, device="cuda", dtype=dtype, head_dim=64))
     grad = torch.randn_like(q)
     block_sparse_attention(q, k, v, layout).backward(grad)
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
     dense_masked_attention(*leaves, layout.token_mask()).backward(grad.double())
     for ours, expected in zip((q, k, v), leaves):
-        torch.testing.assert_close(ours.grad.double(), expected.grad, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(ours.grad.double(), expected.grad, atol=tolerance, rtol=tolerance)
 
 
 @gpu

@@ -47,7 +47,7 @@ def make_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic noise [B, F, P, C_in] and image tokens [B, image_tokens, cond_dim] for a seed."""
     generator = torch.Generator().manual_seed(seed)
-    shape = (batch, frames or config.frames, config.tokens_per_frame, config.in_channels)
+    shape = (batch, config.frames if frames is None else frames, config.tokens_per_frame, config.in_channels)
     noise = torch.randn(shape, generator=generator)
     cond = torch.randn((batch, config.image_tokens, config.cond_dim), generator=generator)
     return noise.to(device=device, dtype=dtype), cond.to(device=device, dtype=dtype)

@@ -18,6 +18,12 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Sculpt4DConfig:
+    """Model sizes; the defaults are the ``"tiny"`` config.
+
+    ``frames`` and ``tokens_per_frame`` are the nominal latent grid (what `make_inputs` builds);
+    the model itself reads F and P from its input, so one set of weights runs any grid.
+    """
+
     in_channels: int = 8
     hidden: int = 64
     heads: int = 4
@@ -104,8 +110,9 @@ class Sculpt4DBlock(nn.Module):
             return self.norms[i](x) * (1 + scale[..., i, :]) + shift[..., i, :]
 
         x = x + gate[..., 0, :] * self.spatial(modulated(0).reshape(b * f, p, c)).view(b, f, p, c)
-        frames_cond = cond.repeat_interleave(f, dim=0)
-        x = x + gate[..., 1, :] * self.cross(modulated(1).reshape(b * f, p, c), context=frames_cond).view(b, f, p, c)
+        # Each query attends the image tokens on its own, so all frames share one [B, F*P] query
+        # sequence and the image keys/values are projected once per sample, not once per frame.
+        x = x + gate[..., 1, :] * self.cross(modulated(1).reshape(b, f * p, c), context=cond).view(b, f, p, c)
         x = x + gate[..., 2, :] * self.temporal(modulated(2).reshape(b, f * p, c), rope=rope).view(b, f, p, c)
         return x + gate[..., 3, :] * self.mlp(modulated(3))
 
@@ -113,8 +120,10 @@ class Sculpt4DBlock(nn.Module):
 class Sculpt4DDiT(nn.Module):
     """The block stack: latent tokens [B, F, P, C_in], timestep [B] in [0, 1], image tokens -> velocity."""
 
-    def __init__(self, config: Sculpt4DConfig | str = "tiny", **overrides):
+    def __init__(self, config: Sculpt4DConfig | str = "tiny", **overrides: int | float):
         super().__init__()
+        if isinstance(config, str) and config not in CONFIGS:
+            raise ValueError(f"unknown config {config!r}; known: {', '.join(CONFIGS)}")
         base = CONFIGS[config] if isinstance(config, str) else config
         self.config = dataclasses.replace(base, **overrides)
         hidden = self.config.hidden
@@ -126,7 +135,8 @@ class Sculpt4DDiT(nn.Module):
         nn.init.normal_(self.final.weight, std=0.02)
         nn.init.zeros_(self.final.bias)
 
-    def frame_rope(self, frames: int, tokens_per_frame: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def frame_rope(self, frames: int, tokens_per_frame: int, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [F * P, D] of 1-D RoPE on each token's frame index (frame-major order)."""
         dim = self.config.head_dim
         inv_freq = self.config.rope_base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)

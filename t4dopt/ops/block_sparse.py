@@ -56,7 +56,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: 
         raise ValueError(f"{OP_NAME}: q and k must have the same head size, got {q.shape[-1]} and {k.shape[-1]}")
     for name, x, dim in (("kv_counts", kv_counts, 1), ("kv_indices", kv_indices, 2), ("block_starts", block_starts, 1)):
         if x.dim() != dim or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise ValueError(f"{OP_NAME}: {name} must be a {dim}-D integer tensor, got {x.dtype} of shape {tuple(x.shape)}")
+            raise ValueError(f"{OP_NAME}: {name} must be a {dim}-D integer tensor, "
+                             f"got {x.dtype} of shape {tuple(x.shape)}")
     blocks = kv_counts.shape[0]
     if kv_indices.shape[0] != blocks or block_starts.shape[0] != blocks + 1:
         raise ValueError(
@@ -248,13 +249,24 @@ def _backward(ctx, grad_out):
 
 block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
-_layout_tensors: weakref.WeakKeyDictionary[BlockLayout, dict[torch.device, tuple[torch.Tensor, ...]]] = (
-    weakref.WeakKeyDictionary())
+LAYOUT_CACHE_SIZE = 256
+
+_layout_tensors: dict[int, tuple[BlockLayout, dict[torch.device, tuple[torch.Tensor, ...]]]] = {}
 
 
 def layout_tensors(layout: BlockLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``layout.tensors(device)``, copied once per (layout, device)."""
-    per_device = _layout_tensors.setdefault(layout, {})
+    """``layout.tensors(device)``, copied once per (layout, device).
+
+    Repeated calls hand the op the same tensors, so its per-table caches hit without a copy or a
+    device sync. A plain dict keyed by ``id(layout)`` (holding the layout, so the id is not
+    reused) rather than a WeakKeyDictionary, which torch.compile cannot trace.
+    """
+    entry = _layout_tensors.get(id(layout))
+    if entry is None or entry[0] is not layout:
+        if len(_layout_tensors) >= LAYOUT_CACHE_SIZE:
+            del _layout_tensors[next(iter(_layout_tensors))]
+        entry = _layout_tensors[id(layout)] = (layout, {})
+    per_device = entry[1]
     if device not in per_device:
         per_device[device] = layout.tensors(device)
     return per_device[device]
@@ -276,7 +288,8 @@ def block_sparse_attention(
     """
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a t4dopt.BlockLayout, got {type(layout).__name__}")
-    if q.dim() == 4 and q.shape[2] != layout.seq_len:
+    # (The op checks this too; checked here first for the clearer message, outside of tracing.)
+    if not torch.compiler.is_compiling() and q.dim() == 4 and q.shape[2] != layout.seq_len:
         raise ValueError(f"q/k/v have N={q.shape[2]} tokens but {layout!r} covers {layout.seq_len}")
     kv_counts, kv_indices, block_starts = layout_tensors(layout, q.device)
     return torch.ops.t4d.block_sparse_attention(q, k, v, kv_counts, kv_indices, block_starts,

@@ -1,22 +1,25 @@
 """Block-sparse attention on CPU that computes only the kept blocks.
 
 The block table is turned once per layout into a `Plan` of dense pieces. Each piece runs on the
-fused flash-attention kernel that SDPA uses on CPU, which also returns the log-sum-exp of every
-query row, so the pieces of a row merge exactly (softmax over the union of their keys):
+fused flash-attention kernel that SDPA uses on CPU (as fast per pair as dense SDPA on large pieces),
+which also returns every query row's log-sum-exp, so the pieces of a row merge exactly into the
+softmax over the union of their keys. The query blocks are split into groups of consecutive
+blocks that share long runs of consecutive key blocks (a frame's blocks, in video layouts):
 
-* rectangles: consecutive query blocks that share long runs of consecutive key blocks (whole
-  frames, in video layouts) attend those runs as zero-copy views of K and V;
-* gathered rows: what is left of each query block's row (strided blocks, short runs) is gathered
-  into a compact K/V and batched with the other query blocks that keep as many tokens.
+* rectangles: a group attends each shared long run (whole frames) on zero-copy views of q, k, v;
+* bicliques: key blocks that several blocks of a group keep (Sculpt4D's strided blocks of one
+  residue class) are gathered once and attended by all of those query blocks together;
+* the rest of each query block's row is gathered on its own.
 
-Work is proportional to the kept token pairs: `Plan.pairs` of them per batch entry and head.
-The backward pass recomputes each query block against all of its gathered keys with plain
-matmuls (no merging needed), one bounded chunk at a time.
+Gathered pieces of one shape run as one batched call. The work is exactly the kept token pairs
+(`Plan.pairs` per batch entry and head). The backward pass recomputes each query block against
+all of its gathered keys with plain matmuls (nothing to merge), one bounded chunk at a time.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +31,9 @@ MIN_RUN_TOKENS = 256
 
 JOIN_FRACTION = 0.9
 """A query block joins its predecessors' group if that keeps this fraction of its long-run pairs."""
+
+MIN_SHARED_ROWS = 3
+"""Key blocks kept by this many query blocks of a group are gathered once for all of them."""
 
 GATHER_BUDGET = 1 << 22
 """Elements of gathered K and V (or of backward score matrices) held at once, per chunk."""
@@ -49,26 +55,26 @@ class Rect:
 
 @dataclass(frozen=True)
 class Gathered:
-    """Query blocks of equal length that attend equally many gathered key tokens."""
+    """Pieces of one shape: each gathers `q_len` query tokens that attend `kv_len` gathered keys."""
 
     q_index: torch.Tensor
-    """int64 [blocks, q_len / unit]: the query units (`Plan.unit` consecutive tokens) of each block."""
+    """int64 [pieces, q_len / unit]: the query units (`Plan.unit` consecutive tokens) of each piece."""
     kv_index: torch.Tensor
-    """int64 [blocks, kv_len / unit]: the key units each block attends."""
+    """int64 [pieces, kv_len / unit]: the key units each piece attends."""
+    fresh: bool
+    """No earlier piece wrote these rows: written directly instead of merged."""
 
 
 @dataclass(frozen=True)
 class Plan:
-    seq_len: int
     unit: int
     """Tokens per gathered unit: the gcd of the block boundaries, so gathers copy whole runs."""
+    gathered: tuple[Gathered, ...]
+    """Computed first; no query token appears twice within one of them."""
     rects: tuple[Rect, ...]
-    rest: tuple[Gathered, ...]
-    """What the rectangles leave of each row; computed first, at most one piece per row."""
+    """Computed last, on views of q, k and v."""
     rows: tuple[Gathered, ...]
     """Every query block with all of its kept keys, for the backward pass."""
-    covers_all_rows: bool
-    """False when some query block keeps no key at all (its output is zero)."""
     pairs: int
     """Query-key token pairs the forward pass computes, per batch entry and head."""
 
@@ -111,13 +117,6 @@ def _row_groups(mask: np.ndarray, starts: np.ndarray) -> list[tuple[int, int, np
     return groups
 
 
-def _batch(items: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]]) -> tuple[Gathered, ...]:
-    return tuple(
-        Gathered(torch.from_numpy(np.stack([q for q, _ in pairs])), torch.from_numpy(np.stack([kv for _, kv in pairs])))
-        for _, pairs in sorted(items.items())
-    )
-
-
 def _merge_stacked(rects: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
     """Join rectangles over the same keys whose query ranges touch (bigger calls run faster)."""
     merged: list[tuple[int, int, int, int]] = []
@@ -129,40 +128,89 @@ def _merge_stacked(rects: list[tuple[int, int, int, int]]) -> list[tuple[int, in
     return sorted(merged, key=lambda r: (r[0], r[2] - r[3]))
 
 
+def _shared_columns(left: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Bicliques (rows, key blocks) of `left` (bool [rows, blocks]): columns kept by the same rows.
+
+    Only classes kept by at least MIN_SHARED_ROWS rows.
+    """
+    classes: dict[bytes, list[int]] = {}
+    for column in np.flatnonzero(left.sum(axis=0) >= MIN_SHARED_ROWS):
+        classes.setdefault(left[:, column].tobytes(), []).append(int(column))
+    return [(np.flatnonzero(left[:, columns[0]]), np.array(columns)) for columns in classes.values()]
+
+
+class _PieceBatcher:
+    """Collects gathered pieces into batches of one shape whose query tokens do not repeat."""
+
+    def __init__(self, units: int) -> None:
+        self.batches: dict[tuple[int, int, int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.written = np.zeros(units, dtype=bool)
+
+    def add(self, stage: int, round_: int, queries: np.ndarray, keys: np.ndarray) -> None:
+        self.batches.setdefault((stage, round_, queries.size, keys.size), []).append((queries, keys))
+
+    def build(self) -> tuple[Gathered, ...]:
+        """Batches in execution order, each marked fresh when none of its rows was written before."""
+        result = []
+        for key in sorted(self.batches):
+            pieces = self.batches[key]
+            q_index = np.stack([q for q, _ in pieces])
+            fresh = not self.written[q_index].any()
+            self.written[q_index] = True
+            result.append(Gathered(torch.from_numpy(q_index), torch.from_numpy(np.stack([kv for _, kv in pieces])),
+                                   fresh))
+        return tuple(result)
+
+
 def build_plan(dense: torch.Tensor, block_starts: torch.Tensor) -> Plan:
-    """The pieces that compute exactly the kept blocks of `dense` (bool [blocks, blocks])."""
+    """The pieces that compute exactly the kept blocks of `dense` (bool [blocks, blocks]).
+
+    Per group of query blocks: rectangles for the long key runs they share; bicliques for the
+    other key blocks that MIN_SHARED_ROWS or more of them keep; the rest of each row gathered,
+    in one piece with every other query block whose rest is the same. Execution order: the
+    rests (one piece per row, written directly), the bicliques (in rounds, so that no batch
+    repeats a row), the rectangles.
+    """
     mask = dense.cpu().numpy().astype(bool)
     starts = block_starts.cpu().numpy().astype(np.int64)
     unit = int(np.gcd.reduce(starts))
-    block_of_unit = np.repeat(np.arange(mask.shape[0]), np.diff(starts) // unit)
+    units_of = [np.arange(starts[b] // unit, starts[b + 1] // unit) for b in range(mask.shape[0])]
+
+    def units(blocks: np.ndarray | list[int]) -> np.ndarray:
+        return np.concatenate([units_of[b] for b in blocks])
+
     rects: list[tuple[int, int, int, int]] = []
-    rest: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
-    rows: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
-    written = np.zeros(int(starts[-1]), dtype=bool)
+    batcher = _PieceBatcher(int(starts[-1]) // unit)
+    whole_rows = _PieceBatcher(int(starts[-1]) // unit)
+    rests: dict[bytes, list[int]] = {}
     for first, end, common in _row_groups(mask, starts):
         begins, ends, _ = _long_runs(common, starts)
-        covered = np.zeros_like(common)
+        left = mask[first:end].copy()
         for begin, stop in zip(begins, ends):
-            covered[begin:stop] = True
+            left[:, begin:stop] = False
             rects.append((int(starts[first]), int(starts[end]), int(starts[begin]), int(starts[stop])))
-        for block in range(first, end):
-            queries = np.arange(starts[block] // unit, starts[block + 1] // unit)
-            keys = np.flatnonzero(mask[block][block_of_unit])
-            if keys.size:
-                rows.setdefault((queries.size, keys.size), []).append((queries, keys))
-            left = np.flatnonzero((mask[block] & ~covered)[block_of_unit])
-            if left.size:
-                rest.setdefault((queries.size, left.size), []).append((queries, left))
-                written[starts[block]:starts[block + 1]] = True
+        rounds = np.zeros(end - first, dtype=np.int64)
+        for rows, columns in _shared_columns(left):
+            round_ = int(rounds[rows].max())
+            rounds[rows] = round_ + 1
+            batcher.add(1, round_, units(first + rows), units(columns))
+            left[np.ix_(rows, columns)] = False
+        for row in range(end - first):
+            if left[row].any():
+                rests.setdefault(left[row].tobytes(), []).append(first + row)
+            if mask[first + row].any():
+                whole_rows.add(0, 0, units_of[first + row], units(np.flatnonzero(mask[first + row])))
+    for rest, blocks in rests.items():
+        batcher.add(0, 0, units(blocks), units(np.flatnonzero(np.frombuffer(rest, dtype=bool))))
+    gathered = batcher.build()
+    written = np.repeat(batcher.written, unit)
     pieces = []
     for q_start, q_end, k_start, k_end in _merge_stacked(rects):
         pieces.append(Rect(q_start, q_end, k_start, k_end, fresh=not written[q_start:q_end].any()))
         written[q_start:q_end] = True
-    gathered = _batch(rest)
     pairs = sum((r.q_end - r.q_start) * (r.k_end - r.k_start) for r in pieces) + sum(
         group.q_index.numel() * group.kv_index.shape[1] * unit * unit for group in gathered)
-    covers_all_rows = bool(mask.any(axis=1).all())
-    return Plan(int(starts[-1]), unit, tuple(pieces), gathered, _batch(rows), covers_all_rows, pairs)
+    return Plan(unit, gathered, tuple(pieces), whole_rows.build(), pairs)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,10 +219,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
 
 
 def _merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """acc <- softmax-weighted union of (acc, acc_lse) and (out, lse), in place."""
+    """(acc, acc_lse) <- the softmax-weighted union of (acc, acc_lse) and (out, lse), in place.
+
+    The two weights exp(acc_lse - total) and exp(lse - total) sum to one: one lerp pass.
+    """
     total = torch.logaddexp(acc_lse, lse)
-    acc.mul_((acc_lse - total).exp_().unsqueeze(-1))
-    acc.addcmul_(out, (lse - total).exp_().unsqueeze(-1))
+    acc.lerp_(out.to(acc.dtype), (lse - total).exp_().unsqueeze(-1))
     acc_lse.copy_(total)
 
 
@@ -185,14 +235,37 @@ def _chunks(group: Gathered, per_block: int) -> Iterator[tuple[torch.Tensor, tor
         yield group.q_index[begin:begin + step], group.kv_index[begin:begin + step]
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor, unit: int) -> torch.Tensor:
+class _Workspace(threading.local):
+    """Gather buffers kept between calls: fresh large allocations cost page faults, as much as the copy."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get((name, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
+
+
+_workspace = _Workspace()
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, unit: int, name: str) -> torch.Tensor:
     """[B, H, N, D] -> [B, H * blocks, len, D]: the units `index` ([blocks, len / unit]) of x, per block.
 
-    Gathering runs of `unit` tokens (rows of unit * D elements) copies far faster than token by token.
+    Gathering runs of `unit` tokens (rows of unit * D elements) copies far faster than token by
+    token. CPU results live in the workspace buffer `name` until the next gather into it.
     """
     b, h, n, d = x.shape
-    units = x.reshape(b, h, n // unit, unit * d).index_select(2, index.reshape(-1))
-    return units.view(b, h * index.shape[0], index.shape[1] * unit, d)
+    units = x.view(b, h, n // unit, unit * d)
+    shape = (b, h, index.numel(), unit * d)
+    if x.device.type == "cpu":
+        out = _workspace.take(name, math.prod(shape), x.dtype).view(shape)
+        torch.index_select(units, 2, index.reshape(-1), out=out)
+    else:
+        out = units.index_select(2, index.reshape(-1))
+    return out.view(b, h * index.shape[0], index.shape[1] * unit, d)
 
 
 def _tokens(index: torch.Tensor, unit: int) -> torch.Tensor:
@@ -217,13 +290,20 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
     acc_dtype = _accumulation_dtype(q.dtype)
     acc = q.new_zeros((b, h, n, d), dtype=acc_dtype)
     acc_lse = q.new_full((b, h, n), -math.inf, dtype=acc_dtype)
-    for group in plan.rest:
+    for group in plan.gathered:
         for q_index, kv_index in _chunks(group, b * h * group.kv_index.shape[1] * unit * 2 * d):
-            out, lse = _attend(_gather(q, q_index, unit), _gather(k, kv_index, unit), _gather(v, kv_index, unit),
-                               scale)
+            out, lse = _attend(_gather(q, q_index, unit, "q"), _gather(k, kv_index, unit, "k"),
+                               _gather(v, kv_index, unit, "v"), scale)
             rows = _tokens(q_index, unit)
-            acc.index_copy_(2, rows, out.reshape(b, h, rows.numel(), d).to(acc_dtype))
-            acc_lse.index_copy_(2, rows, lse.reshape(b, h, rows.numel()).to(acc_dtype))
+            out, lse = out.reshape(b, h, rows.numel(), d), lse.reshape(b, h, rows.numel())
+            if group.fresh:
+                acc.index_copy_(2, rows, out.to(acc_dtype))
+                acc_lse.index_copy_(2, rows, lse.to(acc_dtype))
+            else:
+                merged, merged_lse = acc.index_select(2, rows), acc_lse.index_select(2, rows)
+                _merge_(merged, merged_lse, out, lse)
+                acc.index_copy_(2, rows, merged)
+                acc_lse.index_copy_(2, rows, merged_lse)
     for rect in plan.rects:
         rows = slice(rect.q_start, rect.q_end)
         keys = slice(rect.k_start, rect.k_end)
@@ -258,16 +338,16 @@ def backward(
 
     unit = plan.unit
 
-    def gathered(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return _gather(x, index, unit).to(dtype)
+    def gathered(x: torch.Tensor, index: torch.Tensor, name: str) -> torch.Tensor:
+        return _gather(x, index, unit, name).to(dtype)
 
     for group in plan.rows:
         q_len, kv_len = group.q_index.shape[1] * unit, group.kv_index.shape[1] * unit
         per_block = b * h * max(q_len * kv_len * 3, kv_len * (d + value_dim))
         for q_index, kv_index in _chunks(group, per_block):
             q_index, kv_index = q_index.to(q.device), kv_index.to(q.device)
-            qg, kg, vg = gathered(q, q_index), gathered(k, kv_index), gathered(v, kv_index)
-            grad = gathered(grad_out, q_index)
+            qg, kg, vg = gathered(q, q_index, "q"), gathered(k, kv_index, "k"), gathered(v, kv_index, "v")
+            grad = gathered(grad_out, q_index, "grad")
             probs = torch.softmax(torch.matmul(qg, kg.transpose(-1, -2)) * scale, dim=-1)
             out = torch.matmul(probs, vg)
             dv_g = torch.matmul(probs.transpose(-1, -2), grad)

@@ -105,8 +105,9 @@ def _flex():
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float) -> torch.Tensor:
+    """FlexAttention's inference kernel (the op's autograd formula calls `backward`)."""
     with torch.no_grad():
-        return _flex()(q, k, v, block_mask=block_mask, scale=scale)
+        return _flex()(q.detach(), k.detach(), v.detach(), block_mask=block_mask, scale=scale)
 
 
 @contextlib.contextmanager
