@@ -56,16 +56,21 @@ def _fail(option: str, value: Any, allowed: str) -> T4DOptionError:
     return T4DOptionError(f"turbo4d option {option}={value!r} is not valid; allowed: {allowed}")
 
 
+def _check_dict(option: str, value: Any, keys: tuple[str, ...], key_name: Callable[[str], str]) -> None:
+    """`value` must be a mapping whose keys are among `keys`; `key_name` names a key in errors."""
+    if not isinstance(value, Mapping):
+        raise _fail(option, value, f"a dict with keys {list(keys)}")
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise _fail(key_name(unknown[0]), value[unknown[0]], f"the keys {list(keys)}")
+
+
 def _parse_layout(value: Any) -> LayoutHints:
     if value is None:
         return LayoutHints()
     if isinstance(value, LayoutHints):
         return value
-    if not isinstance(value, Mapping):
-        raise _fail("layout", value, f"a dict with keys {list(LAYOUT_KEYS)}")
-    unknown = sorted(set(value) - set(LAYOUT_KEYS))
-    if unknown:
-        raise _fail(f"layout[{unknown[0]!r}]", value[unknown[0]], f"the keys {list(LAYOUT_KEYS)}")
+    _check_dict("layout", value, LAYOUT_KEYS, lambda key: f"layout[{key!r}]")
     for key, item in value.items():
         minimum = 0 if key == "prefix_tokens" else 1
         if item is not None and (isinstance(item, bool) or not isinstance(item, int) or item < minimum):
@@ -124,11 +129,7 @@ def parse_options(options: Mapping[str, Any] | Options | None) -> Options:
         return Options()
     if isinstance(options, Options):
         return options
-    if not isinstance(options, Mapping):
-        raise _fail("options", options, f"a dict with keys {list(TOP_LEVEL_KEYS)}")
-    unknown = sorted(set(options) - set(TOP_LEVEL_KEYS))
-    if unknown:
-        raise _fail(unknown[0], options[unknown[0]], f"the keys {list(TOP_LEVEL_KEYS)}")
+    _check_dict("options", options, TOP_LEVEL_KEYS, lambda key: key)
     target = options.get("target", "inductor")
     if target not in TARGETS:
         raise _fail("target", target, f"one of {list(TARGETS)}")
