@@ -33,7 +33,8 @@ def _lower(gm: fx.GraphModule, example_inputs: list[Any], target: str) -> Callab
     return compile_fx(gm, example_inputs)
 
 
-def _warn_or_raise(decisions: list[SiteDecision], options: Options) -> None:
+def warn_or_raise(decisions: list[SiteDecision], options: Options) -> None:
+    """Warn about each site left dense for a reason the user can fix; with ``strict=True``, raise."""
     for decision in decisions:
         if not decision.warn:
             continue
@@ -80,7 +81,7 @@ def turbo4d(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str,
     reference = copy.deepcopy(gm) if opts.verify else None
     decisions = run_passes(gm, opts)
     report.publish(decisions)
-    _warn_or_raise(decisions, opts)
+    warn_or_raise(decisions, opts)
     compiled = _lower(gm, example_inputs, opts.target)
     if reference is not None and any(d.action == "sparse" for d in decisions):
         run_passes(reference, opts, reference=True)

@@ -1,0 +1,60 @@
+"""ONNX Runtime custom op for ``t4d.BlockSparseAttention``, through onnxruntime-extensions' Python ops.
+
+Importing this module registers the op (float32 q, k, v) with onnxruntime-extensions; a
+session runs it once the extensions library is registered on its options::
+
+    import onnxruntime as ort
+    from t4dopt.plugins.onnxruntime_ops import session_options
+
+    session = ort.InferenceSession("model.onnx", session_options(), providers=["CPUExecutionProvider"])
+
+The compute is numpy, one query block at a time over the key blocks it keeps: masked blocks
+are never touched. The module imports only numpy, onnxruntime and onnxruntime-extensions, so
+it also works copied beside a deployment without torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+
+DOMAIN = "t4d"
+OP_TYPE = "BlockSparseAttention"
+
+
+def block_sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_counts: np.ndarray,
+                           kv_indices: np.ndarray, block_starts: np.ndarray, scale: float) -> np.ndarray:
+    """Attention of q [..., N, D] over k, v [..., N, D|Dv] restricted to the kept blocks; empty rows are zeros."""
+    starts = block_starts.astype(np.int64)
+    if q.shape[-2] != int(starts[-1]):
+        raise ValueError(f"t4d.BlockSparseAttention: q has N={q.shape[-2]} tokens but the block table "
+                         f"covers {int(starts[-1])}")
+    out = np.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
+    for block, count in enumerate(kv_counts.tolist()):
+        if count == 0:
+            continue
+        rows = slice(int(starts[block]), int(starts[block + 1]))
+        keys = np.concatenate([np.arange(starts[j], starts[j + 1]) for j in kv_indices[block, :count].tolist()])
+        scores = (q[..., rows, :] * np.asarray(scale, q.dtype)) @ np.swapaxes(k[..., keys, :], -1, -2)
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out[..., rows, :] = weights @ v[..., keys, :]
+    return out
+
+
+@onnx_op(
+    op_type=f"{DOMAIN}::{OP_TYPE}",
+    inputs=[PyCustomOpDef.dt_float] * 3 + [PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64],
+    outputs=[PyCustomOpDef.dt_float],
+    attrs={"block_size": PyCustomOpDef.dt_int64, "scale": PyCustomOpDef.dt_float, "layout": PyCustomOpDef.dt_string},
+)
+def _block_sparse_attention_op(q, k, v, kv_counts, kv_indices, block_starts, **attributes):
+    return block_sparse_attention(q, k, v, kv_counts, kv_indices, block_starts, attributes["scale"])
+
+
+def session_options(options: ort.SessionOptions | None = None) -> ort.SessionOptions:
+    """`options` (or new ones) with the onnxruntime-extensions library, and so ``t4d`` ops, registered."""
+    options = options or ort.SessionOptions()
+    options.register_custom_ops_library(get_library_path())
+    return options

@@ -1,0 +1,39 @@
+"""Capture a model as one torch-level FX graph and run the turbo4d passes on it.
+
+The passes read the graph dynamo hands a backend (``F.scaled_dot_product_attention``,
+``call_method`` reshapes, ``nn_module_stack``), not the ATen graph of ``torch.export``, so
+the model is captured with ``torch._dynamo.export``: the same torch-level graph, with the
+parameters as attributes of the module rather than inputs, and the model's own input names.
+The rewritten module is then an ordinary ``nn.Module`` that ``torch.onnx.export`` can trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from t4dopt.backend import warn_or_raise
+from t4dopt.errors import T4DUnsupportedError
+from t4dopt.options import Options
+from t4dopt.passes import run_passes
+from t4dopt.sites import SiteDecision
+
+
+def capture_rewritten(model: torch.nn.Module, args: Sequence[Any],
+                      options: Options) -> tuple[fx.GraphModule, list[SiteDecision]]:
+    """`model` on `args` as one FX graph with its joint attention rewritten per `options`."""
+    try:
+        captured = torch._dynamo.export(model)(*args)
+    except Exception as error:  # dynamo raises many types; they all mean the same thing here
+        first_line = (str(error).splitlines() or [""])[0]
+        raise T4DUnsupportedError(
+            f"t4dopt.export: {type(model).__name__} could not be captured as one graph by "
+            f"torch._dynamo.export ({type(error).__name__}: {first_line}); export needs a model without graph breaks"
+        ) from error
+    gm = captured.graph_module.eval()
+    decisions = run_passes(gm, options)
+    warn_or_raise(decisions, options)
+    return gm, decisions

@@ -1,0 +1,109 @@
+"""`export_onnx` (``t4dopt.export.onnx``): a model with its joint attention made block-sparse, as ONNX.
+
+1. Capture the model as one torch-level FX graph and rewrite it with the turbo4d passes
+   (`capture`), exactly as ``backend="turbo4d"`` would.
+2. ``ops="custom"``: export through torch.onnx's dynamo exporter with an onnxscript translation
+   of ``torch.ops.t4d.block_sparse_attention`` to ``t4d.BlockSparseAttention`` (`custom_domain`).
+   ``ops="portable"``: first swap each t4d op for gathers, matmuls and a masked softmax over
+   the kept blocks (`portable`), so the file holds standard ONNX ops only.
+3. Save (external data past 2 GiB) and check the file with onnx.checker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx as onnx_lib
+import torch
+
+from t4dopt.errors import T4DOptionError
+from t4dopt.export import custom_domain
+from t4dopt.export.capture import capture_rewritten
+from t4dopt.export.portable import make_portable
+from t4dopt.options import Options, parse_options
+from t4dopt.report import SiteReport
+
+OPS = ("custom", "portable")
+OPSET_VERSION = 20
+"""Opset of the default ONNX domain (20 has Gelu, which the reference models use, as one op)."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What `export_onnx` wrote and what it rewrote on the way."""
+
+    path: Path
+    ops: str
+    sites: list[SiteReport]
+    onnx_nodes: int
+    """Nodes of the saved graph (functions not expanded)."""
+
+    @property
+    def sites_rewritten(self) -> int:
+        return sum(1 for site in self.sites if site.action == "sparse")
+
+    @property
+    def file_bytes(self) -> int:
+        """Size of the .onnx file plus any external-data files beside it."""
+        model = onnx_lib.load(str(self.path), load_external_data=False)
+        external = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+                    if entry.key == "location"}
+        return self.path.stat().st_size + sum((self.path.parent / name).stat().st_size for name in external)
+
+
+def _check_ops(ops: str) -> None:
+    if ops not in OPS:
+        raise T4DOptionError(f"t4dopt.export.onnx option ops={ops!r} is not valid; allowed: "
+                             + ", ".join(repr(o) for o in OPS))
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    args: Sequence[Any] | torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    options: Mapping[str, Any] | Options | None = None,
+    ops: str = "custom",
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export `model` (called as ``model(*args)``) to ONNX at `path`, joint attention block-sparse.
+
+    `options` are the turbo4d backend options (``layout``, ``sparse``, ``strict``; ``target`` and
+    ``verify`` do not apply). ``ops="custom"`` writes ``t4d.BlockSparseAttention`` nodes (run them
+    in ONNX Runtime with ``t4dopt.plugins.onnxruntime_ops``); ``ops="portable"`` writes standard
+    ONNX ops only, still computing only the kept blocks. `progress` is called with a line per step.
+    """
+    _check_ops(ops)
+    opts = parse_options(options)
+    args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+    say = progress or (lambda line: None)
+
+    say(f"capturing {type(model).__name__} and rewriting its attention (turbo4d passes)")
+    with torch.no_grad():
+        gm, decisions = capture_rewritten(model, args, opts)
+    sites = [SiteReport.from_decision(d) for d in decisions]
+    rewritten = sum(1 for site in sites if site.action == "sparse")
+    say(f"{rewritten} of {len(sites)} attention sites rewritten to block-sparse attention")
+
+    if ops == "portable":
+        make_portable(gm)
+    translations = custom_domain.TRANSLATION_TABLE if ops == "custom" else {}
+    say(f"exporting to ONNX ({'standard ops only' if ops == 'portable' else 't4d custom domain'})")
+    with torch.no_grad():
+        program = torch.onnx.export(gm, args, dynamo=True, opset_version=OPSET_VERSION,
+                                    custom_translation_table=translations, verbose=False)
+    if ops == "custom":
+        custom_domain.annotate_layouts(program.model, decisions)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(path)
+    onnx_lib.checker.check_model(str(path))
+    nodes = len(onnx_lib.load(str(path), load_external_data=False).graph.node)
+    result = ExportResult(path, ops, sites, nodes)
+    say(f"wrote {path} ({result.file_bytes / 2**20:.2f} MiB, {nodes} nodes), onnx.checker passed")
+    return result

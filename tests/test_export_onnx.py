@@ -1,0 +1,167 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+# torch.onnx's exporter trips over its own pytree deprecation; nothing this package controls.
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+
+import t4dopt  # noqa: E402
+from support import JointVideoAttention  # noqa: E402
+from t4dopt.cli import main  # noqa: E402
+from t4dopt.export import export_onnx, runtime  # noqa: E402
+from t4dopt.export.portable import PortableTables, portable_attention  # noqa: E402
+from t4dopt.models import Sculpt4DDiT, make_inputs  # noqa: E402
+
+TOLERANCE = 1e-4
+TINY_OPTIONS = {"layout": {"frames": 4, "tokens_per_frame": 40}, "sparse": {"policy": "sculpt4d", "block_size": 16}}
+PREFIX_OPTIONS = {"layout": {"frames": 4, "tokens_per_frame": 40, "prefix_tokens": 5},
+                  "sparse": {"policy": "sculpt4d", "block_size": 16}}
+
+
+def needs_extensions():
+    pytest.importorskip("onnxruntime_extensions")
+
+
+def eager_turbo4d(model, args, options):
+    with torch.no_grad():
+        return torch.compile(model, backend="turbo4d", options={**options, "target": "eager"})(*args)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = Sculpt4DDiT("tiny", tokens_per_frame=40).eval()   # 40 tokens: blocks of 16, 16 and 8
+    noise, cond = make_inputs(model.config)
+    args = (noise, torch.full((1,), 0.5), cond)
+    return model, args, eager_turbo4d(model, args, TINY_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tiny, tmp_path_factory):
+    model, args, _ = tiny
+    folder = tmp_path_factory.mktemp("onnx")
+    return {ops: export_onnx(model, args, folder / f"tiny-{ops}.onnx", options=TINY_OPTIONS, ops=ops)
+            for ops in ("custom", "portable")}
+
+
+def max_difference(path, args, expected):
+    return float(np.abs(runtime.run(path, args)[0] - expected.numpy()).max())
+
+
+def test_custom_export_writes_t4d_nodes_with_the_block_table(tiny_exports):
+    result = tiny_exports["custom"]
+    assert result.sites_rewritten == 2 and len(result.sites) == 6
+    onnx.checker.check_model(str(result.path), full_check=True)
+    model = onnx.load(str(result.path))
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("t4d", 1)}
+    nodes = [n for n in model.graph.node if n.domain == "t4d"]
+    assert len(nodes) == 2 and all(n.op_type == "BlockSparseAttention" for n in nodes)
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attributes["block_size"] == 16 and math.isclose(attributes["scale"], 16 ** -0.5, rel_tol=1e-6)
+    assert attributes["layout"].startswith(b"sculpt4d(") and b"tokens_per_frame=40" in attributes["layout"]
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    table = t4dopt.masks.sculpt4d(4, 40, block_size=16)
+    for name, expected in zip(nodes[0].input[3:], table.tensors()):
+        np.testing.assert_array_equal(initializers[name], expected.numpy())
+
+
+def test_custom_export_runs_in_onnxruntime_through_the_plugin(tiny, tiny_exports):
+    needs_extensions()
+    _, args, expected = tiny
+    assert max_difference(tiny_exports["custom"].path, args, expected) <= TOLERANCE
+
+
+def test_portable_export_has_standard_ops_only_and_matches_eager(tiny, tiny_exports):
+    _, args, expected = tiny
+    path = tiny_exports["portable"].path
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    assert {n.domain for n in model.graph.node} == {""}
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    assert max_difference(path, args, expected) <= TOLERANCE
+
+
+def test_portable_export_scores_only_the_kept_blocks(tiny_exports):
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(tiny_exports["portable"].path)))
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in model.graph.value_info}
+    layout = t4dopt.masks.sculpt4d(4, 40, block_size=16)
+    blocks, max_kv = layout.kv_indices.shape
+    joint = [shapes[n.input[0]] for n in model.graph.node
+             if n.op_type == "Softmax" and len(shapes[n.input[0]]) == 5]
+    assert joint == [(1, 4, blocks, 16, max_kv * 16)] * 2
+    assert not any(s[-2:] == (160, 160) for s in shapes.values() if len(s) >= 2)
+
+
+@pytest.mark.parametrize("ops", ["custom", "portable"])
+def test_prefix_tokens_export_matches_eager(ops, tmp_path):
+    if ops == "custom":
+        needs_extensions()
+    torch.manual_seed(0)
+    model = JointVideoAttention(dim=32, heads=2, prefix=5).eval()
+    x = torch.randn(1, 4, 40, 32)
+    result = export_onnx(model, (x,), tmp_path / "prefix.onnx", options=PREFIX_OPTIONS, ops=ops)
+    assert result.sites_rewritten == 1
+    onnx.checker.check_model(str(result.path), full_check=True)
+    assert max_difference(result.path, (x,), eager_turbo4d(model, (x,), PREFIX_OPTIONS)) <= TOLERANCE
+
+
+def empty_row_layout():
+    """Prefix of 3 tokens, partial blocks, and frame 0 keeping no key block at all."""
+    return t4dopt.masks.from_rule(lambda qf, qb, kf, kb: (qf > 0) & (kf == qf) & ((qb - kb) % 2 == 0),
+                                  3, 20, block_size=8, prefix_tokens=0)
+
+
+@pytest.mark.parametrize("layout", [t4dopt.masks.sculpt4d(4, 40, block_size=16, prefix_tokens=5), empty_row_layout()],
+                         ids=["prefix-partial", "empty-rows"])
+def test_portable_attention_equals_the_op(layout):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, layout.seq_len, 8) for _ in range(3))
+    tables = PortableTables.from_layout(layout)
+    got = portable_attention(q, k, v, tables.pad_index, tables.kv_blocks, tables.key_bias, tables.slot_bias,
+                             tables.output_index, tables.row_keep, 0.3)
+    torch.testing.assert_close(got, t4dopt.block_sparse_attention(q, k, v, layout, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_onnxruntime_plugin_compute_equals_the_op():
+    needs_extensions()
+    from t4dopt.plugins.onnxruntime_ops import block_sparse_attention
+
+    layout = empty_row_layout()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 8) for _ in range(3))
+    got = block_sparse_attention(q.numpy(), k.numpy(), v.numpy(), *(t.numpy() for t in layout.tensors()), 0.3)
+    np.testing.assert_allclose(got, t4dopt.block_sparse_attention(q, k, v, layout, scale=0.3).numpy(), atol=1e-5)
+
+
+def test_bad_ops_value_names_the_option_and_the_allowed_values(tmp_path):
+    with pytest.raises(t4dopt.T4DOptionError, match=r"ops='tensorrt'.*'custom', 'portable'"):
+        export_onnx(torch.nn.Linear(2, 2), (torch.randn(1, 2),), tmp_path / "x.onnx", ops="tensorrt")
+
+
+def test_model_with_a_graph_break_is_unsupported(tmp_path):
+    class Breaks(torch.nn.Module):
+        def forward(self, x):
+            x = x + 1
+            torch._dynamo.graph_break()
+            return x * 2
+
+    with pytest.raises(t4dopt.T4DUnsupportedError, match="could not be captured as one graph"):
+        export_onnx(Breaks(), (torch.randn(2, 3),), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_command_prints_progress_and_summary(tmp_path, capsys):
+    needs_extensions()
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--format", "onnx", "--out", str(out), "--tokens-per-frame", "40", "--block-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "capturing Sculpt4DDiT" in printed and "exporting to ONNX" in printed
+    assert "6 found, 2 rewritten to block-sparse" in printed and "MiB" in printed
+    assert "max |ort - eager|" in printed and "within 1e-04" in printed
+    assert out.exists()
