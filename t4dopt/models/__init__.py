@@ -4,7 +4,10 @@
 `sample_flow_matching` is the Euler sampler used by the demo and the benchmarks.
 """
 
+from t4dopt.models.pretrained import pretrained
 from t4dopt.models.sampler import flow_matching_timesteps, make_inputs, sample_flow_matching
+from t4dopt.models.scm_net import SCM_CONFIGS, SCMConfig, SCMNet
 from t4dopt.models.sculpt4d_dit import CONFIGS, Sculpt4DConfig, Sculpt4DDiT
 
-__all__ = ["CONFIGS", "Sculpt4DConfig", "Sculpt4DDiT", "flow_matching_timesteps", "make_inputs", "sample_flow_matching"]
+__all__ = ["CONFIGS", "SCM_CONFIGS", "SCMConfig", "SCMNet", "Sculpt4DConfig", "Sculpt4DDiT", "flow_matching_timesteps",
+           "make_inputs", "pretrained", "sample_flow_matching"]

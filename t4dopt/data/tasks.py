@@ -1,0 +1,62 @@
+"""The learning task of the tiny trained models: denoise procedural scenes by flow matching.
+
+A sample is the token grid of one scene, conditioned on the clean tokens of view 0, frame 0:
+``"scm"`` models see every view, [B, V, T, P, C]; ``"joint"`` models see view 0 only,
+[B, T, P, C]. Flow matching as in `t4dopt.models.sample_flow_matching`: x_t = (1 - t) x_0 +
+t noise, velocity target noise - x_0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from t4dopt.data.procedural import render_scenes, to_tokens
+
+Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def scene_batch(
+    kind: str,
+    batch: int,
+    *,
+    views: int = 4,
+    frames: int = 8,
+    size: int = 16,
+    patch: int = 2,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean tokens x_0 and conditioning tokens [B, P, C] for `kind` ``"scm"`` or ``"joint"``."""
+    if kind not in ("scm", "joint"):
+        raise ValueError(f"kind={kind!r}: expected 'scm' or 'joint'")
+    # View 0 of a scene does not depend on how many views are rendered, so joint models need only it.
+    rendered = views if kind == "scm" else 1
+    tokens = to_tokens(render_scenes(batch, views=rendered, frames=frames, size=size, seed=seed, device=device), patch)
+    cond = tokens[:, 0, 0]
+    return (tokens if kind == "scm" else tokens[:, 0]), cond
+
+
+def flow_matching_loss(model: Model, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the predicted velocity at times t [B]."""
+    t_grid = t.view(-1, *([1] * (x0.dim() - 1)))
+    x_t = (1 - t_grid) * x0 + t_grid * noise
+    return F.mse_loss(model(x_t, t, cond), noise - x0)
+
+
+@torch.no_grad()
+def loss_at(model: Model, x0: torch.Tensor, cond: torch.Tensor, t: float = 0.5, *, seed: int = 0) -> float:
+    """Flow-matching loss with every sample at time `t` and noise drawn from `seed`."""
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+    return float(flow_matching_loss(model, x0, cond, torch.full((x0.shape[0],), t, device=x0.device), noise))
+
+
+EVAL_SEED = 999_999_999  # scenes for evaluation; training draws scene seeds from `training_seed`
+
+
+def training_seed(seed: int, step: int) -> int:
+    """Scene seed of one training step; distinct from `EVAL_SEED` for seeds < 999."""
+    return seed * 1_000_000 + step
