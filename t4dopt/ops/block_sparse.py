@@ -2,27 +2,34 @@
 
 The op takes the block table as three tensors (``BlockLayout.tensors()``), so graph passes can
 store it as buffers and Inductor or export keep the op as one opaque node (see the fake
-implementation). CPU tensors run `cpu_kernel`, CUDA tensors FlexAttention (`flex_path`). What
-both derive from a table (the CPU plan, the FlexAttention ``BlockMask``) is built once and
-cached: by the identity of the table tensors while they live, and by their content otherwise.
+implementation). CPU tensors run `cpu_kernel`; on CUDA the forward runs our Triton kernel
+(`triton_kernel`) where it supports the inputs and FlexAttention (`flex_path`) otherwise, and the
+backward runs FlexAttention. What the kernels derive from a table (the CPU plan, the Triton
+plan, the FlexAttention ``BlockMask``) is built once and cached: by the identity of the table
+tensors while they live, and by their content otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 
 from t4dopt.block_layout import BlockLayout
-from t4dopt.ops import cpu_kernel, flex_path
+from t4dopt.ops import cpu_kernel, flex_path, triton_kernel
 
 OP_NAME = "t4d::block_sparse_attention"
+
+CUDA_KERNEL_ENV = "T4D_CUDA_KERNEL"
+"""``flex`` or ``triton`` forces the CUDA forward kernel (for benchmarks); unset or ``auto``:
+Triton where it supports the inputs in float16 or bfloat16, FlexAttention otherwise."""
 
 SUPPORTED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
@@ -83,10 +90,23 @@ class BlockTable:
     def seq_len(self) -> int:
         return int(self.block_starts[-1])
 
+    @cached_property
+    def longest_block(self) -> int:
+        return int((self.block_starts[1:] - self.block_starts[:-1]).max())
+
     def cpu_plan(self) -> cpu_kernel.Plan:
         if "cpu-plan" not in self.derived:
             self.derived["cpu-plan"] = cpu_kernel.build_plan(self.dense, self.block_starts)
         return self.derived["cpu-plan"]
+
+    def triton_plan(self, device: torch.device, *, block_m: int | None = None,
+                    block_n: int | None = None) -> triton_kernel.Plan:
+        default_m, default_n = triton_kernel.tile_sizes(self.longest_block)
+        key = ("triton-plan", block_m or default_m, block_n or default_n, device)
+        if key not in self.derived:
+            self.derived[key] = triton_kernel.build_plan(self.dense, self.block_starts, block_m=key[1],
+                                                         block_n=key[2], device=device)
+        return self.derived[key]
 
     def block_mask(self, block_size: int, device: torch.device):
         key = ("block-mask", block_size, device)
@@ -193,11 +213,29 @@ def _forward_cpu(q, k, v, kv_counts, kv_indices, block_starts, block_size, scale
     return cpu_kernel.forward(q, k, v, table.cpu_plan(), _resolve_scale(scale, q))
 
 
+def cuda_forward_kernel(q: torch.Tensor, v: torch.Tensor, scale: float) -> str:
+    """``"triton"`` or ``"flex"``: the kernel the op's CUDA forward runs on these inputs (see `CUDA_KERNEL_ENV`)."""
+    choice = os.environ.get(CUDA_KERNEL_ENV, "auto")
+    if choice not in ("auto", "flex", "triton"):
+        raise ValueError(f"{CUDA_KERNEL_ENV}={choice!r}: expected auto, flex or triton")
+    if choice == "flex":
+        return "flex"
+    reason = triton_kernel.supports(q, v, scale)
+    if choice == "triton":
+        if reason is not None:
+            raise ValueError(f"{CUDA_KERNEL_ENV}=triton, but the Triton kernel does not run {reason}")
+        return "triton"
+    return "triton" if reason is None and q.dtype in triton_kernel.FAST_DTYPES else "flex"
+
+
 @block_sparse_attention_op.register_kernel("cuda")
 def _forward_cuda(q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None):
     _check_inputs(q, k, v, kv_counts, kv_indices, block_starts)
     table = _table_for(q, kv_counts, kv_indices, block_starts)
-    return flex_path.forward(q, k, v, table.block_mask(block_size, q.device), _resolve_scale(scale, q))
+    scale = _resolve_scale(scale, q)
+    if cuda_forward_kernel(q, v, scale) == "triton":
+        return triton_kernel.forward(q, k, v, table.triton_plan(q.device), scale)[0]
+    return flex_path.forward(q, k, v, table.block_mask(block_size, q.device), scale)
 
 
 @block_sparse_attention_op.register_fake
