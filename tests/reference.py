@@ -28,3 +28,12 @@ def dense_masked_attention(
     scores = scores.masked_fill(~(mask | ~has_keys), -math.inf)
     probs = torch.softmax(scores, dim=-1) * has_keys
     return torch.matmul(probs, v)
+
+
+def random_qkv(layout, batch=2, heads=3, head_dim=16, value_dim=None, dtype=torch.float32, device="cpu", seed=0):
+    """Seeded random q, k, v [batch, heads, layout.seq_len, head_dim] (v: value_dim) for op tests."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, layout.seq_len)
+    q, k = (torch.randn(*shape, head_dim, generator=generator) for _ in range(2))
+    v = torch.randn(*shape, value_dim or head_dim, generator=generator)
+    return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v))

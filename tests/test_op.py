@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from reference import dense_masked_attention
+from reference import dense_masked_attention, random_qkv
 from t4dopt import masks
 from t4dopt.ops import block_sparse, block_sparse_attention, cpu_kernel, flex_path
 from t4dopt.ops.block_sparse import layout_tensors
@@ -17,16 +17,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
-def _inputs(layout, batch=2, heads=3, head_dim=16, value_dim=None, dtype=torch.float32, device="cpu", seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    shape = (batch, heads, layout.seq_len)
-    q, k = (torch.randn(*shape, head_dim, generator=generator) for _ in range(2))
-    v = torch.randn(*shape, value_dim or head_dim, generator=generator)
-    return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v))
-
-
 def _check(layout, *, dtype=torch.float32, scale=None, device="cpu", **shape):
-    q, k, v = _inputs(layout, dtype=dtype, device=device, **shape)
+    q, k, v = random_qkv(layout, dtype=dtype, device=device, **shape)
     out = block_sparse_attention(q, k, v, layout, scale=scale)
     expected = dense_masked_attention(q, k, v, layout.token_mask(), scale)
     assert out.dtype == dtype and out.shape == expected.shape
@@ -83,9 +75,9 @@ def test_head_sizes_and_explicit_scale(head_dim, value_dim):
     _check(layout, head_dim=head_dim, value_dim=value_dim, scale=0.37)
 
 
-def test_strided_inputs():
+def test_stridedrandom_qkv():
     layout = masks.sculpt4d(3, 40, block_size=16)
-    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _inputs(layout))
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in random_qkv(layout))
     assert not q.is_contiguous()
     out = block_sparse_attention(q, k, v, layout)
     torch.testing.assert_close(out.double(), dense_masked_attention(q, k, v, layout.token_mask()), atol=1e-5, rtol=0)
@@ -94,7 +86,7 @@ def test_strided_inputs():
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_gradients_match_the_reference(dtype, tolerance, plan_shape):
     layout = masks.sculpt4d(5, 40, block_size=16, prefix_tokens=7)
-    q, k, v = (x.requires_grad_() for x in _inputs(layout, dtype=dtype, value_dim=24))
+    q, k, v = (x.requires_grad_() for x in random_qkv(layout, dtype=dtype, value_dim=24))
     grad = torch.randn(q.shape[:-1] + (24,), dtype=dtype)
     block_sparse_attention(q, k, v, layout, scale=0.3).backward(grad)
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -105,7 +97,7 @@ def test_gradients_match_the_reference(dtype, tolerance, plan_shape):
 
 
 def _op_args(layout, requires_grad=False):
-    q, k, v = (x.requires_grad_(requires_grad) for x in _inputs(layout, batch=1, heads=2))
+    q, k, v = (x.requires_grad_(requires_grad) for x in random_qkv(layout, batch=1, heads=2))
     return (q, k, v, *layout.tensors("cpu"), layout.block_size, None)
 
 
@@ -140,7 +132,7 @@ def test_compiled_with_eager_backend_fullgraph():
     def with_wrapper(q, k, v):
         return block_sparse_attention(q * 2, k, v, layout, scale=0.25) + 1
 
-    q, k, v = _inputs(layout)
+    q, k, v = random_qkv(layout)
     for fn in (with_op, with_wrapper):
         compiled = torch.compile(fn, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(q, k, v), with_op(q, k, v), atol=1e-6, rtol=0)
@@ -152,7 +144,7 @@ def test_compiled_with_aot_eager_backend_forward_and_backward():
     def fn(q, k, v):
         return block_sparse_attention(q, k, v, layout).sum(dim=-1)
 
-    q, k, v = (x.requires_grad_() for x in _inputs(layout))
+    q, k, v = (x.requires_grad_() for x in random_qkv(layout))
     out = torch.compile(fn, backend="aot_eager")(q, k, v)
     out.square().sum().backward()
     grads = [x.grad.clone() for x in (q, k, v)]
@@ -167,7 +159,7 @@ def test_compiled_with_aot_eager_backend_forward_and_backward():
 
 def test_bad_inputs_raise_clear_errors():
     layout = masks.sculpt4d(2, 40, block_size=16)
-    q, k, v = _inputs(layout)
+    q, k, v = random_qkv(layout)
     with pytest.raises(TypeError, match=r"torch\.int32.*float32, float16, bfloat16"):
         block_sparse_attention(q.int(), k.int(), v.int(), layout)
     with pytest.raises(TypeError, match="share one dtype"):
@@ -190,7 +182,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_layout_tensors_and_plans_are_built_once():
     layout = masks.sculpt4d(2, 40, block_size=16)
     assert layout_tensors(layout, torch.device("cpu")) is layout_tensors(layout, torch.device("cpu"))
-    q, k, v = _inputs(layout)
+    q, k, v = random_qkv(layout)
     calls = []
     original = cpu_kernel.build_plan
     try:
@@ -216,7 +208,7 @@ def test_work_is_exactly_the_kept_pairs(monkeypatch, plan_shape):
     monkeypatch.setattr(cpu_kernel, "_attend", counting_attend)
     for layout in (masks.sculpt4d(8, 100, block_size=16, prefix_tokens=7), masks.temporal_only(6, 64, block_size=16)):
         computed.clear()
-        q, k, v = _inputs(layout)
+        q, k, v = random_qkv(layout)
         block_sparse_attention(q, k, v, layout)
         kept_pairs = int(layout.token_mask().sum())
         assert sum(computed) == kept_pairs * q.shape[0] * q.shape[1]
@@ -243,7 +235,7 @@ def test_sparse_layouts_run_faster():
     sparse = masks.temporal_only(8, 512, block_size=64)
     dense = masks.window(8, 512, block_size=64, window=8)
     assert sparse.density == pytest.approx(1 / 8) and dense.density == 1.0
-    q, k, v = _inputs(sparse, batch=1, heads=2, head_dim=32)
+    q, k, v = random_qkv(sparse, batch=1, heads=2, head_dim=32)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -309,7 +301,7 @@ def test_flex_path_through_flex_attention_compiled_for_cpu():
     """Our BlockMask (full and partial tiles, mask_mod, prefix) in FlexAttention itself; ~10 s of compile."""
     layout = masks.sculpt4d(3, 200, block_size=128, prefix_tokens=77)
     block_mask = flex_path.build_block_mask(layout.to_dense(), layout.block_starts, 128, torch.device("cpu"))
-    q, k, v = _inputs(layout, batch=1, heads=2, head_dim=32)
+    q, k, v = random_qkv(layout, batch=1, heads=2, head_dim=32)
     out = flex_path.forward(q, k, v, block_mask, 0.3)
     torch.testing.assert_close(out.double(), dense_masked_attention(q, k, v, layout.token_mask(), 0.3),
                                atol=1e-5, rtol=0)
@@ -345,7 +337,7 @@ def test_cuda_dtypes_head_dims_and_partial_blocks(dtype, head_dim, shape):
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-3), (torch.bfloat16, 6e-2)])
 def test_cuda_backward(dtype, tolerance):
     layout = masks.sculpt4d(3, 300, block_size=128, prefix_tokens=77)
-    q, k, v = (x.requires_grad_() for x in _inputs(layout, device="cuda", dtype=dtype, head_dim=64))
+    q, k, v = (x.requires_grad_() for x in random_qkv(layout, device="cuda", dtype=dtype, head_dim=64))
     grad = torch.randn_like(q)
     block_sparse_attention(q, k, v, layout).backward(grad)
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -358,7 +350,7 @@ def test_cuda_backward(dtype, tolerance):
 @needs_cuda
 def test_cuda_matches_cpu_kernel():
     layout = masks.sculpt4d(4, 512, block_size=128)
-    q, k, v = _inputs(layout, batch=1, heads=4, head_dim=64)
+    q, k, v = random_qkv(layout, batch=1, heads=4, head_dim=64)
     cpu = block_sparse_attention(q, k, v, layout)
     cuda = block_sparse_attention(q.cuda(), k.cuda(), v.cuda(), layout)
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-2, rtol=1e-2)

@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from reference import dense_masked_attention  # noqa: E402
+from reference import dense_masked_attention, random_qkv  # noqa: E402
 from t4dopt import masks  # noqa: E402
 from t4dopt.ops import block_sparse, block_sparse_attention, triton_kernel  # noqa: E402
 
@@ -55,12 +55,8 @@ if INTERPRETED:
     _widen_bfloat16_dot_operands()
 
 
-def _inputs(layout, batch=2, heads=2, head_dim=16, value_dim=None, dtype=torch.float32, device="cpu", seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    shape = (batch, heads, layout.seq_len)
-    q, k = (torch.randn(*shape, head_dim, generator=generator) for _ in range(2))
-    v = torch.randn(*shape, value_dim or head_dim, generator=generator)
-    return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v))
+def _inputs(layout, **shape):
+    return random_qkv(layout, **{"heads": 2, **shape})
 
 
 def _plan(layout, block_m=None, block_n=None, device="cpu"):

@@ -10,7 +10,6 @@ of weights runs any grid.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t4dopt.models.sculpt4d_dit import Attention, timestep_embedding
+from t4dopt.models.sculpt4d_dit import Attention, resolve_config, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -103,10 +102,7 @@ class SCMNet(nn.Module):
 
     def __init__(self, config: SCMConfig | str = "tiny", **overrides: int | float):
         super().__init__()
-        if isinstance(config, str) and config not in SCM_CONFIGS:
-            raise ValueError(f"unknown config {config!r}; known: {', '.join(SCM_CONFIGS)}")
-        base = SCM_CONFIGS[config] if isinstance(config, str) else config
-        self.config = dataclasses.replace(base, **overrides)
+        self.config = resolve_config(config, SCM_CONFIGS, overrides)
         hidden = self.config.hidden
         self.embed = nn.Linear(self.config.in_channels, hidden)
         self.time_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))

@@ -47,6 +47,14 @@ CONFIGS: dict[str, Sculpt4DConfig] = {
 }
 
 
+def resolve_config(config, known: dict, overrides: dict):
+    """A config object from itself or a name in `known`, with `overrides` replacing fields."""
+    if isinstance(config, str) and config not in known:
+        raise ValueError(f"unknown config {config!r}; known: {', '.join(known)}")
+    base = known[config] if isinstance(config, str) else config
+    return dataclasses.replace(base, **overrides)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled to 0..1000 like DiT timesteps)."""
     half = dim // 2
@@ -122,10 +130,7 @@ class Sculpt4DDiT(nn.Module):
 
     def __init__(self, config: Sculpt4DConfig | str = "tiny", **overrides: int | float):
         super().__init__()
-        if isinstance(config, str) and config not in CONFIGS:
-            raise ValueError(f"unknown config {config!r}; known: {', '.join(CONFIGS)}")
-        base = CONFIGS[config] if isinstance(config, str) else config
-        self.config = dataclasses.replace(base, **overrides)
+        self.config = resolve_config(config, CONFIGS, overrides)
         hidden = self.config.hidden
         self.embed = nn.Linear(self.config.in_channels, hidden)
         self.time_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
