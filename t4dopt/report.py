@@ -11,9 +11,15 @@ from t4dopt.sites import SiteDecision
 
 @dataclass(frozen=True)
 class SiteReport:
-    """One attention site: where it is, what it mixes, what became of it and why."""
+    """One attention site: where it is, what it mixes, what became of it and why.
+
+    ``name`` is the module path of the attention (with the graph node when one module holds
+    several, and the graph when the model compiled to several), ``node`` the FX node.
+    """
 
     name: str
+    node: str
+    graph: int
     module: str
     kind: str
     action: str
@@ -28,10 +34,12 @@ class SiteReport:
         return self.flops_dense * self.density
 
     @classmethod
-    def from_decision(cls, decision: SiteDecision, graph_index: int = 0) -> SiteReport:
+    def from_decision(cls, decision: SiteDecision, name: str, graph: int) -> SiteReport:
         site = decision.site
         return cls(
-            name=f"g{graph_index}.{site.name}",
+            name=name,
+            node=site.name,
+            graph=graph,
             module=site.module_path,
             kind=decision.layout.kind.value,
             action=decision.action,
@@ -52,6 +60,19 @@ class Report:
     """All attention sites of the graphs compiled for one model call."""
 
     sites: list[SiteReport] = field(default_factory=list)
+    graphs: int = 0
+
+    def add_graph(self, decisions: list[SiteDecision]) -> None:
+        """Append one compiled graph's sites, named by module path."""
+        graph = self.graphs
+        self.graphs += 1
+        per_module: dict[str, int] = {}
+        for d in decisions:
+            per_module[d.site.module_path] = per_module.get(d.site.module_path, 0) + 1
+        for d in decisions:
+            module = d.site.module_path
+            name = module if module and per_module[module] == 1 else f"{module or 'graph'}[{d.site.name}]"
+            self.sites.append(SiteReport.from_decision(d, f"g{graph}:{name}" if graph else name, graph))
 
     @property
     def flops_dense(self) -> float:
@@ -67,9 +88,9 @@ class Report:
         return 1.0 - self.flops / self.flops_dense if self.flops_dense else 0.0
 
     def table(self) -> str:
-        header = ("site", "module", "kind", "action", "q shape", "density", "GFLOP dense", "GFLOP now", "why")
+        header = ("site", "kind", "action", "q shape", "density", "GFLOP dense", "GFLOP now", "why")
         rows = [header] + [
-            (s.name, s.module or "-", s.kind, s.action, "x".join(map(str, s.shape)), f"{s.density:.3f}",
+            (s.name, s.kind, s.action, "x".join(map(str, s.shape)), f"{s.density:.3f}",
              _gflops(s.flops_dense), _gflops(s.flops), s.reason)
             for s in self.sites
         ]
@@ -106,5 +127,4 @@ def collecting() -> Iterator[Report]:
 def publish(decisions: list[SiteDecision]) -> None:
     """Hand one compiled graph's decisions to every active collector."""
     for report in _collectors:
-        graph_index = len({s.name.split(".")[0] for s in report.sites})
-        report.sites.extend(SiteReport.from_decision(d, graph_index) for d in decisions)
+        report.add_graph(decisions)

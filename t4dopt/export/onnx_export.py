@@ -25,7 +25,7 @@ from t4dopt.export import custom_domain
 from t4dopt.export.capture import capture_rewritten
 from t4dopt.export.portable import make_portable
 from t4dopt.options import Options, parse_options
-from t4dopt.report import SiteReport
+from t4dopt.report import Report, SiteReport
 
 OPS = ("custom", "portable")
 OPSET_VERSION = 20
@@ -85,7 +85,9 @@ def export_onnx(
     say(f"capturing {type(model).__name__} and rewriting its attention (turbo4d passes)")
     with torch.no_grad():
         gm, decisions = capture_rewritten(model, args, opts)
-    sites = [SiteReport.from_decision(d) for d in decisions]
+    report = Report()
+    report.add_graph(decisions)
+    sites = report.sites
     rewritten = sum(1 for site in sites if site.action == "sparse")
     say(f"{rewritten} of {len(sites)} attention sites rewritten to block-sparse attention")
 
