@@ -3,6 +3,7 @@
 `draw_block_mask` draws the block table the way the Sculpt4D paper shows its masks: query blocks
 as rows, key blocks as columns, computed blocks dark and skipped blocks light, with thin lines
 between frames. `draw_speed_quality_curve` plots (speedup, quality) points of several runs.
+`draw_sample_grid` and `draw_sample_gif` show sampled videos of several methods next to each other.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from t4dopt.block_layout import BlockLayout
@@ -36,6 +38,10 @@ TEXT: Color = (20, 20, 20)
 CURVE: Color = (31, 92, 168)
 AXIS: Color = (60, 60, 60)
 GRID: Color = (228, 228, 228)
+
+SAMPLE_SIDE = 96  # frames are upscaled (nearest) to at least this many pixels
+SAMPLE_GAP = 4
+LABEL_BAND = 16
 
 
 @dataclass(frozen=True)
@@ -248,3 +254,107 @@ def draw_speed_quality_curve(
         text_y = max(py - 18, 2)
         draw.text((text_x, text_y), label, fill=TEXT, font=font)
     return _save(image, path)
+
+
+def _video_pixels(video: torch.Tensor, value_range: tuple[float, float]) -> np.ndarray:
+    """[T, 3, H, W] or [V, T, 3, H, W] -> uint8 [V, T, H, W, 3], `value_range` mapped to 0..255."""
+    if video.dim() == 4:
+        video = video.unsqueeze(0)
+    if video.dim() != 5 or video.shape[2] != 3:
+        raise ValueError(f"expected a video [T, 3, H, W] or [V, T, 3, H, W], got {tuple(video.shape)}")
+    low, high = value_range
+    scaled = ((video.detach().float().cpu() - low) / (high - low)).clamp(0, 1)
+    return (scaled * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+
+
+def _sample_pixels(rows: Mapping[str, torch.Tensor], value_range: tuple[float, float]) -> dict[str, np.ndarray]:
+    """Every video as upscaled uint8 [V, T, H', W', 3]; all must share one shape."""
+    if not rows:
+        raise ValueError("rows is empty: nothing to draw")
+    videos = {label: _video_pixels(video, value_range) for label, video in rows.items()}
+    shapes = {label: video.shape for label, video in videos.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"all videos must have the same shape, got {shapes}")
+    side = max(next(iter(videos.values())).shape[2:4])
+    scale = max(1, math.ceil(SAMPLE_SIDE / side))
+    return {label: video.repeat(scale, axis=2).repeat(scale, axis=3) for label, video in videos.items()}
+
+
+def _views_stacked(video: np.ndarray, frame: int) -> np.ndarray:
+    """One frame of every view, stacked top to bottom with a gap: uint8 [H, W, 3]."""
+    views, _, height, width, _ = video.shape
+    out = np.full((views * height + (views - 1) * SAMPLE_GAP, width, 3), BACKGROUND, dtype=np.uint8)
+    for v in range(views):
+        out[v * (height + SAMPLE_GAP): v * (height + SAMPLE_GAP) + height] = video[v, frame]
+    return out
+
+
+def draw_sample_grid(
+    rows: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+) -> pathlib.Path:
+    """Write a PNG with one row per labelled video and its frames across, for comparing methods.
+
+    Each video is [T, 3, H, W] or [V, T, 3, H, W] (views stacked inside the row), values in
+    `value_range` (default: the [-1, 1] of `t4dopt.data`). Frames are upscaled with nearest
+    neighbours to at least `SAMPLE_SIDE` pixels, so 16 x 16 frames stay sharp and visible.
+    Returns the path written.
+    """
+    videos = _sample_pixels(rows, value_range)
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(_text_width(measure, label, font) for label in videos) + SAMPLE_GAP * 2
+    tiles = {label: [_views_stacked(video, t) for t in range(video.shape[1])] for label, video in videos.items()}
+    tile_h, tile_w = next(iter(tiles.values()))[0].shape[:2]
+    frames = len(next(iter(tiles.values())))
+    width = 2 * MARGIN + label_width + frames * tile_w + (frames - 1) * SAMPLE_GAP
+    height = 2 * MARGIN + LABEL_BAND + len(tiles) * tile_h + (len(tiles) - 1) * SAMPLE_GAP
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    left = MARGIN + label_width
+    for t in range(frames):
+        draw.text((left + t * (tile_w + SAMPLE_GAP), MARGIN), f"t={t}", fill=TEXT, font=font)
+    for row, (label, row_tiles) in enumerate(tiles.items()):
+        top = MARGIN + LABEL_BAND + row * (tile_h + SAMPLE_GAP)
+        draw.text((MARGIN, top + (tile_h - _text_height(draw, label, font)) // 2), label, fill=TEXT, font=font)
+        for t, tile in enumerate(row_tiles):
+            image.paste(Image.fromarray(tile), (left + t * (tile_w + SAMPLE_GAP), top))
+    return _save(image, path)
+
+
+def draw_sample_gif(
+    rows: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    frame_ms: int = 150,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+) -> pathlib.Path:
+    """Write an animated GIF that plays the labelled videos side by side, `frame_ms` per frame.
+
+    Videos as for `draw_sample_grid`; the GIF loops forever. Returns the path written.
+    """
+    if frame_ms < 1:
+        raise ValueError(f"frame_ms={frame_ms}: expected an integer >= 1")
+    videos = _sample_pixels(rows, value_range)
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    first = _views_stacked(next(iter(videos.values())), 0)
+    column = max(first.shape[1], *(_text_width(measure, label, font) for label in videos))
+    frames = next(iter(videos.values())).shape[1]
+    width = 2 * MARGIN + len(videos) * column + (len(videos) - 1) * SAMPLE_GAP * 2
+    height = 2 * MARGIN + LABEL_BAND + first.shape[0]
+    pictures = []
+    for t in range(frames):
+        image = Image.new("RGB", (width, height), BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        for index, (label, video) in enumerate(videos.items()):
+            left = MARGIN + index * (column + SAMPLE_GAP * 2)
+            draw.text((left, MARGIN), label, fill=TEXT, font=font)
+            image.paste(Image.fromarray(_views_stacked(video, t)), (left, MARGIN + LABEL_BAND))
+        pictures.append(image)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pictures[0].save(path, format="GIF", save_all=True, append_images=pictures[1:], duration=frame_ms, loop=0)
+    return path

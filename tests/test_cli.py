@@ -25,6 +25,7 @@ def test_demo_runs_end_to_end_eagerly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "time per denoising step" in out and "relative L2" in out
     assert (tmp_path / "mask.png").exists()
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "samples.gif").exists()
 
 
 def test_bad_arguments_exit_with_a_message(capsys):

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from t4dopt import masks
@@ -9,8 +10,11 @@ from t4dopt.plotting import (
     PREFIX_KEPT,
     PREFIX_SKIPPED,
     SKIPPED,
+    SAMPLE_SIDE,
     block_center_pixel,
     draw_block_mask,
+    draw_sample_gif,
+    draw_sample_grid,
     draw_speed_quality_curve,
 )
 
@@ -112,3 +116,68 @@ def test_speed_quality_curve_single_point(tmp_path):
 def test_speed_quality_curve_rejects_bad_points(tmp_path, points, message):
     with pytest.raises(ValueError, match=message):
         draw_speed_quality_curve(points, tmp_path / "bad.png")
+
+
+def solid_video(frames: int, colours: list[tuple[float, float, float]], size: int = 16) -> torch.Tensor:
+    """[frames, 3, size, size] in [-1, 1], frame t filled with colours[t]."""
+    return torch.tensor(colours, dtype=torch.float32)[:frames].view(frames, 3, 1, 1).expand(frames, 3, size, size)
+
+
+def count_colour(pixels: np.ndarray, colour) -> int:
+    return int((pixels == np.array(colour, dtype=np.uint8)).all(axis=-1).sum())
+
+
+def test_sample_grid_has_a_row_per_method_and_upscaled_frames(tmp_path):
+    red, green = solid_video(3, [(1, -1, -1)] * 3), solid_video(3, [(-1, 1, -1)] * 3)
+    path = draw_sample_grid({"dense": red, "turbo4d": green}, tmp_path / "grid.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("RGB"))
+    side = SAMPLE_SIDE  # 16 px frames upscaled by 6 with nearest neighbours
+    assert count_colour(pixels, (255, 0, 0)) == 3 * side * side
+    assert count_colour(pixels, (0, 255, 0)) == 3 * side * side
+    red_rows = np.nonzero((pixels == [255, 0, 0]).all(axis=-1).any(axis=1))[0]
+    green_rows = np.nonzero((pixels == [0, 255, 0]).all(axis=-1).any(axis=1))[0]
+    assert red_rows.max() < green_rows.min(), "rows follow the order of the mapping"
+    first_frame_x = np.nonzero((pixels == [255, 0, 0]).all(axis=-1).any(axis=0))[0].min()
+    assert (pixels[:, :first_frame_x].sum(axis=-1) < 150).sum() > 20, "labels are drawn left of the frames"
+
+
+def test_sample_grid_keeps_pixels_sharp_and_stacks_views(tmp_path):
+    video = torch.full((2, 2, 3, 16, 16), -1.0)  # [views, frames, ...], black
+    video[1, :, 0, 0, 0] = 1.0  # one red source pixel in view 1, both frames
+    path = draw_sample_grid({"views": video}, tmp_path / "views.png")
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    scale = SAMPLE_SIDE // 16
+    assert count_colour(pixels, (255, 0, 0)) == 2 * scale * scale, "nearest upscaling, no blur"
+    assert count_colour(pixels, (0, 0, 0)) == 2 * (2 * SAMPLE_SIDE * SAMPLE_SIDE - scale * scale)
+    black_ys = np.nonzero((pixels == 0).all(axis=-1).any(axis=1))[0]
+    red_ys = np.nonzero((pixels == [255, 0, 0]).all(axis=-1).any(axis=1))[0]
+    assert red_ys.min() > black_ys.min() + SAMPLE_SIDE, "view 1 sits below view 0"
+
+
+def test_sample_gif_plays_the_frames_side_by_side(tmp_path):
+    colours = [(-1, -1, 1), (1, 1, -1), (1, -1, 1)]
+    rows = {"dense": solid_video(3, colours), "sparse": solid_video(3, colours)}
+    path = draw_sample_gif(rows, tmp_path / "nested" / "samples.gif", frame_ms=80)
+    with Image.open(path) as image:
+        assert image.format == "GIF" and image.n_frames == 3
+        assert image.info["duration"] == 80 and image.info["loop"] == 0
+        expected = [(0, 0, 255), (255, 255, 0), (255, 0, 255)]
+        for frame, colour in enumerate(expected):
+            image.seek(frame)
+            pixels = np.asarray(image.convert("RGB"))
+            assert count_colour(pixels, colour) == 2 * SAMPLE_SIDE * SAMPLE_SIDE
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [({}, "rows is empty"),
+     ({"a": torch.zeros(2, 3, 16, 16), "b": torch.zeros(3, 3, 16, 16)}, "same shape"),
+     ({"a": torch.zeros(2, 4, 16, 16)}, r"\[T, 3, H, W\]")],
+)
+def test_sample_pictures_reject_bad_videos(tmp_path, rows, message):
+    with pytest.raises(ValueError, match=message):
+        draw_sample_grid(rows, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=message):
+        draw_sample_gif(rows, tmp_path / "bad.gif")
