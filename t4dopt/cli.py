@@ -57,16 +57,13 @@ def _mask(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPORT_FORMATS = {"onnx": "custom", "onnx-portable": "portable"}
+ONNX_OPS = {"onnx": "custom", "onnx-portable": "portable"}
+EXPORT_FORMATS = (*ONNX_OPS, "aoti")
 EXPORT_TOLERANCE = 1e-4
 
 
-def _export(args: argparse.Namespace) -> int:
-    try:
-        from t4dopt.export import export_onnx, runtime
-    except ImportError as error:
-        print(f"t4dopt export: {error}; install the onnx extra: pip install 't4dopt[onnx]'", file=sys.stderr)
-        return 2
+def _reference_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], dict]:
+    """The reference Sculpt4DDiT of `args`, its inputs and the turbo4d options for it."""
     from t4dopt.models import CONFIGS, Sculpt4DDiT, make_inputs
 
     name = args.config or "tiny"
@@ -79,19 +76,44 @@ def _export(args: argparse.Namespace) -> int:
     inputs = (noise, torch.full((noise.shape[0],), 0.5), cond)
     sparse = {"policy": args.policy, **({"block_size": args.block_size} if args.block_size else {})}
     options = {"layout": {"frames": config.frames, "tokens_per_frame": config.tokens_per_frame}, "sparse": sparse}
-    result = export_onnx(model, inputs, args.out, options=options, ops=EXPORT_FORMATS[args.format], progress=print)
+    return model, inputs, options
 
-    print("checking: onnxruntime (CPU) against the eager turbo4d model on the same inputs")
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from t4dopt.export import export_aoti, export_onnx, runtime
+        from t4dopt.export.aoti_export import run_in_fresh_process
+    except ImportError as error:
+        print(f"t4dopt export: {error}; install the onnx extra: pip install 't4dopt[onnx]'", file=sys.stderr)
+        return 2
+
+    model, inputs, options = _reference_model(args)
+    out = args.out or ("model.pt2" if args.format == "aoti" else "model.onnx")
+    if args.format == "aoti":
+        result = export_aoti(model, inputs, out, options=options, progress=print)
+        runtime_name, description = "aoti", "AOTInductor .pt2 package, t4d op kept"
+        details = f"{result.t4d_nodes} t4d nodes"
+        print("checking: the package, loaded in a fresh process (CPU), against the eager turbo4d model")
+        got = run_in_fresh_process(result.path, inputs)
+    else:
+        result = export_onnx(model, inputs, out, options=options, ops=ONNX_OPS[args.format], progress=print)
+        runtime_name = "ort"
+        description = "t4d custom domain" if result.ops == "custom" else "standard ONNX ops only"
+        details = f"{result.onnx_nodes} nodes"
+        print("checking: onnxruntime (CPU) against the eager turbo4d model on the same inputs")
+        got = torch.from_numpy(runtime.run(result.path, inputs)[0])
+
     compiled = torch.compile(model, backend="turbo4d", options={**options, "target": "eager"})
     with torch.no_grad():
         expected = compiled(*inputs)
-    difference = float(abs(runtime.run(result.path, inputs)[0] - expected.numpy()).max())
+    difference = float((got - expected).abs().max())
     passed = difference <= EXPORT_TOLERANCE
+    label = f"max |{runtime_name} - eager|"
     print(f"\nsummary\n"
-          f"  format            {args.format} ({'t4d custom domain' if result.ops == 'custom' else 'standard ONNX ops only'})\n"
+          f"  format            {args.format} ({description})\n"
           f"  attention sites   {len(result.sites)} found, {result.sites_rewritten} rewritten to block-sparse\n"
-          f"  file              {result.path}: {result.file_bytes / 2**20:.2f} MiB, {result.onnx_nodes} nodes\n"
-          f"  max |ort - eager| {difference:.2e} ({'within' if passed else 'OVER'} {EXPORT_TOLERANCE:.0e})")
+          f"  file              {result.path}: {result.file_bytes / 2**20:.2f} MiB, {details}\n"
+          f"  {label:<17} {difference:.2e} ({'within' if passed else 'OVER'} {EXPORT_TOLERANCE:.0e})")
     return 0 if passed else 1
 
 
@@ -121,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export the reference 4D DiT, attention block-sparse, and check it")
     _layout_arguments(export)
     export.add_argument("--format", default="onnx", choices=sorted(EXPORT_FORMATS),
-                        help="onnx: t4d custom-domain nodes; onnx-portable: standard ONNX ops only")
-    export.add_argument("--out", default="model.onnx")
+                        help="onnx: t4d custom-domain nodes; onnx-portable: standard ONNX ops only; "
+                             "aoti: AOTInductor .pt2 package keeping the t4d op")
+    export.add_argument("--out", help="output file (default: model.onnx, or model.pt2 for aoti)")
     export.set_defaults(run=_export)
     return parser
 

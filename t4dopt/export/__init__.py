@@ -3,8 +3,10 @@
 Needs the ``onnx`` extra (onnx, onnxscript, onnxruntime, onnxruntime-extensions).
 """
 
+from t4dopt.export.aoti_export import AotiResult, export_aoti, load_aoti
 from t4dopt.export.onnx_export import OPS, ExportResult, export_onnx
 
 onnx = export_onnx
+aoti = export_aoti
 
-__all__ = ["OPS", "ExportResult", "export_onnx", "onnx"]
+__all__ = ["OPS", "AotiResult", "ExportResult", "aoti", "export_aoti", "export_onnx", "load_aoti", "onnx"]

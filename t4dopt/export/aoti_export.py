@@ -1,0 +1,131 @@
+"""`export_aoti` (``t4dopt.export.aoti``): a model with its joint attention made block-sparse, as an
+AOTInductor ``.pt2`` package.
+
+1. Capture the model as one torch-level FX graph and rewrite it with the turbo4d passes
+   (`capture`), exactly as ``backend="turbo4d"`` would.
+2. ``torch.export.export`` the rewritten module; each rewritten site stays one
+   ``torch.ops.t4d.block_sparse_attention`` node (its fake implementation makes it opaque).
+3. ``torch._inductor.aoti_compile_and_package``: Inductor compiles the rest to C++, and the
+   package calls our op through AOTInductor's proxy executor, which dispatches it by name.
+
+So the process that runs the package must have the op registered: `load_aoti` imports
+``t4dopt.ops`` before ``torch._inductor.aoti_load_package``. `run_in_fresh_process` runs a
+package the way a deployment would: in a new Python process that only loads it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t4dopt.export.capture import capture_rewritten
+from t4dopt.options import Options, parse_options
+from t4dopt.report import Report, SiteReport
+
+import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
+
+T4D_OP = torch.ops.t4d.block_sparse_attention.default
+
+_RUN_PACKAGE = """
+import sys
+import torch
+from t4dopt.export import load_aoti
+
+package, inputs, output = sys.argv[1:]
+with torch.no_grad():
+    torch.save(load_aoti(package)(*torch.load(inputs)), output)
+"""
+
+
+@dataclass(frozen=True)
+class AotiResult:
+    """What `export_aoti` wrote and what it rewrote on the way."""
+
+    path: Path
+    sites: list[SiteReport]
+    t4d_nodes: int
+    """``t4d.block_sparse_attention`` nodes of the exported program's graph."""
+
+    @property
+    def sites_rewritten(self) -> int:
+        return sum(1 for site in self.sites if site.action == "sparse")
+
+    @property
+    def file_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def count_t4d_nodes(program: torch.export.ExportedProgram) -> int:
+    """``t4d.block_sparse_attention`` calls in `program`'s graph."""
+    return sum(1 for node in program.graph.nodes if node.op == "call_function" and node.target is T4D_OP)
+
+
+def export_aoti(
+    model: torch.nn.Module,
+    args: Sequence[Any] | torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    options: Mapping[str, Any] | Options | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> AotiResult:
+    """Compile `model` (called as ``model(*args)``) ahead of time to a ``.pt2`` package at `path`.
+
+    `options` are the turbo4d backend options (``layout``, ``sparse``, ``strict``; ``target`` and
+    ``verify`` do not apply). The package takes inputs of the shapes, dtypes and device of
+    `args`; run it with `load_aoti`. `progress` is called with a line per step.
+    """
+    opts = parse_options(options)
+    args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+    say = progress or (lambda line: None)
+
+    say(f"capturing {type(model).__name__} and rewriting its attention (turbo4d passes)")
+    with torch.no_grad():
+        gm, decisions = capture_rewritten(model, args, opts)
+    report = Report()
+    report.add_graph(decisions)
+    sites = report.sites
+    rewritten = sum(1 for site in sites if site.action == "sparse")
+    say(f"{rewritten} of {len(sites)} attention sites rewritten to block-sparse attention")
+
+    say("exporting with torch.export")
+    with torch.no_grad():
+        program = torch.export.export(gm, args)
+    t4d_nodes = count_t4d_nodes(program)
+    if t4d_nodes != rewritten:
+        raise RuntimeError(f"t4dopt.export.aoti: torch.export kept {t4d_nodes} t4d.block_sparse_attention "
+                           f"nodes of the {rewritten} rewritten sites")
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    say("compiling with AOTInductor (C++; this takes a while)")
+    torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path))
+    result = AotiResult(path, sites, t4d_nodes)
+    say(f"wrote {path} ({result.file_bytes / 2**20:.2f} MiB, {t4d_nodes} t4d nodes)")
+    return result
+
+
+def load_aoti(path: str | os.PathLike) -> Callable[..., Any]:
+    """The compiled model in the ``.pt2`` package at `path`, callable on tensors like the original.
+
+    This module imports ``t4dopt.ops`` first, so the op the package calls by name is registered.
+    Load packages in a process that did not compile one: on torch 2.13 (CPU), a package loaded in
+    the process that ran `export_aoti` sometimes hands the op garbage block-table tensors.
+    """
+    return torch._inductor.aoti_load_package(os.fspath(path))
+
+
+def run_in_fresh_process(path: str | os.PathLike, args: Sequence[torch.Tensor]) -> Any:
+    """The outputs of the package at `path` on `args`, loaded and run by `load_aoti` in a new Python process."""
+    with tempfile.TemporaryDirectory(prefix="t4dopt-aoti-") as folder:
+        inputs, output = os.path.join(folder, "inputs.pt"), os.path.join(folder, "output.pt")
+        torch.save(tuple(args), inputs)
+        subprocess.run([sys.executable, "-c", _RUN_PACKAGE, os.fspath(path), inputs, output], check=True)
+        return torch.load(output)
