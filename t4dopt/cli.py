@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=4)
     demo.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     demo.add_argument("--target", default="inductor", choices=["inductor", "eager"])
-    demo.add_argument("--out", default="t4dopt-demo", help="folder for the mask PNG")
+    demo.add_argument("--out", default="t4dopt-demo", help="folder for the mask and sample pictures")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 

@@ -67,7 +67,7 @@ class JointVideoAttention(nn.Module):
 def dense_reference(model: JointVideoAttention, x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """The same model with its joint attention computed in float64 under an explicit boolean mask."""
     b, f, p, c = x.shape
-    h, d = model.heads, c // model.heads
+    d = c // model.heads
     q, k, v = model._heads(model.spatial(x.reshape(b * f, p, c)))
     x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, f, p, c)
     tokens = x.reshape(b, f * p, c)

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from t4dopt.export.capture import capture_rewritten
-from t4dopt.options import Options, parse_options
-from t4dopt.report import Report, SiteReport
+from t4dopt.export.capture import capture_for_export
+from t4dopt.options import Options
+from t4dopt.report import SiteReport
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
 
@@ -82,23 +82,14 @@ def export_aoti(
     ``verify`` do not apply). The package takes inputs of the shapes, dtypes and device of
     `args`; run it with `load_aoti`. `progress` is called with a line per step.
     """
-    opts = parse_options(options)
-    args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
     say = progress or (lambda line: None)
-
-    say(f"capturing {type(model).__name__} and rewriting its attention (turbo4d passes)")
-    with torch.no_grad():
-        gm, decisions = capture_rewritten(model, args, opts)
-    report = Report()
-    report.add_graph(decisions)
-    sites = report.sites
-    rewritten = sum(1 for site in sites if site.action == "sparse")
-    say(f"{rewritten} of {len(sites)} attention sites rewritten to block-sparse attention")
+    gm, args, _, sites = capture_for_export(model, args, options, say)
 
     say("exporting with torch.export")
     with torch.no_grad():
         program = torch.export.export(gm, args)
     t4d_nodes = count_t4d_nodes(program)
+    rewritten = sum(1 for site in sites if site.action == "sparse")
     if t4d_nodes != rewritten:
         raise RuntimeError(f"t4dopt.export.aoti: torch.export kept {t4d_nodes} t4d.block_sparse_attention "
                            f"nodes of the {rewritten} rewritten sites")

@@ -9,7 +9,7 @@ The rewritten module is then an ordinary ``nn.Module`` that ``torch.onnx.export`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,8 +17,9 @@ import torch.fx as fx
 
 from t4dopt.backend import warn_or_raise
 from t4dopt.errors import T4DUnsupportedError
-from t4dopt.options import Options
+from t4dopt.options import Options, parse_options
 from t4dopt.passes import run_passes
+from t4dopt.report import Report, SiteReport
 from t4dopt.sites import SiteDecision
 
 
@@ -37,3 +38,18 @@ def capture_rewritten(model: torch.nn.Module, args: Sequence[Any],
     decisions = run_passes(gm, options)
     warn_or_raise(decisions, options)
     return gm, decisions
+
+
+def capture_for_export(model: torch.nn.Module, args: Any, options: Mapping[str, Any] | Options | None,
+                       say: Callable[[str], None],
+                       ) -> tuple[fx.GraphModule, tuple, list[SiteDecision], list[SiteReport]]:
+    """Parse `options`, capture and rewrite `model` on `args` (a tensor or a sequence), report the sites."""
+    args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+    say(f"capturing {type(model).__name__} and rewriting its attention (turbo4d passes)")
+    with torch.no_grad():
+        gm, decisions = capture_rewritten(model, args, parse_options(options))
+    report = Report()
+    report.add_graph(decisions)
+    rewritten = sum(1 for site in report.sites if site.action == "sparse")
+    say(f"{rewritten} of {len(report.sites)} attention sites rewritten to block-sparse attention")
+    return gm, args, decisions, report.sites

@@ -22,10 +22,10 @@ import torch
 
 from t4dopt.errors import T4DOptionError
 from t4dopt.export import custom_domain
-from t4dopt.export.capture import capture_rewritten
+from t4dopt.export.capture import capture_for_export
 from t4dopt.export.portable import make_portable
-from t4dopt.options import Options, parse_options
-from t4dopt.report import Report, SiteReport
+from t4dopt.options import Options
+from t4dopt.report import SiteReport
 
 OPS = ("custom", "portable")
 OPSET_VERSION = 20
@@ -78,18 +78,8 @@ def export_onnx(
     ONNX ops only, still computing only the kept blocks. `progress` is called with a line per step.
     """
     _check_ops(ops)
-    opts = parse_options(options)
-    args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
     say = progress or (lambda line: None)
-
-    say(f"capturing {type(model).__name__} and rewriting its attention (turbo4d passes)")
-    with torch.no_grad():
-        gm, decisions = capture_rewritten(model, args, opts)
-    report = Report()
-    report.add_graph(decisions)
-    sites = report.sites
-    rewritten = sum(1 for site in sites if site.action == "sparse")
-    say(f"{rewritten} of {len(sites)} attention sites rewritten to block-sparse attention")
+    gm, args, decisions, sites = capture_for_export(model, args, options, say)
 
     if ops == "portable":
         make_portable(gm)
