@@ -28,13 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from t4dopt import explain
 from t4dopt.data import from_tokens
 from t4dopt.data.tasks import EVAL_SEED, scene_batch
 from t4dopt.models import pretrained, sample_flow_matching
 from t4dopt.models.joint_mask import set_joint_mask
+from t4dopt.quality import psnr, relative_l2, ssim
 
 FRAMES, TOKENS_PER_FRAME, IMAGE_SIZE, BLOCK_SIZE = 8, 64, 16, 16
 LAYOUT = {"frames": FRAMES, "tokens_per_frame": TOKENS_PER_FRAME}
@@ -73,40 +73,6 @@ class Row:
     attention_mflop: float
     flops_share: float
     step_ms: float
-
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1] (peak 1), over the whole batch."""
-    mse = float(((images.double() - reference.double()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
-
-
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).view(1, 1, size, size)
-
-
-def ssim(images: torch.Tensor, reference: torch.Tensor, *, window: int = 7, sigma: float = 1.5) -> float:
-    """Mean SSIM of images [..., C, H, W] in [0, 1], gaussian window, valid positions only.
-
-    A 7-pixel window rather than the usual 11 because the frames are 16 x 16.
-    """
-    x = images.double().reshape(-1, 1, *images.shape[-2:])
-    y = reference.double().reshape(-1, 1, *reference.shape[-2:])
-    kernel = _gaussian_window(window, sigma)
-    mu_x, mu_y = F.conv2d(x, kernel), F.conv2d(y, kernel)
-    var_x = F.conv2d(x * x, kernel) - mu_x ** 2
-    var_y = F.conv2d(y * y, kernel) - mu_y ** 2
-    cov = F.conv2d(x * y, kernel) - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return float(ssim_map.mean())
-
-
-def relative_l2(images: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((images.double() - reference.double()).norm() / reference.double().norm())
 
 
 def inputs(seeds: int, *, noise_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +146,7 @@ def measure(seeds: int, steps: int) -> list[Row]:
         images = to_images(sample)
         reference = images if reference is None else reference
         flops, share = attention_flops(method, module, noise, cond)
-        rows.append(Row(method, psnr(images, reference), ssim(images, reference), relative_l2(images, reference),
+        rows.append(Row(method, psnr(images, reference, peak=1.0), ssim(images, reference), relative_l2(images, reference),
                         flops / 1e6, share, step_ms))
     return rows
 

@@ -23,6 +23,7 @@ from t4dopt.explain import explain
 from t4dopt import masks
 from t4dopt.models import CONFIGS, Sculpt4DDiT, make_inputs, pretrained, sample_flow_matching
 from t4dopt.plotting import draw_block_mask, draw_sample_gif, draw_sample_grid
+from t4dopt.quality import psnr, relative_l2
 from t4dopt.report import Report
 
 CPU_DEMO = {"hidden": 128, "heads": 2, "depth": 2, "frames": 16, "tokens_per_frame": 512}
@@ -62,21 +63,6 @@ def _step_times(model: Callable, noise: torch.Tensor, cond: torch.Tensor, steps:
     with torch.no_grad():
         sample = sample_flow_matching(model, noise, cond, steps=steps, callback=on_step)
     return sample, times
-
-
-def _compare(sample: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    sample, reference = sample.double(), reference.double()
-    relative_l2 = float((sample - reference).norm() / reference.norm())
-    peak = float(reference.abs().max())
-    mse = float(((sample - reference) ** 2).mean())
-    psnr = 10 * torch.log10(torch.tensor(peak ** 2 / max(mse, 1e-30))).item()
-    return relative_l2, psnr
-
-
-def _image_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = float(((images.double() - reference.double()) ** 2).mean())
-    return 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-30))).item()
 
 
 def _trained_samples(policy: str, seed: int) -> dict[str, torch.Tensor]:
@@ -152,7 +138,7 @@ def run_demo(
     dense_sample, dense_times = _step_times(dense, noise, cond, steps)
     sparse_sample, sparse_times = _step_times(sparse, noise, cond, steps)
     dense_ms, sparse_ms = 1e3 * statistics.median(dense_times), 1e3 * statistics.median(sparse_times)
-    relative_l2, psnr = _compare(sparse_sample, dense_sample)
+    l2, psnr_db = relative_l2(sparse_sample, dense_sample), psnr(sparse_sample, dense_sample)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,15 +147,15 @@ def run_demo(
                                blocks_per_frame=-(-cfg.tokens_per_frame // block_size))
     log(f"time per denoising step: dense {dense_ms:.1f} ms, turbo4d {sparse_ms:.1f} ms "
         f"-> {dense_ms / sparse_ms:.2f}x (attention FLOPs saved: {100 * report.flops_saved:.0f}%)")
-    log(f"sparse sample vs dense sample: relative L2 {relative_l2:.3e}, PSNR {psnr:.1f} dB "
+    log(f"sparse sample vs dense sample: relative L2 {l2:.3e}, PSNR {psnr_db:.1f} dB "
         f"(a training-free approximation on random weights; models trained with the mask are exact)")
     log(f"mask drawn to {mask_png}")
 
     samples = _trained_samples(policy, seed)
     dense_frames, sparse_frames = samples["dense"], samples[f"turbo4d {policy}"]
-    trained_psnr = _image_psnr(sparse_frames, dense_frames)
+    trained_psnr = psnr(sparse_frames, dense_frames, peak=2.0)
     samples_png = draw_sample_grid(samples, out_dir / "samples.png")
     samples_gif = draw_sample_gif(samples, out_dir / "samples.gif")
     log(f"trained joint-tiny, {TRAINED_STEPS} steps, seed {seed}: turbo4d {policy} (blocks of {TRAINED_BLOCK_SIZE}) "
         f"vs dense frames PSNR {trained_psnr:.1f} dB; drawn to {samples_png} and {samples_gif}")
-    return DemoResult(report, dense_ms, sparse_ms, relative_l2, psnr, mask_png, trained_psnr, samples_png, samples_gif)
+    return DemoResult(report, dense_ms, sparse_ms, l2, psnr_db, mask_png, trained_psnr, samples_png, samples_gif)
