@@ -51,6 +51,11 @@ class SiteReport:
         )
 
 
+def count_rewritten(sites: list[SiteReport]) -> int:
+    """How many of `sites` were rewritten to block-sparse attention."""
+    return sum(1 for site in sites if site.action == "sparse")
+
+
 def _gflops(value: float) -> str:
     return f"{value / 1e9:.3g}"
 
@@ -97,7 +102,7 @@ class Report:
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(header) - 1)]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths)) + "  " + str(r[-1]) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 3)
-        sparse = sum(1 for s in self.sites if s.action == "sparse")
+        sparse = count_rewritten(self.sites)
         lines.append("")
         lines.append(
             f"{len(self.sites)} attention sites, {sparse} made sparse; attention FLOPs "

@@ -28,7 +28,7 @@ import torch
 
 from t4dopt.export.capture import capture_for_export
 from t4dopt.options import Options
-from t4dopt.report import SiteReport
+from t4dopt.report import SiteReport, count_rewritten
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
 
@@ -56,7 +56,7 @@ class AotiResult:
 
     @property
     def sites_rewritten(self) -> int:
-        return sum(1 for site in self.sites if site.action == "sparse")
+        return count_rewritten(self.sites)
 
     @property
     def file_bytes(self) -> int:
@@ -89,7 +89,7 @@ def export_aoti(
     with torch.no_grad():
         program = torch.export.export(gm, args)
     t4d_nodes = count_t4d_nodes(program)
-    rewritten = sum(1 for site in sites if site.action == "sparse")
+    rewritten = count_rewritten(sites)
     if t4d_nodes != rewritten:
         raise RuntimeError(f"t4dopt.export.aoti: torch.export kept {t4d_nodes} t4d.block_sparse_attention "
                            f"nodes of the {rewritten} rewritten sites")

@@ -19,7 +19,7 @@ from t4dopt.backend import warn_or_raise
 from t4dopt.errors import T4DUnsupportedError
 from t4dopt.options import Options, parse_options
 from t4dopt.passes import run_passes
-from t4dopt.report import Report, SiteReport
+from t4dopt.report import Report, SiteReport, count_rewritten
 from t4dopt.sites import SiteDecision
 
 
@@ -50,6 +50,6 @@ def capture_for_export(model: torch.nn.Module, args: Any, options: Mapping[str, 
         gm, decisions = capture_rewritten(model, args, parse_options(options))
     report = Report()
     report.add_graph(decisions)
-    rewritten = sum(1 for site in report.sites if site.action == "sparse")
+    rewritten = count_rewritten(report.sites)
     say(f"{rewritten} of {len(report.sites)} attention sites rewritten to block-sparse attention")
     return gm, args, decisions, report.sites

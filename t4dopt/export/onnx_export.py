@@ -25,7 +25,7 @@ from t4dopt.export import custom_domain
 from t4dopt.export.capture import capture_for_export
 from t4dopt.export.portable import make_portable
 from t4dopt.options import Options
-from t4dopt.report import SiteReport
+from t4dopt.report import SiteReport, count_rewritten
 
 OPS = ("custom", "portable")
 OPSET_VERSION = 20
@@ -44,7 +44,7 @@ class ExportResult:
 
     @property
     def sites_rewritten(self) -> int:
-        return sum(1 for site in self.sites if site.action == "sparse")
+        return count_rewritten(self.sites)
 
     @property
     def file_bytes(self) -> int:
