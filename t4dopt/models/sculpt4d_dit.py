@@ -69,7 +69,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention; keys from `context` if given."""
+    """Multi-head attention through F.scaled_dot_product_attention; keys from `context` if given.
+
+    ``attn_mask`` (a non-persistent buffer, None by default) is handed to SDPA: a bool [N, N]
+    mask restricts self-attention the way Sculpt4D trains its joint attention.
+    """
 
     def __init__(self, hidden: int, heads: int, context_dim: int | None = None):
         super().__init__()
@@ -79,6 +83,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.q_norm = nn.LayerNorm(hidden // heads, elementwise_affine=False)
         self.k_norm = nn.LayerNorm(hidden // heads, elementwise_affine=False)
+        self.register_buffer("attn_mask", None, persistent=False)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -93,7 +98,10 @@ class Attention(nn.Module):
             cos, sin = rope
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.attn_mask is not None and self.attn_mask.shape[-2:] != (q.shape[-2], k.shape[-2]):
+            raise ValueError(f"attention mask is for {list(self.attn_mask.shape)} tokens, "
+                             f"got {q.shape[-2]} queries and {k.shape[-2]} keys")
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_mask)
         return self.out(out.transpose(1, 2).reshape(x.shape))
 
 
