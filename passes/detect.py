@@ -61,7 +61,7 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def _module_path(node: fx.Node) -> str:
+def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
@@ -88,7 +88,7 @@ def _sdpa_site(node: fx.Node) -> AttentionSite | None:
         is_causal=bool(values["is_causal"]),
         dropout_p=float(values["dropout_p"] or 0.0),
         enable_gqa=bool(values["enable_gqa"]),
-        module_path=_module_path(node),
+        module_path=module_path(node),
     )
 
 
@@ -285,7 +285,7 @@ def _handwritten_site(softmax: fx.Node) -> AttentionSite | None:
         nodes=nodes, query_shape=shapes[0], key_shape=shapes[1], value_shape=shapes[2],
         dtype=str(dtype_of(q)).replace("torch.", ""),
         scale=scale * alpha, attn_mask=mask, key_transposed=key_transposed,
-        module_path=_module_path(product),
+        module_path=module_path(product),
     )
 
 

@@ -66,6 +66,7 @@ def _rewrite_site(gm: fx.GraphModule, index: int, decision: SiteDecision, refere
         if len(site.query_shape) != 4:
             out = graph.call_method("reshape", (out, *site.query_shape[:-1], site.value_shape[-1]))
     site.output.replace_all_uses_with(out)
+    decision.rewritten_output = out
     for node in reversed(site.nodes):
         if not node.users:
             graph.erase_node(node)

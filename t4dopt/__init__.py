@@ -1,12 +1,15 @@
 """t4dopt: a torch.compile backend (``backend="turbo4d"``) for video and 4D diffusion transformers.
 
-It finds the attention in a model's graph, works out which axes each attention mixes, and
-rewrites joint spatio-temporal attention into Sculpt4D-style block-sparse attention.
+It finds the attention in a model's graph, works out which axes each attention mixes,
+rewrites joint spatio-temporal attention into Sculpt4D-style block-sparse attention, and
+(``options={"cache": {...}}``) reuses sublayers across denoising steps after Turbo4DGen.
 """
 
 from t4dopt import masks
 from t4dopt.backend import turbo4d
 from t4dopt.block_layout import BlockLayout
+from t4dopt.cache import CacheReport, cache_report, reset
+from t4dopt.calibrate import Calibration, calibrate
 from t4dopt.errors import T4DOptionError, T4DUnsupportedError, T4DVerifyError, T4DWarning
 from t4dopt.explain import explain
 from t4dopt.ops import block_sparse_attention
@@ -16,6 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockLayout",
+    "CacheReport",
+    "Calibration",
     "Report",
     "SiteReport",
     "T4DOptionError",
@@ -23,7 +28,10 @@ __all__ = [
     "T4DVerifyError",
     "T4DWarning",
     "block_sparse_attention",
+    "cache_report",
+    "calibrate",
     "explain",
     "masks",
+    "reset",
     "turbo4d",
 ]

@@ -33,6 +33,29 @@ def _lower(gm: fx.GraphModule, example_inputs: list[Any], target: str) -> Callab
     return compile_fx(gm, example_inputs)
 
 
+def _segment_lowering(target: str) -> Callable[[fx.GraphModule, list[Any]], Callable]:
+    """How the cache runtime lowers each segment: Inductor outside dynamo, or the segment itself."""
+    if target == "eager":
+        return lambda gm, example_inputs: gm
+    from torch._inductor import compile as inductor_compile
+
+    return inductor_compile
+
+
+def _with_cache(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[SiteDecision],
+                options: Options) -> Callable | None:
+    """The cache runtime for `gm`, or None (after a warning, or an error with strict) when nothing can be cached."""
+    from t4dopt.cache.build import build_runtime
+
+    runtime, plan = build_runtime(gm, example_inputs, decisions, options.cache, _segment_lowering(options.target))
+    if runtime is None and decisions:
+        message = f"turbo4d cache: graph left uncached: {plan.reason}"
+        if options.strict:
+            raise T4DUnsupportedError(message + " (strict=True)")
+        warnings.warn(message, T4DWarning, stacklevel=2)
+    return runtime
+
+
 def warn_or_raise(decisions: list[SiteDecision], options: Options) -> None:
     """Warn about each site left dense for a reason the user can fix; with ``strict=True``, raise."""
     for decision in decisions:
@@ -82,7 +105,9 @@ def turbo4d(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str,
     decisions = run_passes(gm, opts)
     report.publish(decisions)
     warn_or_raise(decisions, opts)
-    compiled = _lower(gm, example_inputs, opts.target)
+    compiled = _with_cache(gm, example_inputs, decisions, opts) if opts.cache is not None else None
+    if compiled is None:
+        compiled = _lower(gm, example_inputs, opts.target)
     if reference is not None and any(d.action == "sparse" for d in decisions):
         run_passes(reference, opts, reference=True)
         return _verified(compiled, reference)

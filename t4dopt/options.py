@@ -15,7 +15,9 @@ from t4dopt.errors import T4DOptionError
 
 TARGETS = ("inductor", "eager")
 LAYOUT_KEYS = ("frames", "views", "tokens_per_frame", "prefix_tokens", "height", "width")
-TOP_LEVEL_KEYS = ("layout", "sparse", "target", "strict", "verify")
+TOP_LEVEL_KEYS = ("layout", "sparse", "cache", "target", "strict", "verify")
+CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps")
+CACHE_LEVELS = ("block", "token", "chain")
 DEFAULT_POLICY = "sculpt4d"
 
 
@@ -44,9 +46,28 @@ class SparseSpec:
 
 
 @dataclass(frozen=True)
+class CacheSpec:
+    """Reuse across denoising steps (Turbo4DGen); see the README's cache section for each field.
+
+    ``threshold`` is the relative L1 drift of a unit's input since it was last computed below
+    which its output is reused (0: never reuse). ``steps`` is the sampling loop's length; only
+    with it can the ``final`` steps be recognised.
+    """
+
+    threshold: float = 0.05
+    warmup: int = 2
+    final: int = 1
+    max_reuse: int = 4
+    token_ratio: float = 0.25
+    levels: tuple[str, ...] = CACHE_LEVELS
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
 class Options:
     layout: LayoutHints = LayoutHints()
     sparse: SparseSpec | None = None
+    cache: CacheSpec | None = None
     target: str = "inductor"
     strict: bool = False
     verify: bool = False
@@ -117,6 +138,41 @@ def _parse_sparse(value: Any) -> SparseSpec | None:
     return spec
 
 
+def _count(option: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(option, value, f"an integer >= {minimum}")
+    return value
+
+
+def _parse_cache(value: Any) -> CacheSpec | None:
+    if value is None or value is False:
+        return None
+    if isinstance(value, CacheSpec):
+        return value
+    if value is True:
+        return CacheSpec()
+    _check_dict("cache", value, CACHE_KEYS, lambda key: f"cache[{key!r}]")
+    fields = dict(value)
+    threshold = fields.get("threshold", CacheSpec.threshold)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < float("inf"):
+        raise _fail("cache['threshold']", threshold, "a number >= 0 (0 never reuses)")
+    fields["threshold"] = float(threshold)
+    for key, minimum in (("warmup", 0), ("final", 0), ("max_reuse", 1)):
+        if key in fields:
+            _count(f"cache[{key!r}]", fields[key], minimum)
+    ratio = fields.get("token_ratio", CacheSpec.token_ratio)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise _fail("cache['token_ratio']", ratio, "a number in (0, 1]: the share of rows recomputed")
+    fields["token_ratio"] = float(ratio)
+    levels = fields.get("levels", CACHE_LEVELS)
+    if not isinstance(levels, (list, tuple, set, frozenset)) or not all(isinstance(level, str) and level in CACHE_LEVELS for level in levels):
+        raise _fail("cache['levels']", levels, f"a list drawn from {list(CACHE_LEVELS)}")
+    fields["levels"] = tuple(level for level in CACHE_LEVELS if level in levels)
+    if fields.get("steps") is not None:
+        _count("cache['steps']", fields["steps"], 1)
+    return CacheSpec(**fields)
+
+
 def _parse_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _fail(name, value, "True or False")
@@ -136,6 +192,7 @@ def parse_options(options: Mapping[str, Any] | Options | None) -> Options:
     return Options(
         layout=_parse_layout(options.get("layout")),
         sparse=_parse_sparse(options.get("sparse")),
+        cache=_parse_cache(options.get("cache")),
         target=target,
         strict=_parse_flag("strict", options.get("strict", False)),
         verify=_parse_flag("verify", options.get("verify", False)),

@@ -96,6 +96,8 @@ class SiteDecision:
     block_layout: BlockLayout | None = None
     warn: bool = False
     notes: list[str] = field(default_factory=list)
+    rewritten_output: fx.Node | None = None
+    """The node computing the attention after the rewrite, when the rewrite replaced the site's nodes."""
 
     @property
     def density(self) -> float:

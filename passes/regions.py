@@ -1,0 +1,254 @@
+"""Find the cacheable regions of a graph: attention sublayers on the residual stream, and S->C->M chains.
+
+A transformer carries one hidden-state stream through residual additions ``h = h + f(h)``. In
+the FX graph, the values every path from the stream input to the output passes through are
+the dominators of the output node (networkx, over the subgraph reachable from the stream
+input). Between two consecutive ones lies a single-entry single-exit region: everything it
+computes from the stream enters through its entry and leaves through its exit. Values that
+do not depend on the stream (timestep embedding, modulation, conditioning projections,
+parameters) are *lateral*: they can be computed before any region.
+
+A region that ends in a residual addition of its entry (``exit = entry + f(entry)``, casts
+allowed) and does real work (attention, a linear layer, a matmul or a convolution) is a cache
+*unit*: its exit can be rebuilt from a
+new entry and the residual ``exit - entry`` stored when it was last computed. Adjacent units whose
+attention mixes space, then views, then time form a *chain* that can be skipped as a whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import operator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .detect import CAST_METHODS, module_path
+from t4dopt.sites import SiteDecision, SiteKind
+
+CHAIN_ORDER = (SiteKind.SPATIAL.value, SiteKind.VIEW.value, SiteKind.TEMPORAL.value)
+TOKEN_KINDS = (SiteKind.VIEW, SiteKind.TEMPORAL)
+WORK_FUNCTIONS = {F.linear, torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, torch.einsum, F.conv1d, F.conv2d,
+                  F.conv3d, F.scaled_dot_product_attention}
+
+
+@dataclass
+class CacheUnit:
+    """One residual sublayer: the nodes between `entry` and `exit` (exit included), graph order.
+
+    ``sites`` are its attention sites (none for an MLP); ``module`` the module path of its work.
+
+    ``token_site`` is set when the token level can prune it: camera or temporal attention as
+    one SDPA call over [sequences, heads, L, D], no mask, so each sequence is an independent row.
+    """
+
+    index: int
+    entry: fx.Node
+    exit: fx.Node
+    nodes: list[fx.Node]
+    sites: list[SiteDecision]
+    module: str
+    token_site: SiteDecision | None = None
+
+    @property
+    def kind(self) -> str:
+        """The attention's kind ("spatial", "view", ...), "mixed" for several kinds, "other" without attention."""
+        kinds = {d.layout.kind.value for d in self.sites}
+        return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "other"
+
+    @property
+    def name(self) -> str:
+        return self.module or f"region@{self.exit.name}"
+
+
+@dataclass
+class CacheChain:
+    """Indices of adjacent units forming a spatial -> camera -> motion chain (or a sub-run of it)."""
+
+    units: tuple[int, ...]
+
+
+@dataclass
+class RegionPlan:
+    """The stream input, the nodes computed before any region, and the regions in order.
+
+    ``regions`` lists every region as (nodes, unit index or None); ``reason`` says why the plan
+    has no units when it has none.
+    """
+
+    stream_input: fx.Node | None
+    lateral: list[fx.Node] = field(default_factory=list)
+    regions: list[tuple[list[fx.Node], int | None]] = field(default_factory=list)
+    units: list[CacheUnit] = field(default_factory=list)
+    chains: list[CacheChain] = field(default_factory=list)
+    reason: str = ""
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _dataflow(graph: fx.Graph) -> nx.DiGraph:
+    flow = nx.DiGraph()
+    for node in graph.nodes:
+        flow.add_node(node)
+        for used in node.all_input_nodes:
+            flow.add_edge(used, node)
+    return flow
+
+
+def _stream_dominators(flow: nx.DiGraph, source: fx.Node, output: fx.Node) -> list[fx.Node]:
+    """Dominators of `output` in the subgraph reachable from `source`, from `source` to `output`."""
+    reachable = nx.descendants(flow, source)
+    if output not in reachable:
+        return []
+    dominators = nx.immediate_dominators(flow.subgraph(reachable | {source}), source)
+    chain = [output]
+    while chain[-1] is not source:
+        chain.append(dominators[chain[-1]])
+    return chain[::-1]
+
+
+def _candidate_inputs(graph: fx.Graph) -> list[fx.Node]:
+    """Placeholders that can carry the token stream: tensors of rank >= 3 that are not parameters."""
+    candidates = []
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        shape = _shape(node)
+        if shape is not None and len(shape) >= 3 and "_parameters_" not in node.name and "_buffers_" not in node.name:
+            candidates.append(node)
+    return candidates
+
+
+def _token_site(decisions: list[SiteDecision]) -> SiteDecision | None:
+    if len(decisions) != 1:
+        return None
+    decision = decisions[0]
+    site = decision.site
+    if (decision.layout.kind in TOKEN_KINDS and decision.action == "dense" and site.form == "sdpa"
+            and site.attn_mask is None and not site.dropout_p and len(site.query_shape) == 4
+            and site.query_shape[0] > 1 and site.key_shape[0] == site.query_shape[0]):
+        return decision
+    return None
+
+
+def _chains(units: list[CacheUnit]) -> list[CacheChain]:
+    chains: list[CacheChain] = []
+    run: list[CacheUnit] = []
+    for unit in units + [None]:
+        extends = (unit is not None and run and run[-1].exit is unit.entry and unit.kind in CHAIN_ORDER
+                   and run[-1].kind in CHAIN_ORDER and CHAIN_ORDER.index(unit.kind) > CHAIN_ORDER.index(run[-1].kind))
+        if extends:
+            run.append(unit)
+            continue
+        if len(run) >= 2:
+            chains.append(CacheChain(tuple(u.index for u in run)))
+        run = [unit] if unit is not None and unit.kind in CHAIN_ORDER else []
+    return chains
+
+
+def _strip_casts(node: object) -> object:
+    while isinstance(node, fx.Node) and (
+            (node.op == "call_method" and node.target in CAST_METHODS)
+            or (node.op == "call_function" and node.target in (torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as))):
+        node = node.args[0]
+    return node
+
+
+def _adds_entry(entry: fx.Node, exit_node: fx.Node) -> bool:
+    """Whether `exit_node` is ``entry + something`` up to dtype casts: a residual connection."""
+    core = _strip_casts(exit_node)
+    if not isinstance(core, fx.Node) or not (
+            (core.op == "call_function" and core.target in (operator.add, operator.iadd, torch.add))
+            or (core.op == "call_method" and core.target == "add")):
+        return False
+    return any(_strip_casts(arg) is _strip_casts(entry) for arg in core.args[:2])
+
+
+def _does_work(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in WORK_FUNCTIONS or node.target is operator.matmul
+    if node.op == "call_method":
+        return node.target in ("matmul", "bmm")
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+    return False
+
+
+def _common_module(nodes: list[fx.Node]) -> str:
+    """The longest module path shared by `nodes` (``blocks.0.mlp`` for the two linears of an MLP)."""
+    paths = [module_path(n).split(".") for n in nodes if module_path(n)]
+    if not paths:
+        return ""
+    common = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[str, torch.nn.Module]) -> RegionPlan:
+    """Split `graph` into lateral nodes and stream regions.
+
+    `decisions` are the graph's attention sites, `modules` its owner's submodules (for
+    ``call_module`` nodes).
+    """
+    output = next(node for node in graph.nodes if node.op == "output")
+    flow = _dataflow(graph)
+    best: tuple[int, fx.Node, list[fx.Node]] | None = None
+    for candidate in _candidate_inputs(graph):
+        dominators = _stream_dominators(flow, candidate, output)
+        # The token stream is the input with the most residual additions on its way to the output.
+        residuals = sum(_adds_entry(a, b) for a, b in zip(dominators, dominators[1:]))
+        if dominators and (best is None or residuals > best[0]):
+            best = (residuals, candidate, dominators)
+    if best is None:
+        return RegionPlan(None, reason="no tensor input of rank >= 3 reaches the output")
+    _, source, dominators = best
+    on_stream = nx.descendants(flow, source) | {source}
+    dominator_index = {node: index for index, node in enumerate(dominators)}
+    plan = RegionPlan(source)
+    members: list[list[fx.Node]] = [[] for _ in range(len(dominators) - 1)]
+    # level: index of the latest dominator a stream value depends on; a dominator exits the region before it.
+    level: dict[fx.Node, int] = {source: 0}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node not in on_stream:
+            plan.lateral.append(node)
+            continue
+        if node in dominator_index:
+            level[node] = dominator_index[node]
+            members[level[node] - 1].append(node)
+        else:
+            level[node] = max(level[used] for used in node.all_input_nodes if used in level)
+            members[level[node]].append(node)
+    attention_output = {_output_node(d): d for d in decisions}
+    for nodes in members:
+        region_index = len(plan.regions)
+        entry, exit_node = dominators[region_index], dominators[region_index + 1]
+        sites = [attention_output[n] for n in nodes if n in attention_output]
+        work = [n for n in nodes if n in attention_output or _does_work(n, modules)]
+        inside = set(nodes)
+        if (not work or exit_node is output or _shape(entry) != _shape(exit_node) or not _adds_entry(entry, exit_node)
+                or any(user not in inside for node in nodes[:-1] for user in node.users)):
+            plan.regions.append((nodes, None))
+            continue
+        index = len(plan.units)
+        unit = CacheUnit(index, entry, exit_node, nodes, sites, _common_module(work), _token_site(sites))
+        plan.units.append(unit)
+        plan.regions.append((nodes, index))
+    if not plan.units:
+        plan.reason = "no residual sublayer (single-entry single-exit region of the stream) found"
+    plan.chains = _chains(plan.units)
+    return plan
+
+
+def _output_node(decision: SiteDecision) -> fx.Node:
+    return decision.rewritten_output or decision.site.output

@@ -1,0 +1,61 @@
+"""Find the cache runtimes of a model: `t4dopt.reset(model)` and `t4dopt.cache_report(model)`."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from t4dopt.cache.runtime import CacheRuntime
+from t4dopt.cache.stats import UnitReport, table
+
+_runtimes: weakref.WeakSet[CacheRuntime] = weakref.WeakSet()
+
+
+def register(runtime: CacheRuntime) -> None:
+    _runtimes.add(runtime)
+
+
+def runtimes_of(model: torch.nn.Module | None) -> list[CacheRuntime]:
+    """The runtimes compiled from `model`'s graphs (matched by its parameters); all of them for None."""
+    if model is None:
+        return list(_runtimes)
+    ids = {id(p) for p in model.parameters()}
+    return [r for r in _runtimes if r.parameter_ids & ids]
+
+
+def reset(model: torch.nn.Module | None = None) -> int:
+    """Drop the cached state of `model` (every compiled model when None); returns how many graphs were reset.
+
+    Not needed between ordinary generations: a timestep that moves back or inputs of a new
+    shape start a new generation by themselves.
+    """
+    runtimes = runtimes_of(model)
+    for runtime in runtimes:
+        runtime.reset()
+    return len(runtimes)
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """What the cache did in the last generation, per unit (attention sublayer) of every graph."""
+
+    units: list[UnitReport]
+
+    @property
+    def flops_saved(self) -> float:
+        """Fraction of the attention FLOPs the cache did not spend."""
+        dense = sum(u.flops_dense for u in self.units)
+        return sum(u.flops_saved for u in self.units) / dense if dense else 0.0
+
+    def table(self) -> str:
+        return table(self.units)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def cache_report(model: torch.nn.Module) -> CacheReport:
+    """Per unit of `model`'s compiled graphs: calls computed, reused, pruned and bypassed, FLOPs saved."""
+    return CacheReport([unit for runtime in runtimes_of(model) for unit in runtime.stats.report()])

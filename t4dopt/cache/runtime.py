@@ -1,0 +1,231 @@
+"""Run a segmented graph call after call, reusing work across denoising steps.
+
+One `CacheRuntime` serves one compiled graph. It keeps, per guidance slot of the current
+generation, each unit's stored input and residual (``exit - entry``), each token unit's
+reference queries and attention rows, each chain's residual, and the drifts measured on the
+device. Each call reads back, in one transfer, the timestep and the drifts measured during
+the previous call; everything else stays on the device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from t4dopt.cache import policy
+from t4dopt.cache.schedule import Position, StepTracker
+from t4dopt.cache.stats import CacheStats
+from t4dopt.errors import T4DWarning
+from t4dopt.options import CacheSpec
+from t4dopt.passes.regions import RegionPlan
+from t4dopt.passes.segments import Segment
+
+Lower = Callable[[fx.GraphModule, list[Any]], Callable]
+
+
+def relative_drift(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """|now - before|_1 / |before|_1 as a 0-d float32 tensor on the tensors' device."""
+    return ((now - before).abs().sum(dtype=torch.float32) / before.abs().sum(dtype=torch.float32).clamp_min(1e-12))
+
+
+@dataclass
+class _Stored:
+    """Tensors kept for a unit or chain since its last compute."""
+
+    entry: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class _Slot:
+    """State of one guidance slot (the n-th call of each step) within a generation."""
+
+    units: list[policy.DriftState]
+    chains: list[policy.DriftState]
+    unit_tensors: list[_Stored]
+    chain_tensors: list[_Stored]
+    pending: list[tuple[policy.DriftState, int, torch.Tensor]] = field(default_factory=list)
+
+
+class _Lazy:
+    """A segment lowered on its first call with each input signature (shapes, dtypes, integer values).
+
+    A graph with dynamic shapes runs its segments at several sizes; each size gets its own
+    lowering instead of reusing one specialised to another size.
+    """
+
+    def __init__(self, gm: fx.GraphModule, lower: Lower):
+        self.gm, self.lower = gm, lower
+        self.lowered: dict[tuple, Callable] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        signature = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+        fn = self.lowered.get(signature)
+        if fn is None:
+            fn = self.lowered[signature] = self.lower(self.gm, list(args))
+        return fn(*args)
+
+
+class CacheRuntime:
+    """Callable standing in for a compiled graph: same inputs, same outputs, cached across calls."""
+
+    def __init__(self, gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], spec: CacheSpec,
+                 lower: Lower, timestep: fx.Node | None, parameter_ids: set[int], unit_flops: list[float]):
+        self.plan, self.segments, self.spec = plan, segments, spec
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.timestep_index = self.placeholders.index(timestep) if timestep is not None else None
+        self.parameter_ids = parameter_ids
+        self.stream_index = self.placeholders.index(plan.stream_input)
+        self.chain_of = {unit: chain for chain, members in enumerate(plan.chains) for unit in members.units}
+        self.prunable = [u.token_site is not None for u in plan.units]
+        self.run_plain = [_Lazy(s.gm, lower) for s in segments]
+        self.run_full = [_Lazy(s.token_full, lower) if s.token_full is not None else None for s in segments]
+        self.run_pruned = [_Lazy(s.token_pruned, lower) if s.token_pruned is not None else None for s in segments]
+        self.stats = CacheStats([u.name for u in plan.units], [u.kind for u in plan.units], unit_flops)
+        self.tracker = StepTracker()
+        self.slots: list[_Slot] = []
+        self._warned_grad = False
+
+    def reset(self) -> None:
+        """Drop every stored tensor; the next call starts a new generation."""
+        self.tracker.reset()
+        self.slots = []
+        self.stats.close_generation()
+
+    def _slot(self, index: int) -> _Slot:
+        while len(self.slots) <= index:
+            units, chains = len(self.plan.units), len(self.plan.chains)
+            self.slots.append(_Slot([policy.DriftState() for _ in range(units)], [policy.DriftState() for _ in range(chains)],
+                                    [_Stored() for _ in range(units)], [_Stored() for _ in range(chains)]))
+        return self.slots[index]
+
+    def _read_back(self, args: tuple) -> tuple[float | None, list[float]]:
+        """The timestep and every slot's pending drifts, in one device-to-host transfer."""
+        parts = [slot_pending for slot in self.slots for slot_pending in (m[2] for m in slot.pending)]
+        timestep = None
+        if self.timestep_index is not None:
+            t = args[self.timestep_index]
+            timestep = t if isinstance(t, (int, float)) else t.reshape(-1)[:1].float()
+        if not parts and not isinstance(timestep, torch.Tensor):
+            return timestep, []
+        device = parts[0].device if parts else timestep.device
+        tensors = ([timestep.to(device)] if isinstance(timestep, torch.Tensor) else []) + [p.reshape(1) for p in parts]
+        values = torch.cat(tensors).tolist()
+        if isinstance(timestep, torch.Tensor):
+            return values[0], values[1:]
+        return timestep, values
+
+    def _apply_measurements(self, drifts: list[float]) -> None:
+        it = iter(drifts)
+        for slot in self.slots:
+            for state, distance, _ in slot.pending:
+                state.measured(next(it), distance)
+            slot.pending = []
+
+    def _progress(self, position: Position) -> float:
+        if self.spec.steps:
+            return min(position.step / max(self.spec.steps - 1, 1), 1.0)
+        if position.timestep is not None and position.first_timestep and position.timestep <= position.first_timestep:
+            return 1.0 - position.timestep / position.first_timestep
+        return 0.5
+
+    def __call__(self, *args: Any) -> Any:
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            if not self._warned_grad:
+                self._warned_grad = True
+                warnings.warn("turbo4d cache: gradients are enabled, so every call computes in full; "
+                              "sample under torch.no_grad() or torch.inference_mode() to reuse work", T4DWarning,
+                              stacklevel=2)
+            return self._run(args, None)
+        if self.spec.threshold == 0:
+            self.stats.record([policy.COMPUTE] * len(self.plan.units))
+            return self._run(args, None)
+        timestep, drifts = self._read_back(args)
+        self._apply_measurements(drifts)
+        signature = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a
+                          for i, a in enumerate(args) if id(a) not in self.parameter_ids and i != self.timestep_index)
+        position = self.tracker.observe(timestep, signature)
+        if position.new_generation:
+            self.stats.close_generation()
+            self.slots = []
+        slot = self._slot(position.slot)
+        for state in slot.units + slot.chains:
+            state.since += 1
+        modes = policy.choose(self.spec, position.step, self._progress(position), slot.units, slot.chains,
+                              [c.units for c in self.plan.chains], self.prunable)
+        self.stats.record(modes)
+        return self._run(args, (slot, modes))
+
+    def _run(self, args: tuple, cached: tuple[_Slot, list[str]] | None) -> Any:
+        env: dict[fx.Node, Any] = dict(zip(self.placeholders, args))
+        for index, segment in enumerate(self.segments):
+            if segment.unit is None or cached is None:
+                outputs = self.run_plain[index](*(env[n] for n in segment.inputs))
+                env.update(zip(segment.outputs, outputs))
+            else:
+                self._run_unit(index, segment, env, *cached)
+        return fx.node.map_arg(self.output.args[0], env.__getitem__)
+
+    def _measure(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor) -> None:
+        if stored.entry is not None:
+            slot.pending.append((state, state.since, relative_drift(entry, stored.entry)))
+
+    def _run_unit(self, index: int, segment: Segment, env: dict, slot: _Slot, modes: list[str]) -> None:
+        unit_index = segment.unit
+        unit = self.plan.units[unit_index]
+        mode = modes[unit_index]
+        state, stored = slot.units[unit_index], slot.unit_tensors[unit_index]
+        chain = self.chain_of.get(unit_index)
+        chain_members = self.plan.chains[chain].units if chain is not None else ()
+        starts_chain = chain is not None and unit_index == chain_members[0]
+        if mode == policy.BYPASS:
+            state.reuses += 1
+            if starts_chain:
+                entry = env[unit.entry]
+                self._measure(slot, slot.chains[chain], slot.chain_tensors[chain], entry)
+                env[self.plan.units[chain_members[-1]].exit] = entry + slot.chain_tensors[chain].residual
+                slot.chains[chain].reuses += 1
+            return
+        entry = env[unit.entry]
+        if starts_chain:
+            self._measure(slot, slot.chains[chain], slot.chain_tensors[chain], entry)
+        self._measure(slot, state, stored, entry)
+        inputs = [env[n] for n in segment.inputs]
+        if mode == policy.REUSE:
+            env[unit.exit] = entry + stored.residual
+            state.reuses += 1
+        elif mode == policy.PRUNE:
+            *outputs, reference, rows = self.run_pruned[index](*inputs, *stored.rows)
+            env.update(zip(segment.outputs, outputs))
+            stored.rows = (reference, rows)
+            state.reuses += 1
+        else:
+            run = self.run_full[index] or self.run_plain[index]
+            outputs = list(run(*inputs))
+            if self.run_full[index] is not None:
+                stored.rows = (outputs[-2], outputs[-1])
+                outputs = outputs[:-2]
+            env.update(zip(segment.outputs, outputs))
+            exit_value = env[unit.exit]
+            stored.entry = entry.detach().clone()
+            stored.residual = exit_value - entry
+            state.computed()
+        if chain is not None and unit_index == chain_members[-1]:
+            self._close_chain(slot, chain, chain_members, modes, env)
+
+    def _close_chain(self, slot: _Slot, chain: int, members: tuple[int, ...], modes: list[str], env: dict) -> None:
+        """Store the chain's residual when every unit of it was computed in full this call."""
+        if any(modes[i] != policy.COMPUTE for i in members):
+            return
+        first, last = self.plan.units[members[0]], self.plan.units[members[-1]]
+        stored = slot.chain_tensors[chain]
+        stored.entry = env[first.entry].detach().clone()
+        stored.residual = env[last.exit] - env[first.entry]
+        slot.chains[chain].computed()

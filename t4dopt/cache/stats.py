@@ -1,0 +1,77 @@
+"""Per-unit counts of what the cache did during a generation, and the report users read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from t4dopt.cache.policy import BYPASS, COMPUTE, MODES, PRUNE, REUSE
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """One cache unit (an attention sublayer) over one generation.
+
+    ``flops_saved`` counts the attention FLOPs (QK^T and PV) not spent: the whole site when
+    reused or bypassed, the rows not recomputed when pruned.
+    """
+
+    name: str
+    kind: str
+    calls: int
+    computed: int
+    reused: int
+    pruned: int
+    bypassed: int
+    flops_dense: float
+    flops_saved: float
+
+
+class CacheStats:
+    """Counts per unit for the running generation; the last finished one is kept for reports."""
+
+    def __init__(self, names: list[str], kinds: list[str], flops: list[float]):
+        self.names, self.kinds, self.flops = names, kinds, flops
+        self.pruned_share: list[float] = [0.0] * len(names)
+        self.current = self._empty()
+        self.last: list[dict[str, int]] | None = None
+
+    def _empty(self) -> list[dict[str, int]]:
+        return [dict.fromkeys(MODES, 0) for _ in self.names]
+
+    def record(self, modes: list[str]) -> None:
+        for counts, mode in zip(self.current, modes):
+            counts[mode] += 1
+
+    def close_generation(self) -> None:
+        """End the running generation (a new one starts, or the cache was reset)."""
+        if any(sum(c.values()) for c in self.current):
+            self.last = self.current
+        self.current = self._empty()
+
+    def report(self) -> list[UnitReport]:
+        """The last finished generation, or the running one when none has finished."""
+        counts = self.current if self.last is None or any(sum(c.values()) for c in self.current) else self.last
+        rows = []
+        for name, kind, flops, share, c in zip(self.names, self.kinds, self.flops, self.pruned_share, counts):
+            calls = sum(c.values())
+            saved = flops * (c[REUSE] + c[BYPASS]) + flops * (1.0 - share) * c[PRUNE]
+            rows.append(UnitReport(name, kind, calls, c[COMPUTE], c[REUSE], c[PRUNE], c[BYPASS], flops * calls, saved))
+        return rows
+
+
+def table(units: list[UnitReport]) -> str:
+    """A plain-text table of `units` with a total line."""
+    header = ("unit", "kind", "calls", "computed", "reused", "pruned", "bypassed", "attn GFLOP saved")
+    rows = [header] + [(u.name, u.kind, u.calls, u.computed, u.reused, u.pruned, u.bypassed,
+                        f"{u.flops_saved / 1e9:.3g} of {u.flops_dense / 1e9:.3g}") for u in units]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    dense = sum(u.flops_dense for u in units)
+    saved = sum(u.flops_saved for u in units)
+    calls = sum(u.calls for u in units)
+    computed = sum(u.computed for u in units)
+    lines.append("")
+    lines.append(f"{len(units)} cache units; {computed} of {calls} unit calls computed in full; "
+                 f"attention FLOPs saved {100 * saved / dense if dense else 0:.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,340 @@
+"""The cache runtime (options["cache"]): regions and chains, exactness, generations, guidance, no syncs."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import t4dopt
+from reference import dense_masked_attention
+from t4dopt.models import SCMNet, Sculpt4DDiT
+from t4dopt.models.pretrained import pretrained
+from t4dopt.models.sampler import flow_matching_timesteps, sample_flow_matching
+from t4dopt.options import parse_options
+from t4dopt.passes import analyze
+from t4dopt.passes.regions import find_regions
+from t4dopt.passes.segments import refresh_rows, split
+from t4dopt.quality import psnr
+
+V, T, P, C = 4, 8, 64, 12
+LAYOUT = {"frames": T, "views": V, "tokens_per_frame": P}
+STEPS = 10
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def scm() -> SCMNet:
+    return pretrained("scm-tiny").eval()
+
+
+def scm_inputs(seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, V, T, P, C, generator=generator), torch.randn(batch, P, C, generator=generator)
+
+
+def compiled(model: nn.Module, cache: dict | None, **options) -> nn.Module:
+    options = {"target": "eager", "layout": LAYOUT, **options}
+    if cache is not None:
+        options["cache"] = cache
+    return torch.compile(model, backend="turbo4d", options=options)
+
+
+def sample(model, seed: int, steps: int = STEPS, batch: int = 1) -> torch.Tensor:
+    x, cond = scm_inputs(seed, batch)
+    with torch.no_grad():
+        return sample_flow_matching(model, x, cond, steps=steps)
+
+
+def graph_of(model: nn.Module, *args) -> tuple[torch.fx.GraphModule, list]:
+    """The graph dynamo hands a backend for `model(*args)`, and its example inputs."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=True)(*args)
+    return graphs[0]
+
+
+def plan_of(model: nn.Module, *args, layout=LAYOUT):
+    gm, _ = graph_of(model, *args)
+    decisions = analyze(gm, parse_options({"layout": layout}))
+    return gm, find_regions(gm.graph, decisions, dict(gm.named_modules()))
+
+
+# --- regions and chains --------------------------------------------------------------------------
+
+
+def test_scmnet_sublayers_are_units_and_spatial_camera_motion_form_chains(scm):
+    x, cond = scm_inputs(0)
+    _, plan = plan_of(scm, x, torch.ones(1), cond)
+    names = [u.name for u in plan.units]
+    assert names == [f"blocks.{b}.{s}" for b in (0, 1) for s in ("spatial", "camera", "motion", "cross", "mlp")]
+    assert [u.kind for u in plan.units[:5]] == ["spatial", "view", "temporal", "cross", "other"]
+    assert [c.units for c in plan.chains] == [(0, 1, 2), (5, 6, 7)]
+    assert [u.token_site is not None for u in plan.units[:5]] == [False, True, True, False, False]
+    assert plan.stream_input.name == "l_x_"
+
+
+def test_joint_dit_has_units_but_no_chain():
+    torch.manual_seed(0)
+    model = Sculpt4DDiT("tiny", depth=1, frames=4).eval()
+    cfg = model.config
+    x = torch.randn(1, 4, cfg.tokens_per_frame, cfg.in_channels)
+    cond = torch.randn(1, cfg.image_tokens, cfg.cond_dim)
+    _, plan = plan_of(model, x, torch.ones(1), cond, layout={"frames": 4, "tokens_per_frame": cfg.tokens_per_frame})
+    kinds = [u.kind for u in plan.units]
+    assert "spatial" in kinds and "spatiotemporal" in kinds
+    assert plan.chains == []
+
+
+class NoResidual(nn.Module):
+    """Attention whose output replaces the tokens: nothing to rebuild from a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def test_model_without_residual_sublayers_is_left_uncached_with_a_warning_or_an_error():
+    model, x = NoResidual().eval(), torch.randn(2, 16, 8)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend="turbo4d", options={"target": "eager", "cache": {}})(x)
+    assert torch.allclose(out, model(x))
+    assert any("left uncached" in str(w.message) for w in caught if issubclass(w.category, t4dopt.T4DWarning))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="left uncached"), torch.no_grad():
+        torch.compile(model, backend="turbo4d", options={"target": "eager", "cache": {}, "strict": True})(x)
+
+
+# --- exactness ---------------------------------------------------------------------------------------
+
+
+def test_threshold_zero_is_exactly_the_uncached_model(scm):
+    uncached = sample(compiled(scm, None), seed=1)
+    torch._dynamo.reset()
+    assert torch.equal(sample(compiled(scm, {"threshold": 0.0}), seed=1), uncached)
+
+
+def test_segments_computed_in_full_are_exactly_the_uncached_model(scm):
+    """Warm-up over every step: all levels on, yet every unit computes, through the split segments."""
+    uncached = sample(compiled(scm, None), seed=2)
+    torch._dynamo.reset()
+    model = compiled(scm, {"threshold": 10.0, "warmup": STEPS})
+    assert torch.equal(sample(model, seed=2), uncached)
+    assert all(u.computed == u.calls == STEPS for u in t4dopt.cache_report(scm).units)
+
+
+def test_refresh_rows_recomputes_the_most_moved_rows_exactly():
+    generator = torch.Generator().manual_seed(0)
+    rows, heads, length, dim = 12, 2, 5, 8
+    q, k, v = (torch.randn(rows, heads, length, dim, generator=generator) for _ in range(3))
+    reference_q = q.clone()
+    moved = [3, 7, 10]
+    reference_q[moved] += 0.5
+    reference_q[0] += 0.01
+    cached = torch.randn(rows, heads, length, dim, generator=generator)
+    out, new_reference = refresh_rows(q, k, v, reference_q, cached, len(moved), None, False)
+    full = torch.ones(length, length, dtype=torch.bool)
+    expected = dense_masked_attention(q[moved].double(), k[moved].double(), v[moved].double(), full)
+    assert torch.allclose(out[moved].double(), expected, atol=1e-6)
+    kept = [i for i in range(rows) if i not in moved]
+    assert torch.equal(out[kept], cached[kept])
+    assert torch.equal(new_reference[moved], q[moved]) and torch.equal(new_reference[kept], reference_q[kept])
+
+
+def test_pruned_segment_recomputes_rows_like_the_full_segment(scm):
+    """The token variant of the camera unit: with every row recomputed it equals the full unit."""
+    x, cond = scm_inputs(3)
+    gm, example_inputs = graph_of(scm, x, torch.full((1,), 0.5), cond)
+    plan = find_regions(gm.graph, analyze(gm, parse_options({"layout": LAYOUT})), dict(gm.named_modules()))
+    camera = plan.units[1]
+    segment = next(s for s in split(gm, plan, token_ratio=1.0) if s.unit == camera.index)
+    values = {}
+    interpreter = torch.fx.Interpreter(gm)
+    run_node = interpreter.run_node
+    interpreter.run_node = lambda node: values.setdefault(node, run_node(node))
+    with torch.no_grad():
+        interpreter.run(*example_inputs)
+        inputs = [values[n] for n in segment.inputs]
+        *full_out, query, rows = segment.token_full(*inputs)
+        *pruned_out, new_query, new_rows = segment.token_pruned(*inputs, query + 1.0, torch.zeros_like(rows))
+    assert torch.equal(full_out[0], values[camera.exit])
+    assert torch.allclose(pruned_out[0], full_out[0], atol=1e-6)
+    assert torch.allclose(new_rows, rows, atol=1e-6) and torch.equal(new_query, query)
+
+
+# --- generations, guidance, batch size -------------------------------------------------------------
+
+
+def test_back_to_back_generations_each_equal_a_fresh_run(scm):
+    cache = {"threshold": 0.1}
+    model = compiled(scm, cache)
+    first, second, first_again = sample(model, 4), sample(model, 5), sample(model, 4)
+    torch._dynamo.reset()
+    fresh_second = sample(compiled(scm, cache), 5)
+    assert torch.equal(second, fresh_second)
+    assert torch.equal(first, first_again)
+    assert t4dopt.cache_report(scm).flops_saved > 0.2
+
+
+def test_reset_restarts_a_generation_at_the_same_timestep(scm):
+    cache = {"threshold": 0.1}
+    model = compiled(scm, cache)
+    x, cond = scm_inputs(6)
+    times = flow_matching_timesteps(STEPS).tolist()
+    with torch.no_grad():
+        # A generation cut short after 4 steps, then the same generation from its start.
+        for t in times[:4]:
+            model(x, torch.full((1,), t), cond)
+        assert t4dopt.reset(scm) >= 1
+        restarted = sample_flow_matching(model, x, cond, steps=STEPS)
+    torch._dynamo.reset()
+    assert torch.equal(restarted, sample(compiled(scm, cache), 6))
+
+
+def guided(model, seed: int, *, uncond_first: bool) -> torch.Tensor:
+    """Two calls per step (guidance with scale 1): the unconditional one must not disturb the other."""
+    x, cond = scm_inputs(seed)
+    times = flow_matching_timesteps(STEPS).tolist()
+    with torch.no_grad():
+        for t, t_next in zip(times[:-1], times[1:]):
+            t_batch = torch.full((1,), t)
+            if uncond_first:
+                model(x, t_batch, torch.zeros_like(cond))
+                velocity = model(x, t_batch, cond)
+            else:
+                velocity = model(x, t_batch, cond)
+                model(x, t_batch, torch.zeros_like(cond))
+            x = x + (t_next - t) * velocity
+    return x
+
+
+def test_two_calls_per_step_keep_separate_state(scm):
+    cache = {"threshold": 0.1}
+    with_guidance = guided(compiled(scm, cache), 7, uncond_first=False)
+    report = t4dopt.cache_report(scm)
+    assert all(u.calls == 2 * STEPS for u in report.units)
+    torch._dynamo.reset()
+    assert torch.equal(with_guidance, sample(compiled(scm, cache), 7))
+
+
+def test_batch_size_change_starts_a_new_generation(scm):
+    cache = {"threshold": 0.1}
+    model = compiled(scm, cache)
+    one, two = sample(model, 8, batch=1), sample(model, 8, batch=2)
+    torch._dynamo.reset()
+    assert torch.equal(two, sample(compiled(scm, cache), 8, batch=2))
+    torch._dynamo.reset()
+    assert torch.equal(one, sample(compiled(scm, cache), 8, batch=1))
+
+
+# --- decisions: quality, levels, syncs ---------------------------------------------------------------
+
+
+def test_trained_scm_keeps_its_sample_at_a_moderate_threshold(scm):
+    full = sample(scm, 9, steps=20)
+    cached = sample(compiled(scm, {"threshold": 0.1}), 9, steps=20)
+    report = t4dopt.cache_report(scm)
+    assert psnr(cached, full) >= 30.0
+    assert sum(u.reused + u.bypassed for u in report.units) > 0.4 * sum(u.calls for u in report.units)
+
+
+@pytest.mark.parametrize("levels, used", [(["block"], "reused"), (["token"], "pruned"), (["chain"], "bypassed")])
+def test_each_level_alone_does_only_its_own_kind_of_reuse(scm, levels, used):
+    sample(compiled(scm, {"threshold": 0.3, "levels": levels}), 10)
+    units = t4dopt.cache_report(scm).units
+    totals = {kind: sum(getattr(u, kind) for u in units) for kind in ("reused", "pruned", "bypassed")}
+    assert totals[used] > 0
+    assert all(count == 0 for kind, count in totals.items() if kind != used)
+    if used != "reused":
+        assert all(getattr(u, used) == 0 for u in units if u.kind in ("cross", "other"))
+
+
+def test_warmup_final_and_max_reuse_are_honoured(scm):
+    sample(compiled(scm, {"threshold": 10.0, "warmup": 3, "final": 2, "max_reuse": 2, "steps": STEPS}), 11)
+    for unit in t4dopt.cache_report(scm).units:
+        assert unit.calls == STEPS
+        # Steps 0-2 and 8-9 computed; in between at most two reuses in a row: 3-4 reused, 5 computed, 6-7 reused.
+        assert unit.computed == 6
+
+
+def test_one_device_read_per_call(scm, monkeypatch):
+    model = compiled(scm, {"threshold": 0.1})
+    sample(model, 12, steps=3)
+    x, cond = scm_inputs(12)
+    times = flow_matching_timesteps(STEPS).tolist()
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: reads.append(_n) or _o(self))
+    with torch.no_grad():
+        for t, t_next in zip(times[:-1], times[1:]):
+            x = x + (t_next - t) * model(x, torch.full((1,), t), cond)
+    monkeypatch.undo()
+    assert len(reads) <= STEPS
+    assert sum(u.reused + u.bypassed + u.pruned for u in t4dopt.cache_report(scm).units) > 0
+
+
+def test_gradients_enabled_compute_in_full_and_warn(scm):
+    model = compiled(scm, {"threshold": 10.0})
+    x, cond = scm_inputs(13)
+    with pytest.warns(t4dopt.T4DWarning, match="gradients are enabled"):
+        out = model(x, torch.ones(1), cond)
+    assert torch.allclose(out, scm(x, torch.ones(1), cond), atol=1e-5)
+
+
+def test_report_table_names_every_unit(scm):
+    sample(compiled(scm, {"threshold": 0.2}), 14)
+    report = t4dopt.cache_report(scm)
+    text = report.table()
+    assert "blocks.1.motion" in text and "attention FLOPs saved" in text
+    assert 0 < report.flops_saved < 1
+    for unit in report.units:
+        assert unit.computed + unit.reused + unit.pruned + unit.bypassed == unit.calls == STEPS
+        assert 0 <= unit.flops_saved <= unit.flops_dense + 1e-3
+
+
+@pytest.mark.parametrize("cache, option", [
+    ({"threshold": -0.1}, "cache['threshold']"),
+    ({"threshold": "high"}, "cache['threshold']"),
+    ({"warmup": -1}, "cache['warmup']"),
+    ({"max_reuse": 0}, "cache['max_reuse']"),
+    ({"token_ratio": 1.5}, "cache['token_ratio']"),
+    ({"levels": ["block", "frame"]}, "cache['levels']"),
+    ({"levels": "block"}, "cache['levels']"),
+    ({"steps": 0}, "cache['steps']"),
+    ({"thresold": 0.1}, "cache['thresold']"),
+    ([0.1], "cache"),
+])
+def test_bad_cache_options_name_the_option(cache, option):
+    with pytest.raises(t4dopt.T4DOptionError) as error:
+        parse_options({"cache": cache})
+    assert option in str(error.value) and "allowed" in str(error.value)
+
+
+def test_inductor_segments_match_eager_segments():
+    torch.manual_seed(0)
+    model = SCMNet("tiny", depth=1).eval()
+    cache = {"threshold": 0.2, "warmup": 1}
+    eager = sample(compiled(model, cache), 15, steps=5)
+    torch._dynamo.reset()
+    inductor = sample(compiled(model, cache, target="inductor"), 15, steps=5)
+    assert (inductor - eager).abs().max() <= 1e-4 * eager.abs().max()
+    assert not math.isnan(float(inductor.sum()))
