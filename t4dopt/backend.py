@@ -28,15 +28,23 @@ VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e
 def _lower(gm: fx.GraphModule, example_inputs: list[Any], target: str) -> Callable:
     if target == "eager":
         return gm.forward
+    if target == "tensorrt":
+        from t4dopt.export.tensorrt_export import lower_tensorrt
+
+        return lower_tensorrt(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs)
 
 
 def _segment_lowering(target: str) -> Callable[[fx.GraphModule, list[Any]], Callable]:
-    """How the cache runtime lowers each segment: Inductor outside dynamo, or the segment itself."""
+    """How the cache runtime lowers each segment: Inductor outside dynamo, TensorRT, or the segment itself."""
     if target == "eager":
         return lambda gm, example_inputs: gm
+    if target == "tensorrt":
+        from t4dopt.export.tensorrt_export import lower_tensorrt
+
+        return lower_tensorrt
     from torch._inductor import compile as inductor_compile
 
     return inductor_compile

@@ -58,7 +58,7 @@ def _mask(args: argparse.Namespace) -> int:
 
 
 ONNX_OPS = {"onnx": "custom", "onnx-portable": "portable"}
-EXPORT_FORMATS = (*ONNX_OPS, "aoti")
+EXPORT_FORMATS = (*ONNX_OPS, "aoti", "tensorrt")
 EXPORT_TOLERANCE = 1e-4
 
 
@@ -88,8 +88,24 @@ def _export(args: argparse.Namespace) -> int:
         return 2
 
     model, inputs, options = _reference_model(args)
-    out = args.out or ("model.pt2" if args.format == "aoti" else "model.onnx")
-    if args.format == "aoti":
+    out = args.out or {"aoti": "model.pt2", "tensorrt": "model.engine"}.get(args.format, "model.onnx")
+    if args.format == "tensorrt":
+        import onnx
+
+        from t4dopt.export.tensorrt_export import export_tensorrt, run_engine
+
+        try:
+            result = export_tensorrt(model, out, inputs, options=options, progress=print)
+        except (ImportError, RuntimeError) as error:
+            print(f"t4dopt export: {error}", file=sys.stderr)
+            return 2
+        runtime_name, description = "trt", "TensorRT engine, t4d ops as plugin layers"
+        details = f"{result.plugin_nodes} plugin layers"
+        print("checking: the engine (CUDA) against the eager turbo4d model")
+        names = [value.name for value in onnx.load(str(result.onnx_path)).graph.input]
+        outputs = run_engine(result.path, dict(zip(names, (x.cuda() for x in inputs))))
+        got = next(iter(outputs.values())).cpu()
+    elif args.format == "aoti":
         result = export_aoti(model, inputs, out, options=options, progress=print)
         runtime_name, description = "aoti", "AOTInductor .pt2 package, t4d op kept"
         details = f"{result.t4d_nodes} t4d nodes"

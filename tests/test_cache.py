@@ -19,7 +19,7 @@ from t4dopt.passes.regions import find_regions
 from t4dopt.passes.segments import refresh_rows, split
 from t4dopt.quality import psnr
 
-V, T, P, C = 4, 8, 64, 12
+V, T, P = 4, 8, 64
 LAYOUT = {"frames": T, "views": V, "tokens_per_frame": P}
 STEPS = 10
 
@@ -37,8 +37,11 @@ def scm() -> SCMNet:
 
 
 def scm_inputs(seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and conditioning tokens shaped for the shipped scm-tiny (channels read from its config)."""
+    config = pretrained("scm-tiny").config
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, V, T, P, C, generator=generator), torch.randn(batch, P, C, generator=generator)
+    return (torch.randn(batch, V, T, P, config.in_channels, generator=generator),
+            torch.randn(batch, config.cond_tokens, config.cond_dim, generator=generator))
 
 
 def compiled(model: nn.Module, cache: dict | None, **options) -> nn.Module:
@@ -331,7 +334,8 @@ def test_bad_cache_options_name_the_option(cache, option):
 
 def test_inductor_segments_match_eager_segments():
     torch.manual_seed(0)
-    model = SCMNet("tiny", depth=1).eval()
+    config = pretrained("scm-tiny").config
+    model = SCMNet(config, depth=1).eval()
     cache = {"threshold": 0.2, "warmup": 1}
     eager = sample(compiled(model, cache), 15, steps=5)
     torch._dynamo.reset()

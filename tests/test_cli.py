@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from t4dopt.cli import main
@@ -36,3 +37,13 @@ def test_bad_arguments_exit_with_a_message(capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "t4dopt.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+def test_tensorrt_export_without_tensorrt_says_what_to_install(tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed: the export builds an engine instead")
+    except ImportError:
+        pass
+    assert main(["export", "--format", "tensorrt", "--out", str(tmp_path / "m.engine")]) == 2
+    assert "pip install 't4dopt[tensorrt]'" in capsys.readouterr().err

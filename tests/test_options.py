@@ -10,7 +10,7 @@ from t4dopt.options import parse_options
     "options, names",
     [
         ({"sparsity": "sculpt4d"}, ["sparsity", "allowed", "layout"]),
-        ({"target": "tensorrt"}, ["target", "tensorrt", "inductor", "eager"]),
+        ({"target": "tvm"}, ["target", "tvm", "inductor", "eager", "tensorrt"]),
         ({"strict": "yes"}, ["strict", "yes", "True or False"]),
         ({"verify": 1}, ["verify", "1", "True or False"]),
         ({"layout": {"frame": 16}}, ["layout['frame']", "tokens_per_frame"]),
@@ -37,10 +37,22 @@ def test_bad_options_name_option_value_and_allowed(options, names):
 
 def test_bad_options_raise_from_torch_compile():
     model = torch.nn.Linear(4, 4)
-    compiled = torch.compile(model, backend="turbo4d", options={"target": "tensorrt"})
+    compiled = torch.compile(model, backend="turbo4d", options={"target": "tvm"})
     with pytest.raises(Exception, match="target") as error:
         compiled(torch.randn(2, 4))
     assert t4dopt.T4DOptionError in cause_chain(error.value)
+
+
+def test_tensorrt_target_without_tensorrt_names_the_extra():
+    try:
+        import torch_tensorrt  # noqa: F401
+        pytest.skip("torch_tensorrt is installed: the target lowers instead of failing")
+    except ImportError:
+        pass
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend="turbo4d", options={"target": "tensorrt"})
+    with pytest.raises(Exception, match="t4dopt\\[tensorrt\\]"):
+        compiled(torch.randn(2, 4))
 
 
 def test_good_options_are_normalised():
