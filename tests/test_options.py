@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import torch
 
@@ -44,11 +46,8 @@ def test_bad_options_raise_from_torch_compile():
 
 
 def test_tensorrt_target_without_tensorrt_names_the_extra():
-    try:
-        import torch_tensorrt  # noqa: F401
+    if importlib.util.find_spec("torch_tensorrt") is not None:
         pytest.skip("torch_tensorrt is installed: the target lowers instead of failing")
-    except ImportError:
-        pass
     torch._dynamo.reset()
     compiled = torch.compile(torch.nn.Linear(4, 4), backend="turbo4d", options={"target": "tensorrt"})
     with pytest.raises(Exception, match="t4dopt\\[tensorrt\\]"):
