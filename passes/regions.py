@@ -92,10 +92,19 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def _is_size(value: object) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_size(item) for item in value)
+    return isinstance(value, (int, torch.SymInt))
+
+
 def _dataflow(graph: fx.Graph) -> nx.DiGraph:
+    """Edges from each value to its users; sizes read off a tensor (``x.shape``) carry no data from it."""
     flow = nx.DiGraph()
     for node in graph.nodes:
         flow.add_node(node)
+        if _is_size(node.meta.get("example_value", node.meta.get("val"))):
+            continue
         for used in node.all_input_nodes:
             flow.add_edge(used, node)
     return flow
@@ -211,7 +220,11 @@ def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[s
     if best is None:
         return RegionPlan(None, reason="no tensor input of rank >= 3 reaches the output")
     _, source, dominators = best
-    on_stream = nx.descendants(flow, source) | {source}
+    # Membership follows every edge: a size read off a region's tensor belongs to that region.
+    on_stream = {source}
+    for node in graph.nodes:
+        if any(used in on_stream for used in node.all_input_nodes):
+            on_stream.add(node)
     dominator_index = {node: index for index, node in enumerate(dominators)}
     plan = RegionPlan(source)
     members: list[list[fx.Node]] = [[] for _ in range(len(dominators) - 1)]

@@ -5,7 +5,7 @@ rewrites joint spatio-temporal attention into Sculpt4D-style block-sparse attent
 (``options={"cache": {...}}``) reuses sublayers across denoising steps after Turbo4DGen.
 """
 
-from t4dopt import masks
+from t4dopt import deploy, masks
 from t4dopt.backend import turbo4d
 from t4dopt.block_layout import BlockLayout
 from t4dopt.cache import CacheReport, cache_report, reset
@@ -30,6 +30,7 @@ __all__ = [
     "block_sparse_attention",
     "cache_report",
     "calibrate",
+    "deploy",
     "explain",
     "masks",
     "reset",

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from t4dopt.cache.registry import register
-from t4dopt.cache.runtime import CacheRuntime, Lower
+from t4dopt.cache.program import Program, program_of
+from t4dopt.cache.runtime import CacheRuntime, LazyLowered, Lower
 from t4dopt.options import CacheSpec
 from t4dopt.passes.regions import RegionPlan, find_regions
-from t4dopt.passes.segments import split, token_rows
+from t4dopt.passes.segments import Segment, split
 from t4dopt.sites import SiteDecision
 
 
@@ -37,17 +39,37 @@ def find_timestep(gm: fx.GraphModule, plan: RegionPlan) -> fx.Node | None:
     return (named or candidates or [None])[0]
 
 
-def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[SiteDecision], spec: CacheSpec,
-                  lower: Lower) -> tuple[CacheRuntime | None, RegionPlan]:
-    """A runtime for `gm`, or None (with the plan saying why) when no attention can be cached."""
+@dataclass
+class Prepared:
+    """A graph cut for the cache: its region plan, segments and the program the runtime runs."""
+
+    plan: RegionPlan
+    segments: list[Segment]
+    program: Program | None
+
+
+def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) -> Prepared:
+    """Regions, segments and program of `gm` (no program when no sublayer can be cached)."""
     plan = find_regions(gm.graph, decisions, dict(gm.named_modules()))
     if not plan.units:
-        return None, plan
+        return Prepared(plan, [], None)
     segments = split(gm, plan, spec.token_ratio)
-    parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
     flops = [sum(d.site.dense_flops() * d.density for d in unit.sites) for unit in plan.units]
-    runtime = CacheRuntime(gm, plan, segments, spec, lower, find_timestep(gm, plan), parameter_ids, flops)
-    runtime.stats.pruned_share = [token_rows(u, spec.token_ratio) / u.token_site.site.query_shape[0]
-                                  if u.token_site is not None else 1.0 for u in plan.units]
+    return Prepared(plan, segments, program_of(gm, plan, segments, find_timestep(gm, plan), flops, spec.token_ratio))
+
+
+def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[SiteDecision], spec: CacheSpec,
+                  lower: Lower) -> tuple[CacheRuntime | None, RegionPlan]:
+    """A runtime for `gm`, or None (with the plan saying why) when no sublayer can be cached."""
+    prepared = prepare(gm, decisions, spec)
+    if prepared.program is None:
+        return None, prepared.plan
+
+    def lazy(module: fx.GraphModule | None) -> LazyLowered | None:
+        return LazyLowered(module, lower) if module is not None else None
+
+    runners = [(lazy(s.gm), lazy(s.token_full), lazy(s.token_pruned)) for s in prepared.segments]
+    parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
+    runtime = CacheRuntime(prepared.program, runners, spec, parameter_ids)
     register(runtime)
-    return runtime, plan
+    return runtime, prepared.plan

@@ -18,12 +18,11 @@ import torch
 import torch.fx as fx
 
 from t4dopt.cache import policy
+from t4dopt.cache.program import Program, SegmentSpec
 from t4dopt.cache.schedule import Position, StepTracker
 from t4dopt.cache.stats import CacheStats
 from t4dopt.errors import T4DWarning
 from t4dopt.options import CacheSpec
-from t4dopt.passes.regions import RegionPlan
-from t4dopt.passes.segments import Segment
 
 Lower = Callable[[fx.GraphModule, list[Any]], Callable]
 
@@ -53,7 +52,7 @@ class _Slot:
     pending: list[tuple[policy.DriftState, int, torch.Tensor]] = field(default_factory=list)
 
 
-class _Lazy:
+class LazyLowered:
     """A segment lowered on its first call with each input signature (shapes, dtypes, integer values).
 
     A graph with dynamic shapes runs its segments at several sizes; each size gets its own
@@ -72,23 +71,29 @@ class _Lazy:
         return fn(*args)
 
 
-class CacheRuntime:
-    """Callable standing in for a compiled graph: same inputs, same outputs, cached across calls."""
+SegmentRunners = tuple[Callable, Callable | None, Callable | None]
+"""Per segment: how to run it in full, its token ``full`` variant and its ``pruned`` variant (None without)."""
 
-    def __init__(self, gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], spec: CacheSpec,
-                 lower: Lower, timestep: fx.Node | None, parameter_ids: set[int], unit_flops: list[float]):
-        self.plan, self.segments, self.spec = plan, segments, spec
-        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.output = next(n for n in gm.graph.nodes if n.op == "output")
-        self.timestep_index = self.placeholders.index(timestep) if timestep is not None else None
-        self.parameter_ids = parameter_ids
-        self.stream_index = self.placeholders.index(plan.stream_input)
-        self.chain_of = {unit: chain for chain, members in enumerate(plan.chains) for unit in members.units}
-        self.prunable = [u.token_site is not None for u in plan.units]
-        self.run_plain = [_Lazy(s.gm, lower) for s in segments]
-        self.run_full = [_Lazy(s.token_full, lower) if s.token_full is not None else None for s in segments]
-        self.run_pruned = [_Lazy(s.token_pruned, lower) if s.token_pruned is not None else None for s in segments]
-        self.stats = CacheStats([u.name for u in plan.units], [u.kind for u in plan.units], unit_flops)
+
+class CacheRuntime:
+    """Callable standing in for a compiled graph: same inputs, same outputs, cached across calls.
+
+    `runners` run the segments of `program` (lowered here, or loaded from a bundle);
+    `parameter_ids` are the ids of the parameter tensors among the inputs (to find a model's
+    runtimes and to leave them out of the input signature).
+    """
+
+    def __init__(self, program: Program, runners: list[SegmentRunners], spec: CacheSpec, parameter_ids: set[int]):
+        self.program, self.spec, self.parameter_ids = program, spec, parameter_ids
+        self.timestep_index = program.placeholders.index(program.timestep) if program.timestep is not None else None
+        self.chain_of = {unit: chain for chain, members in enumerate(program.chains) for unit in members}
+        self.prunable = [u.token_share is not None for u in program.units]
+        self.run_plain = [r[0] for r in runners]
+        self.run_full = [r[1] for r in runners]
+        self.run_pruned = [r[2] for r in runners]
+        self.stats = CacheStats([u.name for u in program.units], [u.kind for u in program.units],
+                                [u.flops for u in program.units])
+        self.stats.pruned_share = [u.token_share or 1.0 for u in program.units]
         self.tracker = StepTracker()
         self.slots: list[_Slot] = []
         self._warned_grad = False
@@ -101,7 +106,7 @@ class CacheRuntime:
 
     def _slot(self, index: int) -> _Slot:
         while len(self.slots) <= index:
-            units, chains = len(self.plan.units), len(self.plan.chains)
+            units, chains = len(self.program.units), len(self.program.chains)
             self.slots.append(_Slot([policy.DriftState() for _ in range(units)], [policy.DriftState() for _ in range(chains)],
                                     [_Stored() for _ in range(units)], [_Stored() for _ in range(chains)]))
         return self.slots[index]
@@ -145,7 +150,7 @@ class CacheRuntime:
                               stacklevel=2)
             return self._run(args, None)
         if self.spec.threshold == 0:
-            self.stats.record([policy.COMPUTE] * len(self.plan.units))
+            self.stats.record([policy.COMPUTE] * len(self.program.units))
             return self._run(args, None)
         timestep, drifts = self._read_back(args)
         self._apply_measurements(drifts)
@@ -159,38 +164,38 @@ class CacheRuntime:
         for state in slot.units + slot.chains:
             state.since += 1
         modes = policy.choose(self.spec, position.step, self._progress(position), slot.units, slot.chains,
-                              [c.units for c in self.plan.chains], self.prunable)
+                              self.program.chains, self.prunable)
         self.stats.record(modes)
         return self._run(args, (slot, modes))
 
     def _run(self, args: tuple, cached: tuple[_Slot, list[str]] | None) -> Any:
-        env: dict[fx.Node, Any] = dict(zip(self.placeholders, args))
-        for index, segment in enumerate(self.segments):
+        env: dict[str, Any] = dict(zip(self.program.placeholders, args))
+        for index, segment in enumerate(self.program.segments):
             if segment.unit is None or cached is None:
                 outputs = self.run_plain[index](*(env[n] for n in segment.inputs))
                 env.update(zip(segment.outputs, outputs))
             else:
                 self._run_unit(index, segment, env, *cached)
-        return fx.node.map_arg(self.output.args[0], env.__getitem__)
+        return self.program.outputs(env)
 
     def _measure(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor) -> None:
         if stored.entry is not None:
             slot.pending.append((state, state.since, relative_drift(entry, stored.entry)))
 
-    def _run_unit(self, index: int, segment: Segment, env: dict, slot: _Slot, modes: list[str]) -> None:
+    def _run_unit(self, index: int, segment: SegmentSpec, env: dict, slot: _Slot, modes: list[str]) -> None:
         unit_index = segment.unit
-        unit = self.plan.units[unit_index]
+        unit = self.program.units[unit_index]
         mode = modes[unit_index]
         state, stored = slot.units[unit_index], slot.unit_tensors[unit_index]
         chain = self.chain_of.get(unit_index)
-        chain_members = self.plan.chains[chain].units if chain is not None else ()
+        chain_members = self.program.chains[chain] if chain is not None else ()
         starts_chain = chain is not None and unit_index == chain_members[0]
         if mode == policy.BYPASS:
             state.reuses += 1
             if starts_chain:
                 entry = env[unit.entry]
                 self._measure(slot, slot.chains[chain], slot.chain_tensors[chain], entry)
-                env[self.plan.units[chain_members[-1]].exit] = entry + slot.chain_tensors[chain].residual
+                env[self.program.units[chain_members[-1]].exit] = entry + slot.chain_tensors[chain].residual
                 slot.chains[chain].reuses += 1
             return
         entry = env[unit.entry]
@@ -224,7 +229,7 @@ class CacheRuntime:
         """Store the chain's residual when every unit of it was computed in full this call."""
         if any(modes[i] != policy.COMPUTE for i in members):
             return
-        first, last = self.plan.units[members[0]], self.plan.units[members[-1]]
+        first, last = self.program.units[members[0]], self.program.units[members[-1]]
         stored = slot.chain_tensors[chain]
         stored.entry = env[first.entry].detach().clone()
         stored.residual = env[last.exit] - env[first.entry]

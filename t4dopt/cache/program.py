@@ -1,0 +1,86 @@
+"""What the cache runtime runs, as plain data: segments, units and chains named by the values they pass.
+
+A `Program` names every value by its node in the original graph, so the same runtime runs
+segments lowered in this process and segments loaded from a deployment bundle, whose
+manifest stores the program as JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from t4dopt.passes.regions import RegionPlan
+from t4dopt.passes.segments import Segment, token_rows
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    inputs: list[str]
+    outputs: list[str]
+    unit: int | None = None
+    token: bool = False
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """A residual sublayer: exit = entry + residual; `token_share` is the share of rows pruning recomputes."""
+
+    name: str
+    kind: str
+    entry: str
+    exit: str
+    flops: float
+    token_share: float | None = None
+
+
+@dataclass(frozen=True)
+class Program:
+    placeholders: list[str]
+    output_leaves: list[Any]
+    output_spec: str
+    timestep: str | None
+    segments: list[SegmentSpec]
+    units: list[UnitSpec]
+    chains: list[tuple[int, ...]] = field(default_factory=list)
+
+    def outputs(self, env: dict[str, Any]) -> Any:
+        """The graph's output structure filled from `env` (leaves that name values are looked up)."""
+        leaves = [env[leaf["value"]] if isinstance(leaf, dict) else leaf for leaf in self.output_leaves]
+        return pytree.tree_unflatten(leaves, pytree.treespec_loads(self.output_spec))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Program:
+        return cls(
+            placeholders=list(data["placeholders"]),
+            output_leaves=list(data["output_leaves"]),
+            output_spec=data["output_spec"],
+            timestep=data["timestep"],
+            segments=[SegmentSpec(**s) for s in data["segments"]],
+            units=[UnitSpec(**u) for u in data["units"]],
+            chains=[tuple(c) for c in data["chains"]],
+        )
+
+
+def program_of(gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], timestep: fx.Node | None,
+               flops: list[float], token_ratio: float) -> Program:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves, spec = pytree.tree_flatten(output.args[0])
+    return Program(
+        placeholders=[n.name for n in gm.graph.nodes if n.op == "placeholder"],
+        output_leaves=[{"value": leaf.name} if isinstance(leaf, fx.Node) else leaf for leaf in leaves],
+        output_spec=pytree.treespec_dumps(spec),
+        timestep=timestep.name if timestep is not None else None,
+        segments=[SegmentSpec([n.name for n in s.inputs], [n.name for n in s.outputs], s.unit, s.token_full is not None)
+                  for s in segments],
+        units=[UnitSpec(u.name, u.kind, u.entry.name, u.exit.name, f,
+                        token_rows(u, token_ratio) / u.token_site.site.query_shape[0] if u.token_site else None)
+               for u, f in zip(plan.units, flops)],
+        chains=[c.units for c in plan.chains],
+    )
