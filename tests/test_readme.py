@@ -11,3 +11,13 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 2, "the quick start is exactly two commands"
     assert "t4dopt demo" in commands[0] and "pytest" in commands[1]
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_cache_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Reuse across denoising steps", 1)[1].split("\n### ", 1)[0]
+    example = re.findall(r"```python\n(.+?)\n```", section, flags=re.S)[0]
+    namespace = {}
+    exec(compile(example, "README cache example", "exec"), namespace)
+    report = namespace["t4dopt"].cache_report(namespace["model"])
+    assert report.units and namespace["sample"].shape == namespace["noise"].shape
