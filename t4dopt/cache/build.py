@@ -70,6 +70,6 @@ def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list
 
     runners = [(lazy(s.gm), lazy(s.token_full), lazy(s.token_pruned)) for s in prepared.segments]
     parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
-    runtime = CacheRuntime(prepared.program, runners, spec, parameter_ids)
+    runtime = CacheRuntime(prepared.program, runners, spec, parameter_ids, lower)
     register(runtime)
     return runtime, prepared.plan

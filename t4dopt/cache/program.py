@@ -7,6 +7,7 @@ manifest stores the program as JSON.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +16,9 @@ from torch.utils import _pytree as pytree
 
 from t4dopt.passes.regions import RegionPlan
 from t4dopt.passes.segments import Segment, token_rows
+
+IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
+                      operator.setitem}
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class Program:
     segments: list[SegmentSpec]
     units: list[UnitSpec]
     chains: list[tuple[int, ...]] = field(default_factory=list)
+    mutates: bool = True
+    """Whether the graph changes tensors in place; if not, stored inputs need no copy."""
 
     def outputs(self, env: dict[str, Any]) -> Any:
         """The graph's output structure filled from `env` (leaves that name values are looked up)."""
@@ -65,6 +71,7 @@ class Program:
             segments=[SegmentSpec(**s) for s in data["segments"]],
             units=[UnitSpec(**u) for u in data["units"]],
             chains=[tuple(c) for c in data["chains"]],
+            mutates=bool(data.get("mutates", True)),
         )
 
 
@@ -83,4 +90,14 @@ def program_of(gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], ti
                         token_rows(u, token_ratio) / u.token_site.site.query_shape[0] if u.token_site else None)
                for u, f in zip(plan.units, flops)],
         chains=[c.units for c in plan.chains],
+        mutates=any(_in_place(n) for n in gm.graph.nodes),
     )
+
+
+def _in_place(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return False

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from t4dopt.cache import policy
+from t4dopt.cache.arithmetic import Arithmetic
 from t4dopt.cache.program import Program, SegmentSpec
 from t4dopt.cache.schedule import Position, StepTracker
 from t4dopt.cache.stats import CacheStats
@@ -25,11 +26,6 @@ from t4dopt.errors import T4DWarning
 from t4dopt.options import CacheSpec
 
 Lower = Callable[[fx.GraphModule, list[Any]], Callable]
-
-
-def relative_drift(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-    """|now - before|_1 / |before|_1 as a 0-d float32 tensor on the tensors' device."""
-    return ((now - before).abs().sum(dtype=torch.float32) / before.abs().sum(dtype=torch.float32).clamp_min(1e-12))
 
 
 @dataclass
@@ -83,8 +79,10 @@ class CacheRuntime:
     runtimes and to leave them out of the input signature).
     """
 
-    def __init__(self, program: Program, runners: list[SegmentRunners], spec: CacheSpec, parameter_ids: set[int]):
+    def __init__(self, program: Program, runners: list[SegmentRunners], spec: CacheSpec, parameter_ids: set[int],
+                 lower: Lower | None = None):
         self.program, self.spec, self.parameter_ids = program, spec, parameter_ids
+        self.arithmetic = Arithmetic(lambda gm: LazyLowered(gm, lower) if lower is not None else gm)
         self.timestep_index = program.placeholders.index(program.timestep) if program.timestep is not None else None
         self.chain_of = {unit: chain for chain, members in enumerate(program.chains) for unit in members}
         self.prunable = [u.token_share is not None for u in program.units]
@@ -180,7 +178,11 @@ class CacheRuntime:
 
     def _measure(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor) -> None:
         if stored.entry is not None:
-            slot.pending.append((state, state.since, relative_drift(entry, stored.entry)))
+            slot.pending.append((state, state.since, self.arithmetic.drift(entry, stored.entry)[0]))
+
+    def _kept(self, entry: torch.Tensor) -> torch.Tensor:
+        """`entry` as stored: a copy only when the graph mutates tensors in place (it could change later)."""
+        return entry.detach().clone() if self.program.mutates else entry.detach()
 
     def _run_unit(self, index: int, segment: SegmentSpec, env: dict, slot: _Slot, modes: list[str]) -> None:
         unit_index = segment.unit
@@ -201,12 +203,13 @@ class CacheRuntime:
         entry = env[unit.entry]
         if starts_chain:
             self._measure(slot, slot.chains[chain], slot.chain_tensors[chain], entry)
-        self._measure(slot, state, stored, entry)
         inputs = [env[n] for n in segment.inputs]
         if mode == policy.REUSE:
-            env[unit.exit] = entry + stored.residual
+            env[unit.exit], moved = self.arithmetic.reuse(entry, stored.residual, stored.entry)
+            slot.pending.append((state, state.since, moved))
             state.reuses += 1
         elif mode == policy.PRUNE:
+            self._measure(slot, state, stored, entry)
             *outputs, reference, rows = self.run_pruned[index](*inputs, *stored.rows)
             env.update(zip(segment.outputs, outputs))
             stored.rows = (reference, rows)
@@ -218,9 +221,11 @@ class CacheRuntime:
                 stored.rows = (outputs[-2], outputs[-1])
                 outputs = outputs[:-2]
             env.update(zip(segment.outputs, outputs))
-            exit_value = env[unit.exit]
-            stored.entry = entry.detach().clone()
-            stored.residual = exit_value - entry
+            before = stored.entry
+            stored.residual, moved = self.arithmetic.store(env[unit.exit], entry, entry if before is None else before)
+            if before is not None:
+                slot.pending.append((state, state.since, moved))
+            stored.entry = self._kept(entry)
             state.computed()
         if chain is not None and unit_index == chain_members[-1]:
             self._close_chain(slot, chain, chain_members, modes, env)
@@ -231,6 +236,6 @@ class CacheRuntime:
             return
         first, last = self.program.units[members[0]], self.program.units[members[-1]]
         stored = slot.chain_tensors[chain]
-        stored.entry = env[first.entry].detach().clone()
+        stored.entry = self._kept(env[first.entry])
         stored.residual = env[last.exit] - env[first.entry]
         slot.chains[chain].computed()
