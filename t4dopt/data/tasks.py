@@ -1,6 +1,7 @@
 """The learning task of the tiny trained models: denoise procedural scenes by flow matching.
 
-A sample is the token grid of one scene, conditioned on the clean tokens of view 0, frame 0:
+A sample is the token grid of one scene, conditioned on the clean tokens of view 0, frame 0,
+each followed by a code of its position in the image (`position_code`): [B, P, C + 12].
 ``"scm"`` models see every view, [B, V, T, P, C]; ``"joint"`` models see view 0 only,
 [B, T, P, C]. Flow matching as in `t4dopt.models.sample_flow_matching`: x_t = (1 - t) x_0 +
 t noise, velocity target noise - x_0.
@@ -8,6 +9,7 @@ t noise, velocity target noise - x_0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,6 +18,20 @@ import torch.nn.functional as F
 from t4dopt.data.procedural import render_scenes, to_tokens
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+POSITION_FEATURES = 12  # channels `position_code` appends to each conditioning token
+
+
+def position_code(grid: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[grid * grid, 12]: sin, cos of pi (column, row) x 1/2, 1, 2 (both in [-1, 1]), row-major as `to_tokens`.
+
+    Cross-attention is blind to the order of its keys, so without this code a model would see
+    the conditioning image as a bag of patches: which colours, but not where.
+    """
+    axis = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) / grid * 2 - 1
+    row, column = torch.meshgrid(axis, axis, indexing="ij")
+    angles = torch.stack([column.flatten(), row.flatten()], dim=-1).unsqueeze(-1) * (
+        math.pi * 2.0 ** torch.arange(-1, 2, device=device, dtype=torch.float32))  # [P, 2, 3]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(grid * grid, POSITION_FEATURES)
 
 
 def scene_batch(
@@ -29,13 +45,14 @@ def scene_batch(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean tokens x_0 and conditioning tokens [B, P, C] for `kind` ``"scm"`` or ``"joint"``."""
+    """Clean tokens x_0 and conditioning tokens [B, P, C + 12] for `kind` ``"scm"`` or ``"joint"``."""
     if kind not in ("scm", "joint"):
         raise ValueError(f"kind={kind!r}: expected 'scm' or 'joint'")
     # View 0 of a scene does not depend on how many views are rendered, so joint models need only it.
     rendered = views if kind == "scm" else 1
     tokens = to_tokens(render_scenes(batch, views=rendered, frames=frames, size=size, seed=seed, device=device), patch)
-    cond = tokens[:, 0, 0]
+    first = tokens[:, 0, 0]
+    cond = torch.cat([first, position_code(size // patch, device).expand(batch, -1, -1)], dim=-1)
     return (tokens if kind == "scm" else tokens[:, 0]), cond
 
 

@@ -53,7 +53,13 @@ def pretrained(name: str, *, device: torch.device | str = "cpu") -> nn.Module:
     Names: ``"scm-tiny"`` (`SCMNet`, [B, 4 views, 8 frames, 64 tokens, 12]),
     ``"joint-tiny"`` (`Sculpt4DDiT`, [B, 8 frames, 64 tokens, 12]) and ``"joint-tiny-sculpt4d"``
     (the same fine-tuned with the Sculpt4D mask, which it keeps; it runs 8 x 64 grids only).
-    All take the clean tokens of view 0, frame 0 ([B, 64, 12]) as conditioning.
+    All take the clean tokens of view 0, frame 0, each with a code of its position
+    (`t4dopt.data.tasks.position_code`), as conditioning: [B, 64, 24], as `scene_batch` makes it.
+
+    The joint models have no spatial position embedding (like Hunyuan3D, whose latents are an
+    unordered set): they are equivariant to a shuffle of the 64 tokens of a frame, so their
+    samples from noise have the scene's colours but cannot place them; only ``"scm-tiny"``
+    (sinusoidal view, frame and token embeddings) draws recognisable scenes.
 
     turbo4d leaves attention that already has a mask dense; to run joint-tiny-sculpt4d through
     its block-sparse kernel, drop the mask (``set_joint_mask(model, None)``) and compile with
