@@ -16,7 +16,7 @@ from t4dopt.errors import T4DOptionError
 TARGETS = ("inductor", "eager", "tensorrt")
 LAYOUT_KEYS = ("frames", "views", "tokens_per_frame", "prefix_tokens", "height", "width")
 TOP_LEVEL_KEYS = ("layout", "sparse", "cache", "target", "strict", "verify")
-CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps")
+CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps", "order")
 CACHE_LEVELS = ("block", "token", "chain")
 DEFAULT_POLICY = "sculpt4d"
 
@@ -51,7 +51,8 @@ class CacheSpec:
 
     ``threshold`` is the relative L1 drift of a unit's input since it was last computed below
     which its output is reused (0: never reuse). ``steps`` is the sampling loop's length; only
-    with it can the ``final`` steps be recognised.
+    with it can the ``final`` steps be recognised. ``order`` 0 reuses a stored residual as it
+    is; 1 carries it along its change per step between the last two computations.
     """
 
     threshold: float = 0.05
@@ -61,6 +62,7 @@ class CacheSpec:
     token_ratio: float = 0.25
     levels: tuple[str, ...] = CACHE_LEVELS
     steps: int | None = None
+    order: int = 1
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,8 @@ def _parse_cache(value: Any) -> CacheSpec | None:
     fields["levels"] = tuple(level for level in CACHE_LEVELS if level in levels)
     if fields.get("steps") is not None:
         _count("cache['steps']", fields["steps"], 1)
+    if fields.get("order", 1) not in (0, 1) or isinstance(fields.get("order"), bool):
+        raise _fail("cache['order']", fields["order"], "0 (reuse the residual as stored) or 1 (extrapolate it)")
     return CacheSpec(**fields)
 
 

@@ -270,6 +270,16 @@ def test_each_level_alone_does_only_its_own_kind_of_reuse(scm, levels, used):
         assert all(getattr(u, used) == 0 for u in units if u.kind in ("cross", "other"))
 
 
+def test_first_order_extrapolation_keeps_closer_to_full_compute(scm):
+    full = sample(scm, 16, steps=30)
+    quality = {}
+    for order in (0, 1):
+        torch._dynamo.reset()
+        cached = sample(compiled(scm, {"threshold": 0.2, "max_reuse": 6, "order": order, "steps": 30}), 16, steps=30)
+        quality[order] = psnr(cached, full)
+    assert quality[1] > quality[0]
+
+
 def test_warmup_final_and_max_reuse_are_honoured(scm):
     sample(compiled(scm, {"threshold": 10.0, "warmup": 3, "final": 2, "max_reuse": 2, "steps": STEPS}), 11)
     for unit in t4dopt.cache_report(scm).units:
@@ -323,6 +333,7 @@ def test_report_table_names_every_unit(scm):
     ({"levels": ["block", "frame"]}, "cache['levels']"),
     ({"levels": "block"}, "cache['levels']"),
     ({"steps": 0}, "cache['steps']"),
+    ({"order": 2}, "cache['order']"),
     ({"thresold": 0.1}, "cache['thresold']"),
     ([0.1], "cache"),
 ])

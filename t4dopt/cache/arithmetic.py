@@ -1,7 +1,8 @@
 """The runtime's own tensor arithmetic, as small graphs lowered like the segments (one fused kernel each).
 
-Run eagerly, each reuse or store would be four to six separate small ops per sublayer and
-call; lowered by Inductor they are one kernel each.
+Run eagerly, each reuse or store would be several separate small ops per sublayer and call;
+lowered by Inductor they are one kernel each. Step counts enter as 0-d tensors picked from a
+table on the device, so neither a new value nor a host-to-device copy is needed per call.
 """
 
 from __future__ import annotations
@@ -25,20 +26,51 @@ def drift(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor]:
 
 
 def reuse(entry: torch.Tensor, residual: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sublayer's exit rebuilt from its new entry, and how far that entry moved."""
+    """The exit rebuilt from a new entry and the stored residual, and how far the entry moved."""
     return entry + residual, relative_drift(entry, before)
 
 
-def store(exit_value: torch.Tensor, entry: torch.Tensor,
-          before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reuse_extrapolated(entry: torch.Tensor, residual: torch.Tensor, slope: torch.Tensor, steps: torch.Tensor,
+                       before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `reuse`, the residual carried `steps` steps along its slope (first order)."""
+    return entry + residual + slope * steps.to(slope.dtype), relative_drift(entry, before)
+
+
+def store(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual to keep after a computation, and how far the entry moved since the last one."""
     return exit_value - entry, relative_drift(entry, before)
 
 
-class Arithmetic:
-    """`drift`, `reuse` and `store`, each lowered on first use per input signature by `make(gm)`."""
+def store_slope(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Tensor, previous: torch.Tensor,
+                inverse_gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `store`, plus the residual's change per step since the `previous` one, `1 / inverse_gap` steps ago."""
+    residual = exit_value - entry
+    return residual, (residual - previous) * inverse_gap.to(residual.dtype), relative_drift(entry, before)
 
-    def __init__(self, make: Callable[[fx.GraphModule], Callable]):
+
+class Arithmetic:
+    """The functions above, each lowered on first use per input signature by `make(gm)`.
+
+    `steps(n, like)` and `inverse(n, like)` are n and 1/n as 0-d tensors on `like`'s device.
+    """
+
+    def __init__(self, make: Callable[[fx.GraphModule], Callable], limit: int):
         self.drift = make(fx.symbolic_trace(drift))
         self.reuse = make(fx.symbolic_trace(reuse))
+        self.reuse_extrapolated = make(fx.symbolic_trace(reuse_extrapolated))
         self.store = make(fx.symbolic_trace(store))
+        self.store_slope = make(fx.symbolic_trace(store_slope))
+        self.limit = limit
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _table(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if like.device not in self._tables:
+            counts = torch.arange(self.limit + 1, dtype=torch.float32)
+            self._tables[like.device] = (counts.to(like.device), (1 / counts.clamp_min(1)).to(like.device))
+        return self._tables[like.device]
+
+    def steps(self, count: int, like: torch.Tensor) -> torch.Tensor:
+        return self._table(like)[0][min(count, self.limit)]
+
+    def inverse(self, count: int, like: torch.Tensor) -> torch.Tensor:
+        return self._table(like)[1][min(max(count, 1), self.limit)]

@@ -34,6 +34,7 @@ class _Stored:
 
     entry: torch.Tensor | None = None
     residual: torch.Tensor | None = None
+    slope: torch.Tensor | None = None
     rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -82,7 +83,8 @@ class CacheRuntime:
     def __init__(self, program: Program, runners: list[SegmentRunners], spec: CacheSpec, parameter_ids: set[int],
                  lower: Lower | None = None):
         self.program, self.spec, self.parameter_ids = program, spec, parameter_ids
-        self.arithmetic = Arithmetic(lambda gm: LazyLowered(gm, lower) if lower is not None else gm)
+        self.arithmetic = Arithmetic(lambda gm: LazyLowered(gm, lower) if lower is not None else gm,
+                                     limit=max(spec.max_reuse + 2, 64))
         self.timestep_index = program.placeholders.index(program.timestep) if program.timestep is not None else None
         self.chain_of = {unit: chain for chain, members in enumerate(program.chains) for unit in members}
         self.prunable = [u.token_share is not None for u in program.units]
@@ -184,6 +186,35 @@ class CacheRuntime:
         """`entry` as stored: a copy only when the graph mutates tensors in place (it could change later)."""
         return entry.detach().clone() if self.program.mutates else entry.detach()
 
+    def _rebuild(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor) -> torch.Tensor:
+        """The exit from a new entry and the stored residual (extrapolated with ``order=1``); records the drift."""
+        if stored.slope is not None:
+            steps = self.arithmetic.steps(state.since, entry)
+            exit_value, moved = self.arithmetic.reuse_extrapolated(entry, stored.residual, stored.slope, steps,
+                                                                   stored.entry)
+        else:
+            exit_value, moved = self.arithmetic.reuse(entry, stored.residual, stored.entry)
+        slot.pending.append((state, state.since, moved))
+        state.reuses += 1
+        return exit_value
+
+    def _keep(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor,
+              exit_value: torch.Tensor) -> None:
+        """Store a computation's residual (and, with ``order=1``, its change per step); records the drift."""
+        before, previous = stored.entry, stored.residual
+        if before is None:
+            stored.residual, _ = self.arithmetic.store(exit_value, entry, entry)
+        elif self.spec.order == 1:
+            inverse_gap = self.arithmetic.inverse(state.since, entry)
+            stored.residual, stored.slope, moved = self.arithmetic.store_slope(exit_value, entry, before, previous,
+                                                                               inverse_gap)
+            slot.pending.append((state, state.since, moved))
+        else:
+            stored.residual, moved = self.arithmetic.store(exit_value, entry, before)
+            slot.pending.append((state, state.since, moved))
+        stored.entry = self._kept(entry)
+        state.computed()
+
     def _run_unit(self, index: int, segment: SegmentSpec, env: dict, slot: _Slot, modes: list[str]) -> None:
         unit_index = segment.unit
         unit = self.program.units[unit_index]
@@ -195,19 +226,16 @@ class CacheRuntime:
         if mode == policy.BYPASS:
             state.reuses += 1
             if starts_chain:
-                entry = env[unit.entry]
-                self._measure(slot, slot.chains[chain], slot.chain_tensors[chain], entry)
-                env[self.program.units[chain_members[-1]].exit] = entry + slot.chain_tensors[chain].residual
-                slot.chains[chain].reuses += 1
+                last_exit = self.program.units[chain_members[-1]].exit
+                env[last_exit] = self._rebuild(slot, slot.chains[chain], slot.chain_tensors[chain], env[unit.entry])
             return
         entry = env[unit.entry]
-        if starts_chain:
+        if starts_chain and any(modes[i] != policy.COMPUTE for i in chain_members):
+            # Otherwise the chain is stored at its end, which records this drift.
             self._measure(slot, slot.chains[chain], slot.chain_tensors[chain], entry)
         inputs = [env[n] for n in segment.inputs]
         if mode == policy.REUSE:
-            env[unit.exit], moved = self.arithmetic.reuse(entry, stored.residual, stored.entry)
-            slot.pending.append((state, state.since, moved))
-            state.reuses += 1
+            env[unit.exit] = self._rebuild(slot, state, stored, entry)
         elif mode == policy.PRUNE:
             self._measure(slot, state, stored, entry)
             *outputs, reference, rows = self.run_pruned[index](*inputs, *stored.rows)
@@ -221,12 +249,7 @@ class CacheRuntime:
                 stored.rows = (outputs[-2], outputs[-1])
                 outputs = outputs[:-2]
             env.update(zip(segment.outputs, outputs))
-            before = stored.entry
-            stored.residual, moved = self.arithmetic.store(env[unit.exit], entry, entry if before is None else before)
-            if before is not None:
-                slot.pending.append((state, state.since, moved))
-            stored.entry = self._kept(entry)
-            state.computed()
+            self._keep(slot, state, stored, entry, env[unit.exit])
         if chain is not None and unit_index == chain_members[-1]:
             self._close_chain(slot, chain, chain_members, modes, env)
 
@@ -235,7 +258,5 @@ class CacheRuntime:
         if any(modes[i] != policy.COMPUTE for i in members):
             return
         first, last = self.program.units[members[0]], self.program.units[members[-1]]
-        stored = slot.chain_tensors[chain]
-        stored.entry = self._kept(env[first.entry])
-        stored.residual = env[last.exit] - env[first.entry]
-        slot.chains[chain].computed()
+        state, stored = slot.chains[chain], slot.chain_tensors[chain]
+        self._keep(slot, state, stored, env[first.entry], env[last.exit])
