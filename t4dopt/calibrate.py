@@ -27,7 +27,8 @@ from t4dopt.options import parse_options
 from t4dopt.quality import psnr, relative_l2
 
 BUDGET_KEYS = {"psnr": "at least this many dB", "relative_l2": "at most this relative L2 error"}
-DEFAULT_THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+DEFAULT_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+DEFAULT_MAX_REUSE = (4, 8)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class CalibrationPoint:
     """One threshold: seconds per run (best of the repeats), quality against full compute, share computed."""
 
     threshold: float
+    max_reuse: int
     seconds: float
     speedup: float
     psnr: float
@@ -55,12 +57,12 @@ class Calibration:
     plot: str | None
 
     def table(self) -> str:
-        lines = ["threshold  s/run     speedup  PSNR dB  rel L2   computed"]
+        lines = ["threshold  max_reuse  s/run     speedup  PSNR dB  rel L2   computed"]
         for p in self.points:
-            lines.append(f"{p.threshold:<9g}  {p.seconds:<8.3f}  {p.speedup:<7.2f}  {p.psnr:<7.1f}  "
+            lines.append(f"{p.threshold:<9g}  {p.max_reuse:<9d}  {p.seconds:<8.3f}  {p.speedup:<7.2f}  {p.psnr:<7.1f}  "
                          f"{p.relative_l2:<7.4f}  {100 * p.computed:.0f}%")
-        chosen = self.options["cache"]["threshold"] if self.options else None
-        lines.append(f"full compute {self.baseline_seconds:.3f} s/run; chosen threshold: {chosen}")
+        chosen = {k: self.options["cache"][k] for k in ("threshold", "max_reuse")} if self.options else None
+        lines.append(f"full compute {self.baseline_seconds:.3f} s/run; chosen: {chosen}")
         return "\n".join(lines)
 
 
@@ -93,16 +95,17 @@ def calibrate(
     *,
     options: Mapping[str, Any] | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    max_reuse: Sequence[int] = DEFAULT_MAX_REUSE,
     repeats: int = 2,
     plot: str | os.PathLike | None = None,
 ) -> Calibration:
-    """Find the fastest cache threshold whose samples stay within `budget` of full compute.
+    """Find the fastest cache threshold and ``max_reuse`` whose samples stay within `budget` of full compute.
 
     `run_fn(model)` runs one complete sampling loop with the model it is given and returns
     the sample; it must be deterministic (fixed seeds). `options` are the other backend
     options (layout, sparse, cache levels...); `budget` holds ``"psnr"`` (dB, at least) and/or
-    ``"relative_l2"`` (at most), default ``{"psnr": 30.0}``. Each threshold is run `repeats`
-    times after a warm-up run and timed by its best run. With `plot`, writes the
+    ``"relative_l2"`` (at most), default ``{"psnr": 30.0}``. Each pair of `thresholds` and
+    `max_reuse` is run `repeats` times after a warm-up run and timed by its best run. With `plot`, writes the
     speed-vs-quality curve there (PNG).
     """
     budget = _check_budget({"psnr": 30.0} if budget is None else budget)
@@ -110,6 +113,8 @@ def calibrate(
     cache = base.cache or parse_options({"cache": {}}).cache
     if not thresholds or any(isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0 for t in thresholds):
         raise T4DOptionError(f"calibrate thresholds={thresholds!r} is not valid; allowed: numbers > 0")
+    if not max_reuse or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in max_reuse):
+        raise T4DOptionError(f"calibrate max_reuse={max_reuse!r} is not valid; allowed: integers >= 1")
     compiled = torch.compile(model, backend=functools.partial(turbo4d, options=dataclasses.replace(base, cache=cache)))
     earlier = set(runtimes_of(model))
     with torch.no_grad():
@@ -119,17 +124,18 @@ def calibrate(
         if not runtimes:
             raise T4DOptionError("calibrate: the model compiled to no cache runtime (see the warnings for why); "
                                  "pass options['layout'] and check t4dopt.explain(model, ...)")
-        _set_threshold(runtimes, 0.0)
+        _configure(runtimes, threshold=0.0)
         baseline, _ = _timed(run_fn, compiled, repeats)
         points = []
-        for threshold in sorted(float(t) for t in thresholds):
-            _set_threshold(runtimes, threshold)
-            run_fn(compiled)
-            seconds, sample = _timed(run_fn, compiled, repeats)
-            units = [u for runtime in runtimes for u in runtime.stats.report()]
-            computed = sum(u.computed for u in units) / max(sum(u.calls for u in units), 1)
-            points.append(CalibrationPoint(threshold, seconds, baseline / seconds, psnr(sample, reference),
-                                           relative_l2(sample, reference), computed))
+        for reuses in sorted(set(max_reuse)):
+            for threshold in sorted(float(t) for t in thresholds):
+                _configure(runtimes, threshold=threshold, max_reuse=reuses)
+                run_fn(compiled)
+                seconds, sample = _timed(run_fn, compiled, repeats)
+                units = [u for runtime in runtimes for u in runtime.stats.report()]
+                computed = sum(u.computed for u in units) / max(sum(u.calls for u in units), 1)
+                points.append(CalibrationPoint(threshold, reuses, seconds, baseline / seconds,
+                                               psnr(sample, reference), relative_l2(sample, reference), computed))
     for runtime in runtimes:
         runtime.reset()
     fitting = [p for p in points if p.within(budget)]
@@ -137,18 +143,19 @@ def calibrate(
     chosen = None
     if best is not None:
         chosen = dict(options or {})
-        chosen["cache"] = {**dict((options or {}).get("cache") or {}), "threshold": best.threshold}
+        chosen["cache"] = {**dict((options or {}).get("cache") or {}), "threshold": best.threshold,
+                           "max_reuse": best.max_reuse}
     plot_path = None
     if plot is not None:
         from t4dopt.plotting import draw_speed_quality_curve
 
-        finite = [(f"{p.threshold:g}", p.speedup, min(p.psnr, 99.0)) for p in points]
+        finite = [(f"{p.threshold:g}/{p.max_reuse}", p.speedup, min(p.psnr, 99.0)) for p in points]
         plot_path = str(draw_speed_quality_curve(finite, plot))
     return Calibration(chosen, points, baseline, plot_path)
 
 
-def _set_threshold(runtimes: list[CacheRuntime], threshold: float) -> None:
-    """Point `runtimes` at `threshold`, each starting a fresh generation."""
+def _configure(runtimes: list[CacheRuntime], **settings: float) -> None:
+    """Change cache settings of `runtimes` (the compiled segments stay), each starting a fresh generation."""
     for runtime in runtimes:
-        runtime.spec = dataclasses.replace(runtime.spec, threshold=threshold)
+        runtime.spec = dataclasses.replace(runtime.spec, **settings)
         runtime.reset()
