@@ -1,0 +1,202 @@
+"""Speed and quality of reuse across denoising steps on the trained SCM testbed, beside a TeaCache-style baseline.
+
+Every row samples the same seeds (noise and conditioning scene) through a whole sampling loop
+and is compared with the full-compute sample of that seed (PSNR, relative L2); time is the
+best of the repeats per sample, speedup is against plain ``torch.compile`` (Inductor) of the
+same model in the same run. Rows:
+
+- inductor: plain ``torch.compile``, full compute (the reference for speed);
+- turbo4d threshold 0: our runtime computing everything (its overhead);
+- turbo4d block / block+token / all levels at each threshold: ``options["cache"]``;
+- teacache-style: one global decision per step from the accumulated relative L1 change of the
+  first block's timestep-modulated input (as TeaCache does, with one ``.item()`` per step),
+  reusing the residual of the whole block stack; no token or chain level; blocks compiled
+  with Inductor;
+- with ``--model joint-tiny``: the cache combined with sculpt4d block-sparse joint attention.
+
+    python bench/cache.py [--model scm-tiny] [--steps 50] [--seeds 2] [--threads 1] [--plot curve.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import t4dopt
+from t4dopt.data.tasks import EVAL_SEED, scene_batch
+from t4dopt.models import SCMNet, pretrained, sample_flow_matching
+from t4dopt.models.sculpt4d_dit import timestep_embedding
+from t4dopt.quality import psnr, relative_l2
+
+VIEWS, FRAMES, TOKENS = 4, 8, 64
+THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
+TEACACHE_THRESHOLDS = (0.1, 0.2, 0.4, 0.8)
+
+
+class TeaCacheStyle(torch.nn.Module):
+    """SCMNet with a TeaCache-style step cache: reuse the whole block stack's residual while the
+    accumulated relative L1 change of block 0's modulated input stays under `threshold`."""
+
+    def __init__(self, model: SCMNet, threshold: float, steps: int, warmup: int = 2):
+        super().__init__()
+        self.model, self.threshold, self.steps, self.warmup = model, threshold, steps, warmup
+        self.blocks = torch.compile(self._blocks)
+        self.stem = torch.compile(self._stem)
+        self.head = torch.compile(lambda h: model.final(model.final_norm(h)))
+        self.start()
+
+    def start(self) -> None:
+        self.step, self.accumulated, self.previous, self.residual = 0, 0.0, None, None
+        self.computed = 0
+
+    def _stem(self, x, t):
+        model = self.model
+        _, views, frames, tokens, _ = x.shape
+        h = model.embed(x) + model.position_embedding(views, frames, tokens, x.device).to(x.dtype)
+        temb = model.time_mlp(timestep_embedding(t, model.config.hidden).to(h.dtype))
+        first = model.blocks[0]
+        shift, scale, _ = first.modulation(F.silu(temb)).view(x.shape[0], 1, 1, 1, 3, 5, -1).unbind(dim=4)
+        return h, temb, first.norms[0](h) * (1 + scale[..., 0, :]) + shift[..., 0, :]
+
+    def _blocks(self, h, temb, cond):
+        for block in self.model.blocks:
+            h = block(h, temb, cond)
+        return h
+
+    def forward(self, x, t, cond):
+        h, temb, modulated = self.stem(x, t)
+        if self.previous is not None:
+            change = ((modulated - self.previous).abs().mean() / self.previous.abs().mean()).item()
+            self.accumulated += change
+        self.previous = modulated
+        compute = (self.step < self.warmup or self.step >= self.steps - 1 or self.residual is None
+                   or self.accumulated >= self.threshold)
+        if compute:
+            out = self.blocks(h, temb, cond)
+            self.residual, self.accumulated = out - h, 0.0
+            self.computed += 1
+        else:
+            out = h + self.residual
+        self.step += 1
+        return self.head(out)
+
+
+def _inputs(kind: str, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    clean, cond = scene_batch(kind, 1, views=VIEWS, frames=FRAMES, seed=EVAL_SEED + seed, device=device)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    return noise, cond
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_samples(model: Callable, inputs: list, steps: int, repeats: int, device: str,
+                   before: Callable[[], None] = lambda: None) -> tuple[float, list[torch.Tensor]]:
+    """Best seconds per sample over `repeats` passes over the seeds, after a warm-up pass, and the samples."""
+    samples = []
+    with torch.no_grad():
+        for noise, cond in inputs:
+            before()
+            samples.append(sample_flow_matching(model, noise, cond, steps=steps))
+        best = math.inf
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            for noise, cond in inputs:
+                before()
+                sample_flow_matching(model, noise, cond, steps=steps)
+            _sync(device)
+            best = min(best, (time.perf_counter() - start) / len(inputs))
+    return best, samples
+
+
+def _quality(samples: list[torch.Tensor], references: list[torch.Tensor]) -> tuple[float, float]:
+    return (sum(psnr(s, r) for s, r in zip(samples, references)) / len(samples),
+            sum(relative_l2(s, r) for s, r in zip(samples, references)) / len(samples))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="scm-tiny", choices=["scm-tiny", "joint-tiny"])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
+    parser.add_argument("--max-reuse", type=int, nargs="+", default=[8, 12],
+                        help="max_reuse values; block and block+token rows use the first")
+    parser.add_argument("--plot", help="write the speed-vs-quality curve to this PNG")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = pretrained(args.model).to(args.device).eval()
+    kind = "scm" if args.model == "scm-tiny" else "joint"
+    inputs = [_inputs(kind, seed, args.device) for seed in range(args.seeds)]
+    layout = ({"frames": FRAMES, "views": VIEWS, "tokens_per_frame": TOKENS} if kind == "scm"
+              else {"frames": FRAMES, "tokens_per_frame": TOKENS})
+    with torch.no_grad():
+        references = [sample_flow_matching(model, noise, cond, steps=args.steps) for noise, cond in inputs]
+
+    rows: list[tuple[str, float, float, float, str]] = []
+
+    def run(name: str, compiled: Callable, before: Callable[[], None] = lambda: None, computed: str = "") -> None:
+        seconds, samples = _timed_samples(compiled, inputs, args.steps, args.repeats, args.device, before)
+        quality, error = _quality(samples, references)
+        rows.append((name, seconds, quality, error, computed))
+        print(f"  {name}: {seconds:.3f} s/sample, {quality:.1f} dB", flush=True)
+
+    def share_computed() -> str:
+        units = t4dopt.cache_report(model).units
+        return f"{100 * sum(u.computed for u in units) / max(sum(u.calls for u in units), 1):.0f}%"
+
+    print(f"{args.model}, {args.steps} steps, {args.seeds} seeds, device {args.device}, "
+          f"threads {torch.get_num_threads()}", flush=True)
+    torch._dynamo.reset()
+    run("inductor (full compute)", torch.compile(model), computed="100%")
+    base = {"layout": layout}
+    if kind == "joint":
+        base["sparse"] = {"policy": "sculpt4d", "block_size": 16}
+    levels_rows = [("block", ["block"]), ("block+token", ["block", "token"]), ("all levels", ["block", "token", "chain"])]
+    torch._dynamo.reset()
+    run("turbo4d, threshold 0", torch.compile(model, backend="turbo4d", options={**base, "cache": {"threshold": 0.0}}),
+        computed="100%")
+    for label, levels in levels_rows if kind == "scm" else [("all levels", ["block", "token", "chain"])]:
+        for max_reuse in args.max_reuse if label == "all levels" else args.max_reuse[:1]:
+            for threshold in args.thresholds:
+                torch._dynamo.reset()
+                cache = {"threshold": threshold, "levels": levels, "max_reuse": max_reuse, "steps": args.steps}
+                compiled = torch.compile(model, backend="turbo4d", options={**base, "cache": cache})
+                run(f"turbo4d {label}, threshold {threshold:g}, max_reuse {max_reuse}", compiled)
+                rows[-1] = rows[-1][:4] + (share_computed(),)
+    if kind == "scm":
+        for threshold in TEACACHE_THRESHOLDS:
+            torch._dynamo.reset()
+            teacache = TeaCacheStyle(model, threshold, args.steps)
+            run(f"teacache-style, threshold {threshold:g}", teacache, before=teacache.start)
+            rows[-1] = rows[-1][:4] + (f"{100 * teacache.computed / args.steps:.0f}%",)
+
+    baseline = rows[0][1]
+    print()
+    print("| method | s/sample | speedup | PSNR dB | rel. L2 | sublayer calls computed |")
+    print("|---|---|---|---|---|---|")
+    for name, seconds, quality, error, computed in rows:
+        print(f"| {name} | {seconds:.3f} | {baseline / seconds:.2f}x | {quality:.1f} | {error:.4f} | {computed} |")
+    if args.plot:
+        from t4dopt.plotting import draw_speed_quality_curve
+
+        points = [(name.replace("turbo4d all levels, threshold ", "ours ").replace(", max_reuse ", "/")
+                   .replace("teacache-style, threshold ", "tea "), baseline / seconds, min(quality, 60.0))
+                  for name, seconds, quality, _, _ in rows[2:] if name.startswith(("turbo4d all", "teacache"))]
+        print(f"wrote {draw_speed_quality_curve(points, args.plot)}")
+
+
+if __name__ == "__main__":
+    main()
