@@ -192,10 +192,13 @@ def main() -> None:
     if args.plot:
         from t4dopt.plotting import draw_speed_quality_curve
 
-        points = [(name.replace("turbo4d all levels, threshold ", "ours ").replace(", max_reuse ", "/")
-                   .replace("teacache-style, threshold ", "tea "), baseline / seconds, min(quality, 60.0))
-                  for name, seconds, quality, _, _ in rows[2:] if name.startswith(("turbo4d all", "teacache"))]
-        print(f"wrote {draw_speed_quality_curve(points, args.plot)}")
+        curves: dict[str, list[tuple[str, float, float]]] = {}
+        for name, seconds, quality, _, _ in rows[2:]:
+            if name.startswith(("turbo4d all", "teacache")):
+                curve = "turbo4d (all levels)" if name.startswith("turbo4d") else "teacache-style"
+                label = name.split("threshold ")[1].replace(", max_reuse ", "/")
+                curves.setdefault(curve, []).append((label, baseline / seconds, min(quality, 60.0)))
+        print(f"wrote {draw_speed_quality_curve(curves, args.plot)}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ FRAME_LINE: Color = (150, 156, 168)
 BORDER: Color = (90, 90, 90)
 TEXT: Color = (20, 20, 20)
 CURVE: Color = (31, 92, 168)
+CURVE_COLOURS: tuple[Color, ...] = (CURVE, (200, 60, 40), (40, 150, 70), (140, 90, 180))
 AXIS: Color = (60, 60, 60)
 GRID: Color = (228, 228, 228)
 
@@ -192,7 +193,7 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> tuple[list[float], i
 
 
 def draw_speed_quality_curve(
-    points: Sequence[tuple[str, float, float]],
+    points: Sequence[tuple[str, float, float]] | Mapping[str, Sequence[tuple[str, float, float]]],
     path: str | os.PathLike,
     *,
     x_label: str = "speedup",
@@ -200,10 +201,14 @@ def draw_speed_quality_curve(
 ) -> pathlib.Path:
     """Write a PNG plotting labelled (label, x, y) points, joined in order of x.
 
-    Axes get round tick values and the labels `x_label` and `y_label`; each point is marked
-    and annotated with its label. Raises ValueError for no points or a non-finite coordinate
-    (an infinite PSNR, say, from comparing a run with itself). Returns the path written.
+    `points` is one curve, or named curves (a dict name -> points), each drawn in its own
+    colour with a legend. Axes get round tick values and the labels `x_label` and `y_label`;
+    each point is marked and annotated with its label. Raises ValueError for no points or a
+    non-finite coordinate (an infinite PSNR, say, from comparing a run with itself). Returns
+    the path written.
     """
+    curves = dict(points) if isinstance(points, Mapping) else {"": points}
+    points = [p for curve in curves.values() for p in curve]
     if not points:
         raise ValueError("points is empty: nothing to plot")
     for label, x, y in points:
@@ -244,15 +249,21 @@ def draw_speed_quality_curve(
     label_image = label_image.rotate(90, expand=True)
     image.paste(label_image, (12, int((top + bottom - label_image.height) / 2)))
 
-    pixels = [to_pixel(x, y) for _, x, y in sorted(points, key=lambda p: p[1])]
-    if len(pixels) > 1:
-        draw.line(pixels, fill=CURVE, width=2)
-    for label, x, y in points:
-        px, py = to_pixel(x, y)
-        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=CURVE, outline=BACKGROUND)
-        text_x = min(px + 7, width - 4 - _text_width(draw, label, font))
-        text_y = max(py - 18, 2)
-        draw.text((text_x, text_y), label, fill=TEXT, font=font)
+    for index, (name, curve) in enumerate(curves.items()):
+        colour = CURVE_COLOURS[index % len(CURVE_COLOURS)]
+        pixels = [to_pixel(x, y) for _, x, y in sorted(curve, key=lambda p: p[1])]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        for label, x, y in curve:
+            px, py = to_pixel(x, y)
+            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour, outline=BACKGROUND)
+            text_x = min(px + 7, width - 4 - _text_width(draw, label, font))
+            text_y = max(py - 18, 2)
+            draw.text((text_x, text_y), label, fill=TEXT, font=font)
+        if name:
+            legend_y = top + 4 + 16 * index
+            draw.line([(right - 150, legend_y + 6), (right - 130, legend_y + 6)], fill=colour, width=3)
+            draw.text((right - 124, legend_y), name, fill=TEXT, font=font)
     return _save(image, path)
 
 

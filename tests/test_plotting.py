@@ -6,6 +6,7 @@ from PIL import Image
 from t4dopt import masks
 from t4dopt.plotting import (
     CURVE,
+    CURVE_COLOURS,
     KEPT,
     PREFIX_KEPT,
     PREFIX_SKIPPED,
@@ -101,6 +102,15 @@ def test_speed_quality_curve(tmp_path):
     curve = (pixels == np.array(CURVE, dtype=np.uint8)).all(axis=-1)
     assert curve.sum() > 100
     assert (pixels.sum(axis=-1) < 150).sum() > 100
+
+
+def test_speed_quality_curves_get_their_own_colours(tmp_path):
+    curves = {"ours": [("0.1", 2.0, 38.0), ("0.3", 3.2, 36.0)], "baseline": [("0.2", 4.0, 32.0), ("0.4", 6.0, 26.0)]}
+    path = draw_speed_quality_curve(curves, tmp_path / "curves.png")
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    for colour in CURVE_COLOURS[:2]:
+        assert (pixels == np.array(colour, dtype=np.uint8)).all(axis=-1).sum() > 50
 
 
 def test_speed_quality_curve_single_point(tmp_path):
