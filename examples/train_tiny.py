@@ -36,7 +36,7 @@ JOINT_CONFIG = Sculpt4DConfig(in_channels=CHANNELS, hidden=64, heads=4, depth=2,
                               tokens_per_frame=TOKENS, image_tokens=TOKENS, cond_dim=COND_DIM)
 MASK_BLOCK_SIZE = 16
 # Per-model defaults (steps, batch, learning rate, EMA decay): the shipped weights were trained with these.
-DEFAULTS = {"scm-tiny": (3200, 4, 2e-3, 0.999), "joint-tiny": (1500, 8, 2e-3, 0.999),
+DEFAULTS = {"scm-tiny": (3200, 4, 2e-3, 0.999), "joint-tiny": (3000, 8, 2e-3, 0.999),
             "joint-tiny-sculpt4d": (600, 8, 5e-4, 0.999)}
 
 

@@ -56,10 +56,9 @@ def pretrained(name: str, *, device: torch.device | str = "cpu") -> nn.Module:
     All take the clean tokens of view 0, frame 0, each with a code of its position
     (`t4dopt.data.tasks.position_code`), as conditioning: [B, 64, 24], as `scene_batch` makes it.
 
-    The joint models have no spatial position embedding (like Hunyuan3D, whose latents are an
-    unordered set): they are equivariant to a shuffle of the 64 tokens of a frame, so their
-    samples from noise have the scene's colours but cannot place them; only ``"scm-tiny"``
-    (sinusoidal view, frame and token embeddings) draws recognisable scenes.
+    All three draw recognisable, if blotchy, scenes from noise: ``"scm-tiny"`` has sinusoidal
+    view, frame and token embeddings, the joint models a sinusoid of the token index within a
+    frame and RoPE on the frame index (`bench/RESULTS.md` has their PSNR against the scene).
 
     turbo4d leaves attention that already has a mask dense; to run joint-tiny-sculpt4d through
     its block-sparse kernel, drop the mask (``set_joint_mask(model, None)``) and compile with

@@ -10,14 +10,13 @@ of weights runs any grid.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t4dopt.models.sculpt4d_dit import Attention, resolve_config, timestep_embedding
+from t4dopt.models.sculpt4d_dit import Attention, resolve_config, sinusoid, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -52,14 +51,6 @@ SCM_CONFIGS: dict[str, SCMConfig] = {
 }
 
 _SUBLAYERS = 5  # spatial, camera, motion, cross, mlp
-
-
-def sinusoid(positions: int, dim: int, base: float, device: torch.device) -> torch.Tensor:
-    """[positions, dim] sin/cos embedding of 0..positions-1; `base` sets the longest wavelength."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(base) * torch.arange(half, device=device, dtype=torch.float32) / half)
-    angles = torch.arange(positions, device=device, dtype=torch.float32).unsqueeze(1) * freqs
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 class SCMBlock(nn.Module):

@@ -2,7 +2,9 @@
 
 Each block runs per-frame spatial self-attention, cross-attention to image tokens, joint
 temporal self-attention over all frames x tokens (1-D RoPE on the frame index) and an MLP,
-each modulated by the timestep (adaLN: shift, scale, gate).
+each modulated by the timestep (adaLN: shift, scale, gate). A fixed sinusoidal embedding of
+each token's index within its frame is added to the embedded tokens; without it the model
+would be equivariant to shuffling the tokens of a frame and could not place what it draws.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ CONFIGS: dict[str, Sculpt4DConfig] = {
 }
 
 
+TOKEN_BASE = 1024.0  # longest wavelength of the token-index sinusoid (in tokens)
+
+
 def resolve_config(config, known: dict, overrides: dict):
     """A config object from itself or a name in `known`, with `overrides` replacing fields."""
     if isinstance(config, str) and config not in known:
@@ -61,6 +66,14 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = 1000.0 * t.float().unsqueeze(-1) * freqs
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def sinusoid(positions: int, dim: int, base: float, device: torch.device) -> torch.Tensor:
+    """[positions, dim] sin/cos embedding of 0..positions-1; `base` sets the longest wavelength."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(base) * torch.arange(half, device=device, dtype=torch.float32) / half)
+    angles = torch.arange(positions, device=device, dtype=torch.float32).unsqueeze(1) * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +147,11 @@ class Sculpt4DBlock(nn.Module):
 
 
 class Sculpt4DDiT(nn.Module):
-    """The block stack: latent tokens [B, F, P, C_in], timestep [B] in [0, 1], image tokens -> velocity."""
+    """The block stack: latent tokens [B, F, P, C_in], timestep [B] in [0, 1], image tokens -> velocity.
+
+    Token positions: a fixed sinusoid of the index within a frame (added to the embedded tokens,
+    no parameters) and RoPE on the frame index in the joint attention.
+    """
 
     def __init__(self, config: Sculpt4DConfig | str = "tiny", **overrides: int | float):
         super().__init__()
@@ -160,6 +177,7 @@ class Sculpt4DDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         _, frames, tokens, _ = x.shape
         h = self.embed(x)
+        h = h + sinusoid(tokens, self.config.hidden, TOKEN_BASE, x.device).to(h.dtype)
         temb = self.time_mlp(timestep_embedding(t, self.config.hidden).to(h.dtype))
         rope = self.frame_rope(frames, tokens, x.device, h.dtype)
         for block in self.blocks:
