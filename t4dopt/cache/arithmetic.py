@@ -7,6 +7,7 @@ table on the device, so neither a new value nor a host-to-device copy is needed 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -48,6 +49,28 @@ def store_slope(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Ten
     return residual, (residual - previous) * inverse_gap.to(residual.dtype), relative_drift(entry, before)
 
 
+def reuse_many_graph(extrapolated: tuple[bool, ...]) -> fx.GraphModule:
+    """``(entry, before, residual_0[, slope_0, steps_0], ...) -> (entry + sum of terms, drift of entry)``.
+
+    Consecutive reused sublayers only add residuals, so a run of them is one sum: term i is
+    ``residual_i`` or, where `extrapolated[i]`, ``residual_i + slope_i * steps_i``.
+    """
+    graph = fx.Graph()
+    entry, before = graph.placeholder("entry"), graph.placeholder("before")
+    terms = []
+    for index, slope in enumerate(extrapolated):
+        names = ("residual", "slope", "steps") if slope else ("residual",)
+        terms.append([graph.placeholder(f"{name}{index}") for name in names])
+    total = entry
+    for term in terms:
+        total = graph.call_function(operator.add, (total, term[0]))
+        if len(term) == 3:
+            steps = graph.call_method("to", (term[2], torch.float32))
+            total = graph.call_function(operator.add, (total, graph.call_function(operator.mul, (term[1], steps))))
+    graph.output((total, graph.call_function(relative_drift, (entry, before))))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
 class Arithmetic:
     """The functions above, each lowered on first use per input signature by `make(gm)`.
 
@@ -61,6 +84,8 @@ class Arithmetic:
         self.store = make(fx.symbolic_trace(store))
         self.store_slope = make(fx.symbolic_trace(store_slope))
         self.limit = limit
+        self._make = make
+        self._reuse_many: dict[tuple[bool, ...], Callable] = {}
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _table(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +93,12 @@ class Arithmetic:
             counts = torch.arange(self.limit + 1, dtype=torch.float32)
             self._tables[like.device] = (counts.to(like.device), (1 / counts.clamp_min(1)).to(like.device))
         return self._tables[like.device]
+
+    def reuse_many(self, extrapolated: tuple[bool, ...]) -> Callable:
+        """The lowered `reuse_many_graph` for this pattern of terms."""
+        if extrapolated not in self._reuse_many:
+            self._reuse_many[extrapolated] = self._make(reuse_many_graph(extrapolated))
+        return self._reuse_many[extrapolated]
 
     def steps(self, count: int, like: torch.Tensor) -> torch.Tensor:
         return self._table(like)[0][min(count, self.limit)]

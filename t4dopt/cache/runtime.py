@@ -88,6 +88,7 @@ class CacheRuntime:
         self.timestep_index = program.placeholders.index(program.timestep) if program.timestep is not None else None
         self.chain_of = {unit: chain for chain, members in enumerate(program.chains) for unit in members}
         self.prunable = [u.token_share is not None for u in program.units]
+        self.runs = self._adjacent_runs()
         self.run_plain = [r[0] for r in runners]
         self.run_full = [r[1] for r in runners]
         self.run_pruned = [r[2] for r in runners]
@@ -97,6 +98,21 @@ class CacheRuntime:
         self.tracker = StepTracker()
         self.slots: list[_Slot] = []
         self._warned_grad = False
+
+    def _adjacent_runs(self) -> dict[int, int]:
+        """First segment -> last segment of each run of two or more adjacent unit segments (exit i is entry i+1)."""
+        runs: dict[int, int] = {}
+        segments, units = self.program.segments, self.program.units
+        start = None
+        for index, segment in enumerate(segments + [None]):
+            joined = (start is not None and segment is not None and segment.unit is not None
+                      and units[segments[index - 1].unit].exit == units[segment.unit].entry)
+            if joined:
+                continue
+            if start is not None and index - 1 > start:
+                runs[start] = index - 1
+            start = index if segment is not None and segment.unit is not None else None
+        return runs
 
     def reset(self) -> None:
         """Drop every stored tensor; the next call starts a new generation."""
@@ -170,13 +186,52 @@ class CacheRuntime:
 
     def _run(self, args: tuple, cached: tuple[_Slot, list[str]] | None) -> Any:
         env: dict[str, Any] = dict(zip(self.program.placeholders, args))
-        for index, segment in enumerate(self.program.segments):
+        segments = self.program.segments
+        index = 0
+        while index < len(segments):
+            segment = segments[index]
             if segment.unit is None or cached is None:
                 outputs = self.run_plain[index](*(env[n] for n in segment.inputs))
                 env.update(zip(segment.outputs, outputs))
+            elif index in self.runs and self._all_reused(index, cached[1]):
+                self._rebuild_run(index, self.runs[index], env, *cached)
+                index = self.runs[index]
             else:
                 self._run_unit(index, segment, env, *cached)
+            index += 1
         return self.program.outputs(env)
+
+    def _all_reused(self, first: int, modes: list[str]) -> bool:
+        segments = self.program.segments[first:self.runs[first] + 1]
+        return all(modes[s.unit] in (policy.REUSE, policy.BYPASS) for s in segments)
+
+    def _rebuild_run(self, first: int, last: int, env: dict, slot: _Slot, modes: list[str]) -> None:
+        """Rebuild a run of reused sublayers in one sum; only the run's first input drift is measured."""
+        units = [self.program.segments[i].unit for i in range(first, last + 1)]
+        terms: list[tuple[policy.DriftState, _Stored]] = []
+        position = 0
+        while position < len(units):
+            unit = units[position]
+            chain = self.chain_of.get(unit)
+            if modes[unit] == policy.BYPASS and chain is not None and self.program.chains[chain][0] == unit:
+                terms.append((slot.chains[chain], slot.chain_tensors[chain]))
+                for member in self.program.chains[chain]:
+                    slot.units[member].reuses += 1
+                position += len(self.program.chains[chain])
+            else:
+                terms.append((slot.units[unit], slot.unit_tensors[unit]))
+                position += 1
+        entry = env[self.program.units[units[0]].entry]
+        arguments: list[torch.Tensor] = [entry, terms[0][1].entry]
+        for state, stored in terms:
+            arguments.append(stored.residual)
+            if stored.slope is not None:
+                arguments += [stored.slope, self.arithmetic.steps(state.since, entry)]
+        rebuild = self.arithmetic.reuse_many(tuple(stored.slope is not None for _, stored in terms))
+        env[self.program.units[units[-1]].exit], moved = rebuild(*arguments)
+        slot.pending.append((terms[0][0], terms[0][0].since, moved))
+        for state, _ in terms:
+            state.reuses += 1
 
     def _measure(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor) -> None:
         if stored.entry is not None:
