@@ -320,3 +320,39 @@ def test_cuda_op_runs_triton_and_flex_agrees(monkeypatch):
     torch.testing.assert_close(ours.float(), flex.float(), atol=2e-2, rtol=0)
     expected = dense_masked_attention(q, k, v, layout.token_mask())
     torch.testing.assert_close(ours.double(), expected, atol=2e-2, rtol=0)
+
+
+# ------------------------------------------------------------------ triton_op for AOTInductor on CUDA
+
+
+def _captured_joint_attention():
+    import copy
+
+    from support import JointVideoAttention
+    from t4dopt.export.capture import capture_for_export
+
+    torch.manual_seed(0)
+    model = JointVideoAttention(dim=32, heads=2).eval()
+    x = torch.randn(1, 4, 24, 32)
+    options = {"layout": {"frames": 4, "tokens_per_frame": 24}, "sparse": {"policy": "sculpt4d", "block_size": 16}}
+    gm, args, _, sites = capture_for_export(model, (x,), options, lambda line: None)
+    return gm, copy.deepcopy(gm), args
+
+
+@pytest.mark.skipif(INTERPRETED, reason="outside the interpreter the CPU sites have no Triton kernel")
+def test_plan_sites_leaves_sites_the_kernel_cannot_run():
+    from t4dopt.ops.triton_op import plan_sites
+
+    gm, _, args = _captured_joint_attention()
+    assert plan_sites(gm, args) == 0
+
+
+@interpreted
+def test_interpreted_planned_triton_op_equals_the_op():
+    from t4dopt.ops.triton_op import plan_sites
+
+    gm, original, args = _captured_joint_attention()
+    assert plan_sites(gm, args) == 1
+    assert not any(n.target is torch.ops.t4d.block_sparse_attention.default for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert torch.allclose(gm(*args), original(*args), atol=1e-5)

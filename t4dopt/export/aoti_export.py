@@ -3,13 +3,16 @@ AOTInductor ``.pt2`` package.
 
 1. Capture the model as one torch-level FX graph and rewrite it with the turbo4d passes
    (`capture`), exactly as ``backend="turbo4d"`` would.
-2. ``torch.export.export`` the rewritten module; each rewritten site stays one
+2. On CUDA, each site our Triton kernel runs becomes ``t4d.block_sparse_attention_planned``, a
+   ``torch.library.triton_op`` (`t4dopt.ops.triton_op`) whose kernel AOTInductor compiles into
+   the package; elsewhere (CPU, or inputs the kernel does not take) the site stays one
    ``torch.ops.t4d.block_sparse_attention`` node (its fake implementation makes it opaque).
-3. ``torch._inductor.aoti_compile_and_package``: Inductor compiles the rest to C++, and the
-   package calls our op through AOTInductor's proxy executor, which dispatches it by name.
+3. ``torch.export.export``, then ``torch._inductor.aoti_compile_and_package``: Inductor compiles
+   the rest to C++, and the package calls the remaining t4d op through AOTInductor's proxy
+   executor, which dispatches it by name.
 
-So the process that runs the package must have the op registered: `load_aoti` imports
-``t4dopt.ops`` before ``torch._inductor.aoti_load_package``. `run_in_fresh_process` runs a
+So the process that runs a package with the opaque op must have it registered: `load_aoti`
+imports ``t4dopt.ops`` before ``torch._inductor.aoti_load_package``. `run_in_fresh_process` runs a
 package the way a deployment would: in a new Python process that only loads it.
 """
 
@@ -32,7 +35,6 @@ from t4dopt.report import SiteReport, count_rewritten
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
 
-T4D_OP = torch.ops.t4d.block_sparse_attention.default
 
 _RUN_PACKAGE = """
 import sys
@@ -64,8 +66,9 @@ class AotiResult:
 
 
 def count_t4d_nodes(program: torch.export.ExportedProgram) -> int:
-    """``t4d.block_sparse_attention`` calls in `program`'s graph."""
-    return sum(1 for node in program.graph.nodes if node.op == "call_function" and node.target is T4D_OP)
+    """``t4d.block_sparse_attention`` calls (or their planned Triton form) in `program`'s graph."""
+    return sum(1 for node in program.graph.nodes
+               if node.op == "call_function" and str(node.target).startswith("t4d.block_sparse_attention"))
 
 
 def export_aoti(
@@ -84,6 +87,11 @@ def export_aoti(
     """
     say = progress or (lambda line: None)
     gm, args, _, sites = capture_for_export(model, args, options, say)
+    if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+        from t4dopt.ops.triton_op import plan_sites
+
+        planned = plan_sites(gm, args)
+        say(f"{planned} sites as the Triton kernel (triton_op), compiled into the package")
 
     say("exporting with torch.export")
     with torch.no_grad():

@@ -347,27 +347,40 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
         raise ValueError(f"q/k/v have N={q.shape[2]} tokens on {q.device}; the plan covers "
                          f"{plan.seq_len} on {plan.tiles.device}")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    batch, heads, seq_len, head_dim = q.shape
-    head_dim_v = v.shape[-1]
-    out = torch.empty(batch, heads, seq_len, head_dim_v, device=q.device, dtype=q.dtype)
-    lse = torch.empty(batch, heads, seq_len, device=q.device, dtype=torch.float32)
+    out, lse = _outputs(q, v)
     if out.numel() == 0:
         return out, lse
-    args = (q, k, v, out, lse, plan.tiles, plan.full_starts, plan.partial_starts, plan.partial_ends,
-            scale * LOG2_E, heads,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2])
-    meta = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    grid = (plan.num_tiles, batch * heads)
-    widest = max(head_dim, head_dim_v)
+    widest = max(q.shape[-1], v.shape[-1])
     # Triton launches on the current device: make it q's.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if config is None and _autotuning():
-            _tuned_kernel(widest, q.dtype)[grid](*args, **meta)
+            launch(_tuned_kernel(widest, q.dtype), q, k, v, out, lse, plan, scale, None)
         else:
-            config = config or default_config(widest, q.dtype)
-            _forward_kernel[grid](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+            launch(_forward_kernel, q, k, v, out, lse, plan, scale, config or default_config(widest, q.dtype))
     return out, lse
+
+
+def _outputs(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, seq_len, _ = q.shape
+    out = torch.empty(batch, heads, seq_len, v.shape[-1], device=q.device, dtype=q.dtype)
+    return out, torch.empty(batch, heads, seq_len, device=q.device, dtype=torch.float32)
+
+
+def launch(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+           plan: Plan, scale: float, config: KernelConfig | None) -> None:
+    """Launch `kernel` (`_forward_kernel`, autotuned or wrapped for a triton_op) over `plan`'s tiles.
+
+    `config` None leaves the launch configuration to an autotuned `kernel`.
+    """
+    heads = q.shape[1]
+    args = (q, k, v, out, lse, plan.tiles, plan.full_starts, plan.partial_starts, plan.partial_ends,
+            scale * LOG2_E, heads,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2])
+    meta = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if config is not None:
+        meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel[(plan.num_tiles, q.shape[0] * heads)](*args, **meta)
 
 
 def triton_block_sparse_attention(
