@@ -35,6 +35,8 @@ class _Stored:
     entry: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     slope: torch.Tensor | None = None
+    gap: int = 1
+    """Steps between the two computations the slope comes from: it is not carried farther than that."""
     rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -226,7 +228,7 @@ class CacheRuntime:
         for state, stored in terms:
             arguments.append(stored.residual)
             if stored.slope is not None:
-                arguments += [stored.slope, self.arithmetic.steps(state.since, entry)]
+                arguments += [stored.slope, self.arithmetic.steps(min(state.since, stored.gap), entry)]
         rebuild = self.arithmetic.reuse_many(tuple(stored.slope is not None for _, stored in terms))
         env[self.program.units[units[-1]].exit], moved = rebuild(*arguments)
         slot.pending.append((terms[0][0], terms[0][0].since, moved))
@@ -244,7 +246,7 @@ class CacheRuntime:
     def _rebuild(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor) -> torch.Tensor:
         """The exit from a new entry and the stored residual (extrapolated with ``order=1``); records the drift."""
         if stored.slope is not None:
-            steps = self.arithmetic.steps(state.since, entry)
+            steps = self.arithmetic.steps(min(state.since, stored.gap), entry)
             exit_value, moved = self.arithmetic.reuse_extrapolated(entry, stored.residual, stored.slope, steps,
                                                                    stored.entry)
         else:
@@ -261,6 +263,7 @@ class CacheRuntime:
             stored.residual, _ = self.arithmetic.store(exit_value, entry, entry)
         elif self.spec.order == 1:
             inverse_gap = self.arithmetic.inverse(state.since, entry)
+            stored.gap = state.since
             stored.residual, stored.slope, moved = self.arithmetic.store_slope(exit_value, entry, before, previous,
                                                                                inverse_gap)
             slot.pending.append((state, state.since, moved))
