@@ -35,7 +35,7 @@ JOIN_FRACTION = 0.9
 MIN_SHARED_ROWS = 3
 """Key blocks kept by this many query blocks of a group are gathered once for all of them."""
 
-GATHER_BUDGET = 1 << 22
+GATHER_BUDGET = 1 << 20
 """Elements of gathered K and V (or of backward score matrices) held at once, per chunk."""
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
