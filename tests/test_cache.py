@@ -132,7 +132,10 @@ def test_model_without_residual_sublayers_is_left_uncached_with_a_warning_or_an_
 def test_threshold_zero_is_exactly_the_uncached_model(scm):
     uncached = sample(compiled(scm, None), seed=1)
     torch._dynamo.reset()
-    assert torch.equal(sample(compiled(scm, {"threshold": 0.0}), seed=1), uncached)
+    model = compiled(scm, {"threshold": 0.0})
+    assert torch.equal(sample(model, seed=1), uncached)
+    sample(model, seed=2)
+    assert all(u.calls == u.computed == STEPS for u in t4dopt.cache_report(scm).units)  # the last generation only
 
 
 def test_segments_computed_in_full_are_exactly_the_uncached_model(scm):

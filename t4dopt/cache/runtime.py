@@ -95,8 +95,7 @@ class CacheRuntime:
         self.run_full = [r[1] for r in runners]
         self.run_pruned = [r[2] for r in runners]
         self.stats = CacheStats([u.name for u in program.units], [u.kind for u in program.units],
-                                [u.flops for u in program.units])
-        self.stats.pruned_share = [u.token_share or 1.0 for u in program.units]
+                                [u.flops for u in program.units], [u.token_share or 1.0 for u in program.units])
         self.tracker = StepTracker()
         self.slots: list[_Slot] = []
         self._warned_grad = False
@@ -167,9 +166,6 @@ class CacheRuntime:
                               "sample under torch.no_grad() or torch.inference_mode() to reuse work", T4DWarning,
                               stacklevel=2)
             return self._run(args, None)
-        if self.spec.threshold == 0:
-            self.stats.record([policy.COMPUTE] * len(self.program.units))
-            return self._run(args, None)
         timestep, drifts = self._read_back(args)
         self._apply_measurements(drifts)
         signature = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a
@@ -178,6 +174,9 @@ class CacheRuntime:
         if position.new_generation:
             self.stats.close_generation()
             self.slots = []
+        if self.spec.threshold == 0:
+            self.stats.record([policy.COMPUTE] * len(self.program.units))
+            return self._run(args, None)
         slot = self._slot(position.slot)
         for state in slot.units + slot.chains:
             state.since += 1

@@ -29,9 +29,9 @@ class UnitReport:
 class CacheStats:
     """Counts per unit for the running generation; the last finished one is kept for reports."""
 
-    def __init__(self, names: list[str], kinds: list[str], flops: list[float]):
-        self.names, self.kinds, self.flops = names, kinds, flops
-        self.pruned_share: list[float] = [0.0] * len(names)
+    def __init__(self, names: list[str], kinds: list[str], flops: list[float], pruned_share: list[float]):
+        """`pruned_share`: per unit, the share of its attention rows a pruned call recomputes."""
+        self.names, self.kinds, self.flops, self.pruned_share = names, kinds, flops, pruned_share
         self.current = self._empty()
         self.last: list[dict[str, int]] | None = None
 
