@@ -90,3 +90,15 @@ def cause_chain(error: BaseException) -> list[type]:
         chain.append(type(error))
         error = error.__cause__ or getattr(error, "inner_exception", None)
     return chain
+
+
+class NoResidual(nn.Module):
+    """Attention whose output replaces the tokens: no residual sublayer for the cache to reuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)

@@ -7,24 +7,18 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import t4dopt
+from support import NoResidual
 from t4dopt import deploy
 from t4dopt.export import export_bundle
 from t4dopt.models.pretrained import pretrained
 from t4dopt.models.sampler import sample_flow_matching
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 STEPS = 8
 OPTIONS = {"layout": {"frames": 8, "views": 4, "tokens_per_frame": 64}, "cache": {"threshold": 0.1, "steps": STEPS}}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +120,6 @@ def test_missing_folder_fails_clearly(tmp_path):
         deploy.load(tmp_path / "nowhere")
 
 
-class NoResidual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(8, 24)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 def test_model_without_residual_sublayers_cannot_be_bundled(tmp_path):

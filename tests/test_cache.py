@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import t4dopt
+from support import NoResidual
 from reference import dense_masked_attention
 from t4dopt.models import SCMNet, Sculpt4DDiT
 from t4dopt.models.pretrained import pretrained
@@ -19,16 +19,11 @@ from t4dopt.passes.regions import find_regions
 from t4dopt.passes.segments import refresh_rows, split
 from t4dopt.quality import psnr
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 V, T, P = 4, 8, 64
 LAYOUT = {"frames": T, "views": V, "tokens_per_frame": P}
 STEPS = 10
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +97,6 @@ def test_joint_dit_has_units_but_no_chain():
     assert plan.chains == []
 
 
-class NoResidual(nn.Module):
-    """Attention whose output replaces the tokens: nothing to rebuild from a residual."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = nn.Linear(8, 24)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 def test_model_without_residual_sublayers_is_left_uncached_with_a_warning_or_an_error():

@@ -7,14 +7,9 @@ import t4dopt
 from t4dopt.models.pretrained import pretrained
 from t4dopt.models.sampler import sample_flow_matching
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 OPTIONS = {"target": "eager", "layout": {"frames": 8, "views": 4, "tokens_per_frame": 64}, "cache": {"steps": 10}}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")

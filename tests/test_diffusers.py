@@ -21,15 +21,10 @@ from diffusers import CogVideoXTransformer3DModel, LatteTransformer3DModel, WanT
 import t4dopt
 from t4dopt import masks
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 BLOCK_SIZE = 16
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 # --- tiny models and their token grids, derived from config and input shapes -------------------
