@@ -140,8 +140,8 @@ def _token_site(decisions: list[SiteDecision]) -> SiteDecision | None:
     decision = decisions[0]
     site = decision.site
     if (decision.layout.kind in TOKEN_KINDS and decision.action == "dense" and site.form == "sdpa"
-            and site.attn_mask is None and not site.dropout_p and len(site.query_shape) == 4
-            and site.query_shape[0] > 1 and site.key_shape[0] == site.query_shape[0]):
+            and site.attn_mask is None and not site.dropout_p and not site.enable_gqa and len(site.query_shape) == 4
+            and site.query_shape[0] > 1 and site.key_shape[:2] == site.query_shape[:2]):
         return decision
     return None
 

@@ -341,7 +341,7 @@ def _captured_joint_attention():
 
 @pytest.mark.skipif(INTERPRETED, reason="outside the interpreter the CPU sites have no Triton kernel")
 def test_plan_sites_leaves_sites_the_kernel_cannot_run():
-    from t4dopt.ops.triton_op import plan_sites
+    from t4dopt.export.planned_sites import plan_sites
 
     gm, _, args = _captured_joint_attention()
     assert plan_sites(gm, args) == 0
@@ -349,7 +349,7 @@ def test_plan_sites_leaves_sites_the_kernel_cannot_run():
 
 @interpreted
 def test_interpreted_planned_triton_op_equals_the_op():
-    from t4dopt.ops.triton_op import plan_sites
+    from t4dopt.export.planned_sites import plan_sites
 
     gm, original, args = _captured_joint_attention()
     assert plan_sites(gm, args) == 1

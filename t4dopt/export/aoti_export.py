@@ -4,7 +4,7 @@ AOTInductor ``.pt2`` package.
 1. Capture the model as one torch-level FX graph and rewrite it with the turbo4d passes
    (`capture`), exactly as ``backend="turbo4d"`` would.
 2. On CUDA, each site our Triton kernel runs becomes ``t4d.block_sparse_attention_planned``, a
-   ``torch.library.triton_op`` (`t4dopt.ops.triton_op`) whose kernel AOTInductor compiles into
+   ``torch.library.triton_op`` (`t4dopt.ops.triton_op`, via `planned_sites`) whose kernel AOTInductor compiles into
    the package; elsewhere (CPU, or inputs the kernel does not take) the site stays one
    ``torch.ops.t4d.block_sparse_attention`` node (its fake implementation makes it opaque).
 3. ``torch.export.export``, then ``torch._inductor.aoti_compile_and_package``: Inductor compiles
@@ -88,7 +88,7 @@ def export_aoti(
     say = progress or (lambda line: None)
     gm, args, _, sites = capture_for_export(model, args, options, say)
     if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
-        from t4dopt.ops.triton_op import plan_sites
+        from t4dopt.export.planned_sites import plan_sites
 
         planned = plan_sites(gm, args)
         say(f"{planned} sites as the Triton kernel (triton_op), compiled into the package")

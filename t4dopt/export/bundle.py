@@ -27,7 +27,7 @@ import t4dopt
 from t4dopt.cache.build import prepare
 from t4dopt.deploy import BUNDLE_FORMAT, MANIFEST
 from t4dopt.errors import T4DUnsupportedError
-from t4dopt.export.capture import capture_for_export
+from t4dopt.export.capture import capture_for_export, node_values
 from t4dopt.options import CacheSpec, Options, parse_options
 from t4dopt.report import SiteReport, count_rewritten
 
@@ -44,22 +44,6 @@ class BundleResult:
     @property
     def sites_rewritten(self) -> int:
         return count_rewritten(self.sites)
-
-
-def _values(gm: fx.GraphModule, args: tuple) -> dict[str, Any]:
-    """The value of every node of `gm` on `args`, by node name."""
-    values: dict[str, Any] = {}
-    interpreter = fx.Interpreter(gm)
-    run_node = interpreter.run_node
-
-    def record(node: fx.Node) -> Any:
-        values[node.name] = run_node(node)
-        return values[node.name]
-
-    interpreter.run_node = record
-    with torch.no_grad():
-        interpreter.run(*args)
-    return values
 
 
 def _specialise_sizes(gm: fx.GraphModule) -> None:
@@ -125,7 +109,7 @@ def export_bundle(
                                   f"{prepared.plan.reason}")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    values = _values(gm, args)
+    values = node_values(gm, args)
     artifacts = []
     for index, segment in enumerate(prepared.segments):
         say(f"exporting segment {index + 1} of {len(prepared.segments)}")

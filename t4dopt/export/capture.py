@@ -53,3 +53,21 @@ def capture_for_export(model: torch.nn.Module, args: Any, options: Mapping[str, 
     rewritten = count_rewritten(report.sites)
     say(f"{rewritten} of {len(report.sites)} attention sites rewritten to block-sparse attention")
     return gm, args, decisions, report.sites
+
+
+def node_values(gm: fx.GraphModule, args: tuple, names: set[str] | None = None) -> dict[str, Any]:
+    """The values of `gm`'s nodes named in `names` (every node when None) when it runs on `args`."""
+    values: dict[str, Any] = {}
+    interpreter = fx.Interpreter(gm)
+    run_node = interpreter.run_node
+
+    def record(node: fx.Node) -> Any:
+        result = run_node(node)
+        if names is None or node.name in names:
+            values[node.name] = result
+        return result
+
+    interpreter.run_node = record
+    with torch.no_grad():
+        interpreter.run(*args)
+    return values

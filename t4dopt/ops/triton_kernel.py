@@ -347,7 +347,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
         raise ValueError(f"q/k/v have N={q.shape[2]} tokens on {q.device}; the plan covers "
                          f"{plan.seq_len} on {plan.tiles.device}")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    out, lse = _outputs(q, v)
+    out, lse = empty_outputs(q, v)
     if out.numel() == 0:
         return out, lse
     widest = max(q.shape[-1], v.shape[-1])
@@ -360,7 +360,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
     return out, lse
 
 
-def _outputs(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def empty_outputs(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised out [B, H, N, Dv] in q's dtype and lse float32 [B, H, N] for a launch."""
     batch, heads, seq_len, _ = q.shape
     out = torch.empty(batch, heads, seq_len, v.shape[-1], device=q.device, dtype=q.dtype)
     return out, torch.empty(batch, heads, seq_len, device=q.device, dtype=torch.float32)
