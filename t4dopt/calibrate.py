@@ -149,8 +149,10 @@ def calibrate(
     if plot is not None:
         from t4dopt.plotting import draw_speed_quality_curve
 
-        finite = [(f"{p.threshold:g}/{p.max_reuse}", p.speedup, min(p.psnr, 99.0)) for p in points]
-        plot_path = str(draw_speed_quality_curve(finite, plot))
+        curves: dict[str, list[tuple[str, float, float]]] = {}
+        for p in points:
+            curves.setdefault(f"max_reuse {p.max_reuse}", []).append((f"{p.threshold:g}", p.speedup, min(p.psnr, 99.0)))
+        plot_path = str(draw_speed_quality_curve(curves, plot))
     return Calibration(chosen, points, baseline, plot_path)
 
 
