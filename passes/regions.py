@@ -122,6 +122,11 @@ def _stream_dominators(flow: nx.DiGraph, source: fx.Node, output: fx.Node) -> li
     return chain[::-1]
 
 
+def _is_parameter(placeholder: fx.Node) -> bool:
+    """Whether a graph input is one of the module's parameters or buffers (dynamo names them so)."""
+    return "_parameters_" in placeholder.name or "_buffers_" in placeholder.name
+
+
 def _candidate_inputs(graph: fx.Graph) -> list[fx.Node]:
     """Placeholders that can carry the token stream: tensors of rank >= 3 that are not parameters."""
     candidates = []
@@ -129,7 +134,7 @@ def _candidate_inputs(graph: fx.Graph) -> list[fx.Node]:
         if node.op != "placeholder":
             continue
         shape = _shape(node)
-        if shape is not None and len(shape) >= 3 and "_parameters_" not in node.name and "_buffers_" not in node.name:
+        if shape is not None and len(shape) >= 3 and not _is_parameter(node):
             candidates.append(node)
     return candidates
 
@@ -265,3 +270,20 @@ def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[s
 
 def _output_node(decision: SiteDecision) -> fx.Node:
     return decision.rewritten_output or decision.site.output
+
+
+def find_timestep(gm: fx.GraphModule, plan: RegionPlan) -> fx.Node | None:
+    """The input of `gm` holding the timestep: a non-parameter tensor of shape [] or [batch], not the stream.
+
+    When several qualify, one named like a timestep (``t``, ``timestep``, ``sigma``) wins.
+    """
+    batch = _shape(plan.stream_input)[0]
+    candidates = []
+    for node in gm.graph.nodes:
+        shape = _shape(node) if node.op == "placeholder" else None
+        if shape is None or node is plan.stream_input or _is_parameter(node):
+            continue
+        if shape in ((), (1,), (batch,)):
+            candidates.append(node)
+    named = [n for n in candidates if any(word in n.name for word in ("timestep", "sigma", "l_t_"))]
+    return (named or candidates or [None])[0]

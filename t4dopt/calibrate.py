@@ -23,7 +23,7 @@ from t4dopt.backend import turbo4d
 from t4dopt.cache.registry import runtimes_of
 from t4dopt.cache.runtime import CacheRuntime
 from t4dopt.errors import T4DOptionError
-from t4dopt.options import parse_options
+from t4dopt.options import CacheSpec, parse_options
 from t4dopt.quality import psnr, relative_l2
 
 BUDGET_KEYS = {"psnr": "at least this many dB", "relative_l2": "at most this relative L2 error"}
@@ -110,7 +110,7 @@ def calibrate(
     """
     budget = _check_budget({"psnr": 30.0} if budget is None else budget)
     base = parse_options(dict(options or {}))
-    cache = base.cache or parse_options({"cache": {}}).cache
+    cache = base.cache or CacheSpec()
     if not thresholds or any(isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0 for t in thresholds):
         raise T4DOptionError(f"calibrate thresholds={thresholds!r} is not valid; allowed: numbers > 0")
     if not max_reuse or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in max_reuse):

@@ -11,6 +11,7 @@ import t4dopt
 from support import NoResidual
 from reference import dense_masked_attention
 from t4dopt.models import SCMNet, Sculpt4DDiT
+from t4dopt.export.capture import node_values
 from t4dopt.models.pretrained import pretrained
 from t4dopt.models.sampler import flow_matching_timesteps, sample_flow_matching
 from t4dopt.options import parse_options
@@ -157,16 +158,12 @@ def test_pruned_segment_recomputes_rows_like_the_full_segment(scm):
     plan = find_regions(gm.graph, analyze(gm, parse_options({"layout": LAYOUT})), dict(gm.named_modules()))
     camera = plan.units[1]
     segment = next(s for s in split(gm, plan, token_ratio=1.0) if s.unit == camera.index)
-    values = {}
-    interpreter = torch.fx.Interpreter(gm)
-    run_node = interpreter.run_node
-    interpreter.run_node = lambda node: values.setdefault(node, run_node(node))
+    values = node_values(gm, tuple(example_inputs))
     with torch.no_grad():
-        interpreter.run(*example_inputs)
-        inputs = [values[n] for n in segment.inputs]
+        inputs = [values[n.name] for n in segment.inputs]
         *full_out, query, rows = segment.token_full(*inputs)
         *pruned_out, new_query, new_rows = segment.token_pruned(*inputs, query + 1.0, torch.zeros_like(rows))
-    assert torch.equal(full_out[0], values[camera.exit])
+    assert torch.equal(full_out[0], values[camera.exit.name])
     assert torch.allclose(pruned_out[0], full_out[0], atol=1e-6)
     assert torch.allclose(new_rows, rows, atol=1e-6) and torch.equal(new_query, query)
 
@@ -266,6 +263,17 @@ def test_first_order_extrapolation_keeps_closer_to_full_compute(scm):
         cached = sample(compiled(scm, {"threshold": 0.2, "max_reuse": 6, "order": order, "steps": 30}), 16, steps=30)
         quality[order] = psnr(cached, full)
     assert quality[1] > quality[0]
+
+
+def test_reused_sublayers_keep_the_model_dtype():
+    torch.manual_seed(0)
+    model = SCMNet(pretrained("scm-tiny").config, depth=1).eval().to(torch.bfloat16)
+    x, cond = scm_inputs(17)
+    with torch.no_grad():
+        out = sample_flow_matching(compiled(model, {"threshold": 10.0, "warmup": 3}), x.bfloat16(), cond.bfloat16(),
+                                   steps=STEPS)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert sum(u.reused + u.bypassed for u in t4dopt.cache_report(model).units) > 0
 
 
 def test_warmup_final_and_max_reuse_are_honoured(scm):

@@ -26,17 +26,6 @@ def drift(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor]:
     return (relative_drift(now, before),)
 
 
-def reuse(entry: torch.Tensor, residual: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exit rebuilt from a new entry and the stored residual, and how far the entry moved."""
-    return entry + residual, relative_drift(entry, before)
-
-
-def reuse_extrapolated(entry: torch.Tensor, residual: torch.Tensor, slope: torch.Tensor, steps: torch.Tensor,
-                       before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `reuse`, the residual carried `steps` steps along its slope (first order)."""
-    return entry + residual + slope * steps.to(slope.dtype), relative_drift(entry, before)
-
-
 def store(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual to keep after a computation, and how far the entry moved since the last one."""
     return exit_value - entry, relative_drift(entry, before)
@@ -49,11 +38,12 @@ def store_slope(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Ten
     return residual, (residual - previous) * inverse_gap.to(residual.dtype), relative_drift(entry, before)
 
 
-def reuse_many_graph(extrapolated: tuple[bool, ...]) -> fx.GraphModule:
+def reuse_graph(extrapolated: tuple[bool, ...]) -> fx.GraphModule:
     """``(entry, before, residual_0[, slope_0, steps_0], ...) -> (entry + sum of terms, drift of entry)``.
 
-    Consecutive reused sublayers only add residuals, so a run of them is one sum: term i is
-    ``residual_i`` or, where `extrapolated[i]`, ``residual_i + slope_i * steps_i``.
+    A reused sublayer adds its stored residual to its new entry, and consecutive reused
+    sublayers only add residuals, so one or a run of them is one sum: term i is ``residual_i``
+    or, where `extrapolated[i]`, ``residual_i + slope_i * steps_i`` (steps in the slope's dtype).
     """
     graph = fx.Graph()
     entry, before = graph.placeholder("entry"), graph.placeholder("before")
@@ -65,7 +55,7 @@ def reuse_many_graph(extrapolated: tuple[bool, ...]) -> fx.GraphModule:
     for term in terms:
         total = graph.call_function(operator.add, (total, term[0]))
         if len(term) == 3:
-            steps = graph.call_method("to", (term[2], torch.float32))
+            steps = graph.call_method("type_as", (term[2], term[1]))
             total = graph.call_function(operator.add, (total, graph.call_function(operator.mul, (term[1], steps))))
     graph.output((total, graph.call_function(relative_drift, (entry, before))))
     return fx.GraphModule(torch.nn.Module(), graph)
@@ -79,13 +69,11 @@ class Arithmetic:
 
     def __init__(self, make: Callable[[fx.GraphModule], Callable], limit: int):
         self.drift = make(fx.symbolic_trace(drift))
-        self.reuse = make(fx.symbolic_trace(reuse))
-        self.reuse_extrapolated = make(fx.symbolic_trace(reuse_extrapolated))
         self.store = make(fx.symbolic_trace(store))
         self.store_slope = make(fx.symbolic_trace(store_slope))
         self.limit = limit
         self._make = make
-        self._reuse_many: dict[tuple[bool, ...], Callable] = {}
+        self._reuse: dict[tuple[bool, ...], Callable] = {}
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _table(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,11 +82,11 @@ class Arithmetic:
             self._tables[like.device] = (counts.to(like.device), (1 / counts.clamp_min(1)).to(like.device))
         return self._tables[like.device]
 
-    def reuse_many(self, extrapolated: tuple[bool, ...]) -> Callable:
-        """The lowered `reuse_many_graph` for this pattern of terms."""
-        if extrapolated not in self._reuse_many:
-            self._reuse_many[extrapolated] = self._make(reuse_many_graph(extrapolated))
-        return self._reuse_many[extrapolated]
+    def reuse(self, extrapolated: tuple[bool, ...]) -> Callable:
+        """The lowered `reuse_graph` for this pattern of terms."""
+        if extrapolated not in self._reuse:
+            self._reuse[extrapolated] = self._make(reuse_graph(extrapolated))
+        return self._reuse[extrapolated]
 
     def steps(self, count: int, like: torch.Tensor) -> torch.Tensor:
         return self._table(like)[0][min(count, self.limit)]

@@ -12,31 +12,9 @@ from t4dopt.cache.registry import register
 from t4dopt.cache.program import Program, program_of
 from t4dopt.cache.runtime import CacheRuntime, LazyLowered, Lower
 from t4dopt.options import CacheSpec
-from t4dopt.passes.regions import RegionPlan, find_regions
+from t4dopt.passes.regions import RegionPlan, find_regions, find_timestep
 from t4dopt.passes.segments import Segment, split
 from t4dopt.sites import SiteDecision
-
-
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def find_timestep(gm: fx.GraphModule, plan: RegionPlan) -> fx.Node | None:
-    """The input holding the timestep: a non-parameter tensor of shape [] or [batch], not the stream.
-
-    When several qualify, one named like a timestep (``t``, ``timestep``, ``sigma``) wins.
-    """
-    batch = _shape(plan.stream_input)[0]
-    candidates = []
-    for node in gm.graph.nodes:
-        shape = _shape(node) if node.op == "placeholder" else None
-        if shape is None or node is plan.stream_input or "_parameters_" in node.name or "_buffers_" in node.name:
-            continue
-        if shape in ((), (1,), (batch,)):
-            candidates.append(node)
-    named = [n for n in candidates if any(word in n.name for word in ("timestep", "sigma", "l_t_"))]
-    return (named or candidates or [None])[0]
 
 
 @dataclass

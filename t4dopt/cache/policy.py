@@ -60,7 +60,7 @@ def choose(spec: CacheSpec, step: int, progress: float, units: list[DriftState],
            chain_units: list[tuple[int, ...]], prunable: list[bool]) -> list[str]:
     """One mode per unit for this call."""
     modes = [COMPUTE] * len(units)
-    if forced(spec, step) or spec.threshold == 0:
+    if forced(spec, step):
         return modes
     if "chain" in spec.levels:
         chain_threshold = spec.threshold * (0.5 + progress)

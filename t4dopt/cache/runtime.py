@@ -222,17 +222,7 @@ class CacheRuntime:
             else:
                 terms.append((slot.units[unit], slot.unit_tensors[unit]))
                 position += 1
-        entry = env[self.program.units[units[0]].entry]
-        arguments: list[torch.Tensor] = [entry, terms[0][1].entry]
-        for state, stored in terms:
-            arguments.append(stored.residual)
-            if stored.slope is not None:
-                arguments += [stored.slope, self.arithmetic.steps(min(state.since, stored.gap), entry)]
-        rebuild = self.arithmetic.reuse_many(tuple(stored.slope is not None for _, stored in terms))
-        env[self.program.units[units[-1]].exit], moved = rebuild(*arguments)
-        slot.pending.append((terms[0][0], terms[0][0].since, moved))
-        for state, _ in terms:
-            state.reuses += 1
+        env[self.program.units[units[-1]].exit] = self._rebuild(slot, terms, env[self.program.units[units[0]].entry])
 
     def _measure(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor) -> None:
         if stored.entry is not None:
@@ -242,16 +232,20 @@ class CacheRuntime:
         """`entry` as stored: a copy only when the graph mutates tensors in place (it could change later)."""
         return entry.detach().clone() if self.program.mutates else entry.detach()
 
-    def _rebuild(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor) -> torch.Tensor:
-        """The exit from a new entry and the stored residual (extrapolated with ``order=1``); records the drift."""
-        if stored.slope is not None:
-            steps = self.arithmetic.steps(min(state.since, stored.gap), entry)
-            exit_value, moved = self.arithmetic.reuse_extrapolated(entry, stored.residual, stored.slope, steps,
-                                                                   stored.entry)
-        else:
-            exit_value, moved = self.arithmetic.reuse(entry, stored.residual, stored.entry)
-        slot.pending.append((state, state.since, moved))
-        state.reuses += 1
+    def _rebuild(self, slot: _Slot, terms: list[tuple[policy.DriftState, _Stored]], entry: torch.Tensor) -> torch.Tensor:
+        """`entry` plus the stored residuals of `terms` (extrapolated with ``order=1``) in one kernel.
+
+        Records the drift of `entry` for the first term and counts a reuse for each term.
+        """
+        arguments: list[torch.Tensor] = [entry, terms[0][1].entry]
+        for state, stored in terms:
+            arguments.append(stored.residual)
+            if stored.slope is not None:
+                arguments += [stored.slope, self.arithmetic.steps(min(state.since, stored.gap), entry)]
+        exit_value, moved = self.arithmetic.reuse(tuple(stored.slope is not None for _, stored in terms))(*arguments)
+        slot.pending.append((terms[0][0], terms[0][0].since, moved))
+        for state, _ in terms:
+            state.reuses += 1
         return exit_value
 
     def _keep(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor,
@@ -284,7 +278,7 @@ class CacheRuntime:
             state.reuses += 1
             if starts_chain:
                 last_exit = self.program.units[chain_members[-1]].exit
-                env[last_exit] = self._rebuild(slot, slot.chains[chain], slot.chain_tensors[chain], env[unit.entry])
+                env[last_exit] = self._rebuild(slot, [(slot.chains[chain], slot.chain_tensors[chain])], env[unit.entry])
             return
         entry = env[unit.entry]
         if starts_chain and any(modes[i] != policy.COMPUTE for i in chain_members):
@@ -292,7 +286,7 @@ class CacheRuntime:
             self._measure(slot, slot.chains[chain], slot.chain_tensors[chain], entry)
         inputs = [env[n] for n in segment.inputs]
         if mode == policy.REUSE:
-            env[unit.exit] = self._rebuild(slot, state, stored, entry)
+            env[unit.exit] = self._rebuild(slot, [(state, stored)], entry)
         elif mode == policy.PRUNE:
             self._measure(slot, state, stored, entry)
             *outputs, reference, rows = self.run_pruned[index](*inputs, *stored.rows)
