@@ -34,6 +34,8 @@ from t4dopt.report import SiteReport, count_rewritten
 
 @dataclass(frozen=True)
 class BundleResult:
+    """What `export_bundle` wrote: the folder, the attention sites, its segments, cache units and chains."""
+
     path: Path
     sites: list[SiteReport]
     segments: int
