@@ -1,23 +1,30 @@
 """The cache runtime (options["cache"]): regions and chains, exactness, generations, guidance, no syncs."""
 
+import dataclasses
 import math
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import t4dopt
+import t4dopt.cache.build as cache_build
 from support import NoResidual
 from reference import dense_masked_attention
+from t4dopt.cache.arithmetic import rebuilt
+from t4dopt.cache.build import prepare
+from t4dopt.cache.registry import runtimes_of
 from t4dopt.models import SCMNet, Sculpt4DDiT
 from t4dopt.export.capture import node_values
 from t4dopt.models.pretrained import pretrained
 from t4dopt.models.sampler import flow_matching_timesteps, sample_flow_matching
-from t4dopt.options import parse_options
+from t4dopt.options import CacheSpec, parse_options
 from t4dopt.passes import analyze
 from t4dopt.passes.regions import find_regions
 from t4dopt.passes.segments import refresh_rows, split
+from t4dopt.passes.step_graphs import reused_graph
 from t4dopt.quality import psnr
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -124,13 +131,92 @@ def test_threshold_zero_is_exactly_the_uncached_model(scm):
     assert all(u.calls == u.computed == STEPS for u in t4dopt.cache_report(scm).units)  # the last generation only
 
 
-def test_segments_computed_in_full_are_exactly_the_uncached_model(scm):
-    """Warm-up over every step: all levels on, yet every unit computes, through the split segments."""
+@pytest.fixture(params=["step graphs", "segments"])
+def calls_run_as(request, monkeypatch) -> str:
+    """Run uniform calls as whole-call graphs (the default) or, with them switched off, segment by segment."""
+    if request.param == "segments":
+        monkeypatch.setattr(cache_build, "step_graphs", lambda *args: None)
+    return request.param
+
+
+def test_calls_computed_in_full_are_exactly_the_uncached_model(scm, calls_run_as):
+    """Warm-up over every step: all levels on, yet every unit computes."""
     uncached = sample(compiled(scm, None), seed=2)
     torch._dynamo.reset()
     model = compiled(scm, {"threshold": 10.0, "warmup": STEPS})
     assert torch.equal(sample(model, seed=2), uncached)
     assert all(u.computed == u.calls == STEPS for u in t4dopt.cache_report(scm).units)
+    assert all((r.step_graphs is None) == (calls_run_as == "segments") for r in runtimes_of(scm))
+
+
+def compiled_runtime(model: nn.Module, cache: dict, seed: int):
+    """`model` compiled with `cache` and called once, and the runtime that call built (state reset)."""
+    before = set(runtimes_of(model))
+    result = compiled(model, cache)
+    sample(result, seed, steps=1)
+    (runtime,) = set(runtimes_of(model)) - before
+    t4dopt.reset(model)
+    return result, runtime
+
+
+class CountingCalls:
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.function(*args)
+
+
+def test_uniform_calls_run_as_one_graph_and_match_segments(scm):
+    """Fixed-stride reuse: computed calls run the tapped graph, reused calls the rebuilt graph, no segment runs."""
+    cache = {"threshold": 10.0, "max_reuse": 3, "steps": STEPS}
+    segmented, runtime = compiled_runtime(scm, cache, 16)
+    runtime.step_graphs = None
+    expected = sample(segmented, 16)
+    torch._dynamo.reset()
+    model, runtime = compiled_runtime(scm, cache, 16)
+    graphs = runtime.step_graphs
+    computed, reused = CountingCalls(graphs.computed), {}
+
+    def reused_for(orders):
+        return reused.setdefault(orders, CountingCalls(graphs.reused(orders)))
+
+    runtime.step_graphs = dataclasses.replace(graphs, computed=computed, reused=reused_for)
+    runtime.run_plain = [CountingCalls(run) for run in runtime.run_plain]
+    got = sample(model, 16)
+    report = t4dopt.cache_report(scm).units
+    assert computed.calls == report[0].computed and computed.calls < STEPS
+    assert sum(r.calls for r in reused.values()) == STEPS - computed.calls
+    assert all(run.calls == 0 for run in runtime.run_plain)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_mixed_calls_through_segments_match_segments_alone(scm, calls_run_as):
+    """Drift-driven reuse mixes computed and reused units within a call; every path gives the same sample."""
+    cache = {"threshold": 0.2, "max_reuse": 3, "steps": STEPS}
+    results = {}
+    for path in ("default", "segments"):
+        torch._dynamo.reset()
+        model, runtime = compiled_runtime(scm, cache, 17)
+        if path == "segments":
+            runtime.step_graphs = None
+        results[path] = sample(model, 17)
+    modes = t4dopt.cache_report(scm).units
+    assert sum(u.computed for u in modes) < STEPS * len(modes)
+    assert torch.allclose(results["default"], results["segments"], atol=1e-5)
+
+
+def test_reused_graph_drops_every_sublayer_and_what_only_they_use(scm):
+    x, cond = scm_inputs(0)
+    gm, plan = plan_of(scm, x, torch.ones(1), cond)
+    program = prepare(gm, analyze(gm, parse_options({"layout": LAYOUT})), CacheSpec()).program
+    graph = reused_graph(gm, plan, program.runs(), [1] * len(program.runs())).graph
+    targets = [node.target for node in graph.nodes if node.op == "call_function"]
+    assert F.scaled_dot_product_attention not in targets
+    # Left: the patch embedding and the final layer; the timestep MLP and modulation fed only the sublayers.
+    assert sum(target in (F.linear, torch._C._nn.linear) for target in targets) == 2
+    assert [node.target for node in graph.nodes if node.op == "call_function"].count(rebuilt) == len(program.runs())
 
 
 def test_refresh_rows_recomputes_the_most_moved_rows_exactly():

@@ -22,6 +22,14 @@ def relative_drift(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return change / before.abs().sum(dtype=torch.float32).clamp_min(EPSILON)
 
 
+def rebuilt(entry: torch.Tensor, residual: torch.Tensor, slope: torch.Tensor | None = None,
+            steps: torch.Tensor | None = None) -> torch.Tensor:
+    """A reused sublayer's (or run's) exit: its new entry plus the stored residual, extrapolated by ``slope * steps``."""
+    if slope is None:
+        return entry + residual
+    return entry + residual + slope * steps.type_as(slope)
+
+
 def drift(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor]:
     return (relative_drift(now, before),)
 
@@ -38,43 +46,78 @@ def store_slope(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Ten
     return residual, (residual - previous) * inverse_gap.to(residual.dtype), relative_drift(entry, before)
 
 
-def reuse_graph(extrapolated: tuple[bool, ...]) -> fx.GraphModule:
-    """``(entry, before, residual_0[, slope_0, steps_0], ...) -> (entry + sum of terms, drift of entry)``.
+TERM_NAMES = (("residual",), ("residual", "slope", "steps"))
+"""The arguments of a reused term by its extrapolation order (the arguments of `rebuilt` after the entry)."""
+
+
+def reuse_graph(orders: tuple[int, ...]) -> fx.GraphModule:
+    """``(entry, before, *term 0, *term 1, ...) -> (entry + sum of terms, drift of entry)``.
 
     A reused sublayer adds its stored residual to its new entry, and consecutive reused
-    sublayers only add residuals, so one or a run of them is one sum: term i is ``residual_i``
-    or, where `extrapolated[i]`, ``residual_i + slope_i * steps_i`` (steps in the slope's dtype).
+    sublayers only add residuals, so one or a run of them is one sum: term i is
+    ``TERM_NAMES[orders[i]]``, its residual extrapolated to that order (`rebuilt`).
     """
     graph = fx.Graph()
     entry, before = graph.placeholder("entry"), graph.placeholder("before")
     terms = []
-    for index, slope in enumerate(extrapolated):
-        names = ("residual", "slope", "steps") if slope else ("residual",)
-        terms.append([graph.placeholder(f"{name}{index}") for name in names])
+    for index, order in enumerate(orders):
+        terms.append([graph.placeholder(f"{name}{index}") for name in TERM_NAMES[order]])
     total = entry
     for term in terms:
-        total = graph.call_function(operator.add, (total, term[0]))
-        if len(term) == 3:
-            steps = graph.call_method("type_as", (term[2], term[1]))
-            total = graph.call_function(operator.add, (total, graph.call_function(operator.mul, (term[1], steps))))
+        total = graph.call_function(rebuilt, (total, *term))
     graph.output((total, graph.call_function(relative_drift, (entry, before))))
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
+STORE_KINDS = {"first": (store, 2, 1), "plain": (store, 3, 2), "slope": (store_slope, 5, 3)}
+"""What one stored computation takes and returns: ``first`` (no earlier entry: the residual,
+drift discarded), ``plain`` (residual, drift) and ``slope`` (residual, slope, drift)."""
+
+
+def store_graph(kinds: tuple[str, ...]) -> fx.GraphModule:
+    """Every store of a call in one graph: the arguments of each kind in turn -> all their results in turn."""
+    graph = fx.Graph()
+    results = []
+    for index, kind in enumerate(kinds):
+        function, arguments, returned = STORE_KINDS[kind]
+        names = ("exit", "entry", "before", "previous", "inverse_gap")[:arguments]
+        placeholders = [graph.placeholder(f"{name}{index}") for name in names]
+        if kind == "first":
+            placeholders.append(placeholders[1])
+        value = graph.call_function(function, tuple(placeholders))
+        results += [graph.call_function(operator.getitem, (value, i)) for i in range(returned)]
+    graph.output(tuple(results))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def total_graph(count: int) -> fx.GraphModule:
+    """``(*tensors) -> (their sum,)``: the residuals (or slopes) of a run of reused sublayers, summed once."""
+    graph = fx.Graph()
+    values = [graph.placeholder(f"term{i}") for i in range(count)]
+    total = values[0]
+    for value in values[1:]:
+        total = graph.call_function(operator.add, (total, value))
+    graph.output((total,))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
 class Arithmetic:
-    """The functions above, each lowered on first use per input signature by `make(gm)`.
+    """The graphs above, each built and lowered by `make(gm)` on first use (and per input signature).
 
     `steps(n, like)` and `inverse(n, like)` are n and 1/n as 0-d tensors on `like`'s device.
     """
 
     def __init__(self, make: Callable[[fx.GraphModule], Callable], limit: int):
         self.drift = make(fx.symbolic_trace(drift))
-        self.store = make(fx.symbolic_trace(store))
-        self.store_slope = make(fx.symbolic_trace(store_slope))
         self.limit = limit
         self._make = make
-        self._reuse: dict[tuple[bool, ...], Callable] = {}
+        self._graphs: dict[tuple, Callable] = {}
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _graph(self, key: tuple, build: Callable[[], fx.GraphModule]) -> Callable:
+        if key not in self._graphs:
+            self._graphs[key] = self._make(build())
+        return self._graphs[key]
 
     def _table(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if like.device not in self._tables:
@@ -82,11 +125,17 @@ class Arithmetic:
             self._tables[like.device] = (counts.to(like.device), (1 / counts.clamp_min(1)).to(like.device))
         return self._tables[like.device]
 
-    def reuse(self, extrapolated: tuple[bool, ...]) -> Callable:
-        """The lowered `reuse_graph` for this pattern of terms."""
-        if extrapolated not in self._reuse:
-            self._reuse[extrapolated] = self._make(reuse_graph(extrapolated))
-        return self._reuse[extrapolated]
+    def reuse(self, orders: tuple[int, ...]) -> Callable:
+        """The lowered `reuse_graph` for terms of these extrapolation orders."""
+        return self._graph(("reuse", orders), lambda: reuse_graph(orders))
+
+    def stores(self, kinds: tuple[str, ...]) -> Callable:
+        """The lowered `store_graph` for these kinds of store."""
+        return self._graph(("store", kinds), lambda: store_graph(kinds))
+
+    def total(self, count: int) -> Callable:
+        """The lowered `total_graph` of `count` tensors."""
+        return self._graph(("total", count), lambda: total_graph(count))
 
     def steps(self, count: int, like: torch.Tensor) -> torch.Tensor:
         return self._table(like)[0][min(count, self.limit)]

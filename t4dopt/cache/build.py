@@ -10,10 +10,11 @@ import torch.fx as fx
 
 from t4dopt.cache.registry import register
 from t4dopt.cache.program import Program, program_of
-from t4dopt.cache.runtime import CacheRuntime, LazyLowered, Lower
+from t4dopt.cache.runtime import CacheRuntime, LazyLowered, Lower, StepGraphs
 from t4dopt.options import CacheSpec
 from t4dopt.passes.regions import RegionPlan, find_regions, find_timestep
 from t4dopt.passes.segments import Segment, split
+from t4dopt.passes.step_graphs import reused_graph, tapped_graph
 from t4dopt.sites import SiteDecision
 
 
@@ -36,6 +37,32 @@ def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) 
     return Prepared(plan, segments, program_of(gm, plan, segments, find_timestep(gm, plan), flops, spec.token_ratio))
 
 
+def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: Lower) -> StepGraphs | None:
+    """The runtime's whole-call graphs for `gm` (None when it changes tensors in place: values it returns
+    early could change later in the same graph)."""
+    program = prepared.program
+    if program.mutates:
+        return None
+    token_taps = {}
+    for unit in prepared.plan.units if "token" in spec.levels else []:
+        if unit.token_site is not None:
+            site = unit.token_site
+            token_taps[unit.index] = (site.site.query.name, (site.rewritten_output or site.site.output).name)
+    taps = list(dict.fromkeys([name for unit in program.units for name in (unit.entry, unit.exit)]
+                              + [name for pair in token_taps.values() for name in pair]))
+    runs = program.runs()
+    reused: dict[tuple[int, ...], LazyLowered | None] = {}
+
+    def reused_for(orders: tuple[int, ...]) -> LazyLowered | None:
+        if orders not in reused:
+            graph = reused_graph(gm, prepared.plan, runs, orders)
+            reused[orders] = LazyLowered(graph, lower) if graph is not None else None
+        return reused[orders]
+
+    return StepGraphs(LazyLowered(tapped_graph(gm, []), lower), LazyLowered(tapped_graph(gm, taps), lower), taps,
+                      token_taps, reused_for)
+
+
 def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[SiteDecision], spec: CacheSpec,
                   lower: Lower) -> tuple[CacheRuntime | None, RegionPlan]:
     """A runtime for `gm`, or None (with the plan saying why) when no sublayer can be cached."""
@@ -48,6 +75,6 @@ def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list
 
     runners = [(lazy(s.gm), lazy(s.token_full), lazy(s.token_pruned)) for s in prepared.segments]
     parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
-    runtime = CacheRuntime(prepared.program, runners, spec, parameter_ids, lower)
+    runtime = CacheRuntime(prepared.program, runners, spec, parameter_ids, lower, step_graphs(gm, prepared, spec, lower))
     register(runtime)
     return runtime, prepared.plan

@@ -58,6 +58,21 @@ class Program:
         leaves = [env[leaf["value"]] if isinstance(leaf, dict) else leaf for leaf in self.output_leaves]
         return pytree.tree_unflatten(leaves, pytree.treespec_loads(self.output_spec))
 
+    def runs(self) -> list[tuple[int, int]]:
+        """Maximal runs of adjacent units (each one's exit the next one's entry) as (first, last) unit indices."""
+        runs: list[tuple[int, int]] = []
+        for index, unit in enumerate(self.units):
+            if runs and self.units[runs[-1][1]].exit == unit.entry:
+                runs[-1] = (runs[-1][0], index)
+            else:
+                runs.append((index, index))
+        return runs
+
+    def output_values(self, flat: list[Any]) -> Any:
+        """The graph's output structure from the values of its tensor leaves, in order."""
+        names = [leaf["value"] for leaf in self.output_leaves if isinstance(leaf, dict)]
+        return self.outputs(dict(zip(names, flat)))
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

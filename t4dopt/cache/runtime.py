@@ -5,12 +5,15 @@ generation, each unit's stored input and residual (``exit - entry``), each token
 reference queries and attention rows, each chain's residual, and the drifts measured on the
 device. Each call reads back, in one transfer, the timestep and the drifts measured during
 the previous call; everything else stays on the device.
+
+A call whose sublayers are all computed, or all reused, runs as one lowered graph
+(`StepGraphs`) when the runtime has them; mixed calls run segment by segment.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from t4dopt.cache import policy
-from t4dopt.cache.arithmetic import Arithmetic
+from t4dopt.cache.arithmetic import TERM_NAMES, Arithmetic
 from t4dopt.cache.program import Program, SegmentSpec
 from t4dopt.cache.schedule import Position, StepTracker
 from t4dopt.cache.stats import CacheStats
@@ -39,16 +42,77 @@ class _Stored:
     """Steps between the two computations the slope comes from: it is not carried farther than that."""
     rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def order(self) -> int:
+        """How the residual is extrapolated: 0 as stored, 1 along its slope."""
+        return 1 if self.slope is not None else 0
+
 
 @dataclass
 class _Slot:
-    """State of one guidance slot (the n-th call of each step) within a generation."""
+    """State of one guidance slot (the n-th call of each step) within a generation.
+
+    ``totals`` keeps, per group of terms reused together, their residuals and slopes summed
+    (with the tensors they were summed from: a recomputed term invalidates the sum).
+    """
 
     units: list[policy.DriftState]
     chains: list[policy.DriftState]
     unit_tensors: list[_Stored]
     chain_tensors: list[_Stored]
     pending: list[tuple[policy.DriftState, int, torch.Tensor]] = field(default_factory=list)
+    totals: dict[tuple[int, ...], tuple[tuple, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Extrapolated:
+    """A residual to add and how to extrapolate it (the arguments of `arithmetic.rebuilt` after the entry)."""
+
+    residual: torch.Tensor
+    order: int = 0
+    slope: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
+
+    def arguments(self) -> list[torch.Tensor]:
+        return [self.residual, self.slope, self.steps][:len(TERM_NAMES[self.order])]
+
+
+@dataclass
+class _Term:
+    """One addend of a rebuild: a unit's or a chain's stored tensors; `counted` are the states a reuse counts for."""
+
+    state: policy.DriftState
+    stored: _Stored
+    counted: list[policy.DriftState]
+
+
+@dataclass
+class _Store:
+    """A computation to keep: which store (`arithmetic.STORE_KINDS`), its arguments, and where results go."""
+
+    kind: str
+    arguments: list[torch.Tensor]
+    slot: _Slot
+    state: policy.DriftState
+    stored: _Stored
+    distance: int
+
+
+@dataclass(frozen=True)
+class StepGraphs:
+    """Whole-call graphs (`t4dopt.passes.step_graphs`), lowered on first use.
+
+    `plain` runs the whole graph (for calls that keep nothing); `computed` runs it and returns
+    its output leaves, then the values named by `taps`; `token_taps` names, per
+    token-prunable unit, its query and attention rows among them. `reused(orders)` is the graph rebuilding every run of `Program.runs`, each
+    extrapolated to its order (None where it cannot be built).
+    """
+
+    plain: Callable
+    computed: Callable
+    taps: list[str]
+    token_taps: dict[int, tuple[str, str]]
+    reused: Callable[[tuple[int, ...]], Callable | None]
 
 
 class LazyLowered:
@@ -83,37 +147,27 @@ class CacheRuntime:
     """
 
     def __init__(self, program: Program, runners: list[SegmentRunners], spec: CacheSpec, parameter_ids: set[int],
-                 lower: Lower | None = None):
-        self.program, self.spec, self.parameter_ids = program, spec, parameter_ids
+                 lower: Lower | None = None, step_graphs: StepGraphs | None = None):
+        self.program, self.spec, self.parameter_ids, self.step_graphs = program, spec, parameter_ids, step_graphs
         self.arithmetic = Arithmetic(lambda gm: LazyLowered(gm, lower) if lower is not None else gm,
                                      limit=max(spec.max_reuse + 2, 64))
         self.timestep_index = program.placeholders.index(program.timestep) if program.timestep is not None else None
         self.chain_of = {unit: chain for chain, members in enumerate(program.chains) for unit in members}
         self.prunable = [u.token_share is not None for u in program.units]
-        self.runs = self._adjacent_runs()
+        self.unit_runs = program.runs()
+        segment_of = {segment.unit: index for index, segment in enumerate(program.segments) if segment.unit is not None}
+        self.runs = {segment_of[first]: segment_of[last] for first, last in self.unit_runs if last > first}
+        self.leaf_count = sum(isinstance(leaf, dict) for leaf in program.output_leaves)
+        self._stores: list[_Store] = []
         self.run_plain = [r[0] for r in runners]
-        self.run_full = [r[1] for r in runners]
+        # Attention rows are kept for the token level only.
+        self.run_full = [r[1] if "token" in spec.levels else None for r in runners]
         self.run_pruned = [r[2] for r in runners]
         self.stats = CacheStats([u.name for u in program.units], [u.kind for u in program.units],
                                 [u.flops for u in program.units], [u.token_share or 1.0 for u in program.units])
         self.tracker = StepTracker()
         self.slots: list[_Slot] = []
         self._warned_grad = False
-
-    def _adjacent_runs(self) -> dict[int, int]:
-        """First segment -> last segment of each run of two or more adjacent unit segments (exit i is entry i+1)."""
-        runs: dict[int, int] = {}
-        segments, units = self.program.segments, self.program.units
-        start = None
-        for index, segment in enumerate(segments + [None]):
-            joined = (start is not None and segment is not None and segment.unit is not None
-                      and units[segments[index - 1].unit].exit == units[segment.unit].entry)
-            if joined:
-                continue
-            if start is not None and index - 1 > start:
-                runs[start] = index - 1
-            start = index if segment is not None and segment.unit is not None else None
-        return runs
 
     def reset(self) -> None:
         """Drop every stored tensor; the next call starts a new generation."""
@@ -183,9 +237,52 @@ class CacheRuntime:
         modes = policy.choose(self.spec, position.step, self._progress(position), slot.units, slot.chains,
                               self.program.chains, self.prunable)
         self.stats.record(modes)
+        if self.step_graphs is not None:
+            if all(mode == policy.COMPUTE for mode in modes):
+                return self._run_computed(args, slot, modes)
+            if all(mode in (policy.REUSE, policy.BYPASS) for mode in modes):
+                result = self._run_reused(args, slot, modes)
+                if result is not None:
+                    return result
         return self._run(args, (slot, modes))
 
+    def _run_computed(self, args: tuple, slot: _Slot, modes: list[str]) -> Any:
+        """Every unit computed: the whole graph in one call, then every store in one call."""
+        outputs = self.step_graphs.computed(*args)
+        env = dict(zip(self.step_graphs.taps, outputs[self.leaf_count:]))
+        for index, unit in enumerate(self.program.units):
+            stored = slot.unit_tensors[index]
+            if index in self.step_graphs.token_taps:
+                query, rows = self.step_graphs.token_taps[index]
+                stored.rows = (env[query], env[rows])
+            self._keep(slot, slot.units[index], stored, env[unit.entry], env[unit.exit])
+        for chain, members in enumerate(self.program.chains):
+            self._close_chain(slot, chain, members, modes, env)
+        self._flush_stores()
+        return self.program.output_values(outputs[:self.leaf_count])
+
+    def _run_reused(self, args: tuple, slot: _Slot, modes: list[str]) -> Any | None:
+        """Every unit reused: one graph rebuilding each run from summed residuals (None where it cannot)."""
+        groups, extras, orders = [], [], []
+        for first, last in self.unit_runs:
+            terms = self._terms(slot, modes, range(first, last + 1))
+            combined = self._combined(slot, terms)
+            if combined is None:
+                return None
+            extras += [terms[0].stored.entry, *combined.arguments()]
+            orders.append(combined.order)
+            groups.append(terms)
+        graph = self.step_graphs.reused(tuple(orders))
+        if graph is None:
+            return None
+        outputs = graph(*args, *extras)
+        for terms, moved in zip(groups, outputs[self.leaf_count:]):
+            self._reused(slot, terms, moved)
+        return self.program.output_values(outputs[:self.leaf_count])
+
     def _run(self, args: tuple, cached: tuple[_Slot, list[str]] | None) -> Any:
+        if cached is None and self.step_graphs is not None:
+            return self.program.output_values(self.step_graphs.plain(*args))
         env: dict[str, Any] = dict(zip(self.program.placeholders, args))
         segments = self.program.segments
         index = 0
@@ -199,6 +296,7 @@ class CacheRuntime:
                 index = self.runs[index]
             else:
                 self._run_unit(index, segment, env, *cached)
+                self._flush_stores()
             index += 1
         return self.program.outputs(env)
 
@@ -209,20 +307,58 @@ class CacheRuntime:
     def _rebuild_run(self, first: int, last: int, env: dict, slot: _Slot, modes: list[str]) -> None:
         """Rebuild a run of reused sublayers in one sum; only the run's first input drift is measured."""
         units = [self.program.segments[i].unit for i in range(first, last + 1)]
-        terms: list[tuple[policy.DriftState, _Stored]] = []
+        terms = self._terms(slot, modes, units)
+        env[self.program.units[units[-1]].exit] = self._rebuild(slot, terms, env[self.program.units[units[0]].entry])
+
+    def _chain_term(self, slot: _Slot, chain: int) -> _Term:
+        members = [slot.units[member] for member in self.program.chains[chain]]
+        return _Term(slot.chains[chain], slot.chain_tensors[chain], [slot.chains[chain], *members])
+
+    def _terms(self, slot: _Slot, modes: list[str], units: Sequence[int]) -> list[_Term]:
+        """What rebuilds a run of reused `units`: a bypassed chain as one term, each other unit as one."""
+        terms: list[_Term] = []
         position = 0
         while position < len(units):
             unit = units[position]
             chain = self.chain_of.get(unit)
             if modes[unit] == policy.BYPASS and chain is not None and self.program.chains[chain][0] == unit:
-                terms.append((slot.chains[chain], slot.chain_tensors[chain]))
-                for member in self.program.chains[chain]:
-                    slot.units[member].reuses += 1
+                terms.append(self._chain_term(slot, chain))
                 position += len(self.program.chains[chain])
             else:
-                terms.append((slot.units[unit], slot.unit_tensors[unit]))
+                terms.append(_Term(slot.units[unit], slot.unit_tensors[unit], [slot.units[unit]]))
                 position += 1
-        env[self.program.units[units[-1]].exit] = self._rebuild(slot, terms, env[self.program.units[units[0]].entry])
+        return terms
+
+    def _extrapolated(self, term: _Term) -> _Extrapolated:
+        stored = term.stored
+        if stored.order == 0:
+            return _Extrapolated(stored.residual)
+        return _Extrapolated(stored.residual, 1, stored.slope,
+                             self.arithmetic.steps(min(term.state.since, stored.gap), stored.residual))
+
+    def _combined(self, slot: _Slot, terms: list[_Term]) -> _Extrapolated | None:
+        """The terms as one: residuals and slopes summed, when the slopes extrapolate by the same steps.
+
+        None when they do not (different steps since their computations). Sums are kept in the
+        slot until one of their tensors is replaced by a computation.
+        """
+        if len(terms) == 1:
+            return self._extrapolated(terms[0])
+        extrapolated = [t for t in terms if t.stored.order == 1]
+        if len({min(t.state.since, t.stored.gap) for t in extrapolated}) > 1:
+            return None
+        key = tuple(id(t.stored) for t in terms)
+        sources = tuple(tensor for t in terms for tensor in (t.stored.residual, t.stored.slope))
+        kept = slot.totals.get(key)
+        if kept is None or any(a is not b for a, b in zip(kept[0], sources)):
+            sums = (self._total([t.stored.residual for t in terms]), self._total([t.stored.slope for t in extrapolated]))
+            kept = slot.totals[key] = (sources, *sums)
+        if not extrapolated:
+            return _Extrapolated(kept[1])
+        return _Extrapolated(kept[1], 1, kept[2], self._extrapolated(extrapolated[0]).steps)
+
+    def _total(self, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+        return self.arithmetic.total(len(tensors))(*tensors)[0] if tensors else None
 
     def _measure(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor) -> None:
         if stored.entry is not None:
@@ -232,39 +368,58 @@ class CacheRuntime:
         """`entry` as stored: a copy only when the graph mutates tensors in place (it could change later)."""
         return entry.detach().clone() if self.program.mutates else entry.detach()
 
-    def _rebuild(self, slot: _Slot, terms: list[tuple[policy.DriftState, _Stored]], entry: torch.Tensor) -> torch.Tensor:
+    def _rebuild(self, slot: _Slot, terms: list[_Term], entry: torch.Tensor) -> torch.Tensor:
         """`entry` plus the stored residuals of `terms` (extrapolated with ``order=1``) in one kernel.
 
         Records the drift of `entry` for the first term and counts a reuse for each term.
         """
-        arguments: list[torch.Tensor] = [entry, terms[0][1].entry]
-        for state, stored in terms:
-            arguments.append(stored.residual)
-            if stored.slope is not None:
-                arguments += [stored.slope, self.arithmetic.steps(min(state.since, stored.gap), entry)]
-        exit_value, moved = self.arithmetic.reuse(tuple(stored.slope is not None for _, stored in terms))(*arguments)
-        slot.pending.append((terms[0][0], terms[0][0].since, moved))
-        for state, _ in terms:
-            state.reuses += 1
+        combined = self._combined(slot, terms)
+        parts = [self._extrapolated(term) for term in terms] if combined is None else [combined]
+        arguments = [entry, terms[0].stored.entry] + [a for part in parts for a in part.arguments()]
+        pattern = tuple(part.order for part in parts)
+        exit_value, moved = self.arithmetic.reuse(pattern)(*arguments)
+        self._reused(slot, terms, moved)
         return exit_value
+
+    @staticmethod
+    def _reused(slot: _Slot, terms: list[_Term], moved: torch.Tensor) -> None:
+        """Record the first term's measured drift and count a reuse for every term."""
+        first = terms[0].state
+        slot.pending.append((first, first.since, moved))
+        for term in terms:
+            for state in term.counted:
+                state.reuses += 1
 
     def _keep(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor,
               exit_value: torch.Tensor) -> None:
-        """Store a computation's residual (and, with ``order=1``, its change per step); records the drift."""
-        before, previous = stored.entry, stored.residual
-        if before is None:
-            stored.residual, _ = self.arithmetic.store(exit_value, entry, entry)
-        elif self.spec.order == 1:
-            inverse_gap = self.arithmetic.inverse(state.since, entry)
-            stored.gap = state.since
-            stored.residual, stored.slope, moved = self.arithmetic.store_slope(exit_value, entry, before, previous,
-                                                                               inverse_gap)
-            slot.pending.append((state, state.since, moved))
+        """Queue the store of a computation's residual (and, with ``order=1``, its change per step).
+
+        Stores run in `_flush_stores`, together; they record the entry's drift.
+        """
+        if stored.entry is None:
+            kind, arguments = "first", [exit_value, entry]
+        elif self.spec.order == 0:
+            kind, arguments = "plain", [exit_value, entry, stored.entry]
         else:
-            stored.residual, moved = self.arithmetic.store(exit_value, entry, before)
-            slot.pending.append((state, state.since, moved))
+            kind = "slope"
+            arguments = [exit_value, entry, stored.entry, stored.residual, self.arithmetic.inverse(state.since, entry)]
+            stored.gap = state.since
+        self._stores.append(_Store(kind, arguments, slot, state, stored, state.since))
         stored.entry = self._kept(entry)
         state.computed()
+
+    def _flush_stores(self) -> None:
+        """Run the queued stores in one lowered graph."""
+        if not self._stores:
+            return
+        stores, self._stores = self._stores, []
+        results = iter(self.arithmetic.stores(tuple(s.kind for s in stores))(*(a for s in stores for a in s.arguments)))
+        for store in stores:
+            store.stored.residual = next(results)
+            if store.kind == "slope":
+                store.stored.slope = next(results)
+            if store.kind != "first":
+                store.slot.pending.append((store.state, store.distance, next(results)))
 
     def _run_unit(self, index: int, segment: SegmentSpec, env: dict, slot: _Slot, modes: list[str]) -> None:
         unit_index = segment.unit
@@ -275,10 +430,9 @@ class CacheRuntime:
         chain_members = self.program.chains[chain] if chain is not None else ()
         starts_chain = chain is not None and unit_index == chain_members[0]
         if mode == policy.BYPASS:
-            state.reuses += 1
             if starts_chain:
                 last_exit = self.program.units[chain_members[-1]].exit
-                env[last_exit] = self._rebuild(slot, [(slot.chains[chain], slot.chain_tensors[chain])], env[unit.entry])
+                env[last_exit] = self._rebuild(slot, [self._chain_term(slot, chain)], env[unit.entry])
             return
         entry = env[unit.entry]
         if starts_chain and any(modes[i] != policy.COMPUTE for i in chain_members):
@@ -286,7 +440,7 @@ class CacheRuntime:
             self._measure(slot, slot.chains[chain], slot.chain_tensors[chain], entry)
         inputs = [env[n] for n in segment.inputs]
         if mode == policy.REUSE:
-            env[unit.exit] = self._rebuild(slot, [(state, stored)], entry)
+            env[unit.exit] = self._rebuild(slot, [_Term(state, stored, [state])], entry)
         elif mode == policy.PRUNE:
             self._measure(slot, state, stored, entry)
             *outputs, reference, rows = self.run_pruned[index](*inputs, *stored.rows)
