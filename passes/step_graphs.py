@@ -5,8 +5,9 @@ a Python call per segment. Most calls of a sampling loop are uniform (warm-up an
 calls compute everything, the calls between reuse everything), so the runtime runs those as
 one lowered graph each:
 
-- `tapped_graph`: the whole graph, also returning the values the runtime stores (each unit's
-  entry and exit, and the query and attention rows of token-prunable units);
+- `tapped_graph`: the whole graph, also returning the values the runtime keeps (each unit's
+  entry, the query and attention rows of token-prunable units) and computing the stores of
+  every unit and chain (residual, slope, drift) where their values are produced;
 - `reused_graph`: the graph with each run of adjacent units replaced by its entry plus a
   stored residual (and slope times steps), which also returns the relative drift of each
   run's entry; everything only the units used (modulation, conditioning projections) is
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from t4dopt.cache.arithmetic import TERM_NAMES, rebuilt, relative_drift
+from t4dopt.cache.arithmetic import STORE_KINDS, TERM_NAMES, add_store, rebuilt, relative_drift
 
 from .regions import RegionPlan
 from .segments import checked_module
@@ -41,10 +42,24 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.Graph, dict[str, fx.Node], list]:
     return graph, {node.name: copied for node, copied in env.items()}, leaves
 
 
-def tapped_graph(gm: fx.GraphModule, taps: Sequence[str]) -> fx.GraphModule:
-    """``gm`` returning ``(*output tensor leaves, *values named by taps)`` as one flat tuple."""
+def tapped_graph(gm: fx.GraphModule, taps: Sequence[str], stores: Sequence[tuple[str, str]] = (),
+                 kind: str = "first") -> fx.GraphModule:
+    """``gm`` returning ``(*output tensor leaves, *values named by taps, *store results)`` as one flat tuple.
+
+    Each of `stores`, ``(entry, exit)`` by name, is an `arithmetic.add_store` of `kind`; the
+    graph takes their arguments after ``gm``'s inputs, store after store.
+    """
     graph, by_name, leaves = _copy(gm)
-    graph.output(tuple(leaves) + tuple(by_name[name] for name in taps))
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    results = []
+    for index, (entry, exit_value) in enumerate(stores):
+        arguments = []
+        for name in STORE_KINDS[kind][1]:
+            with graph.inserting_after(last_input):
+                last_input = graph.placeholder(f"_t4d_store{index}_{name}")
+            arguments.append(last_input)
+        results += add_store(graph, kind, by_name[exit_value], by_name[entry], arguments)
+    graph.output(tuple(leaves) + tuple(by_name[name] for name in taps) + tuple(results))
     return checked_module(gm, graph)
 
 

@@ -69,9 +69,19 @@ def reuse_graph(orders: tuple[int, ...]) -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
-STORE_KINDS = {"first": (store, 2, 1), "plain": (store, 3, 2), "slope": (store_slope, 5, 3)}
-"""What one stored computation takes and returns: ``first`` (no earlier entry: the residual,
-drift discarded), ``plain`` (residual, drift) and ``slope`` (residual, slope, drift)."""
+STORE_KINDS = {"first": (store, (), 1), "plain": (store, ("before",), 2),
+               "slope": (store_slope, ("before", "previous", "inverse_gap"), 3)}
+"""Per kind of store: its function, what it takes after ``(exit, entry)`` and how many results:
+``first`` (no earlier entry: the residual), ``plain`` (residual, drift) and ``slope``
+(residual, slope, drift)."""
+
+
+def add_store(graph: fx.Graph, kind: str, exit_value: fx.Node, entry: fx.Node,
+              arguments: list[fx.Node]) -> list[fx.Node]:
+    """Append one store of `kind` to `graph`; its result nodes."""
+    function, _, returned = STORE_KINDS[kind]
+    value = graph.call_function(function, (exit_value, entry, *(arguments or [entry])))
+    return [graph.call_function(operator.getitem, (value, i)) for i in range(returned)]
 
 
 def store_graph(kinds: tuple[str, ...]) -> fx.GraphModule:
@@ -79,13 +89,9 @@ def store_graph(kinds: tuple[str, ...]) -> fx.GraphModule:
     graph = fx.Graph()
     results = []
     for index, kind in enumerate(kinds):
-        function, arguments, returned = STORE_KINDS[kind]
-        names = ("exit", "entry", "before", "previous", "inverse_gap")[:arguments]
-        placeholders = [graph.placeholder(f"{name}{index}") for name in names]
-        if kind == "first":
-            placeholders.append(placeholders[1])
-        value = graph.call_function(function, tuple(placeholders))
-        results += [graph.call_function(operator.getitem, (value, i)) for i in range(returned)]
+        exit_value, entry = graph.placeholder(f"exit{index}"), graph.placeholder(f"entry{index}")
+        arguments = [graph.placeholder(f"{name}{index}") for name in STORE_KINDS[kind][1]]
+        results += add_store(graph, kind, exit_value, entry, arguments)
     graph.output(tuple(results))
     return fx.GraphModule(torch.nn.Module(), graph)
 

@@ -48,10 +48,16 @@ def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: 
         if unit.token_site is not None:
             site = unit.token_site
             token_taps[unit.index] = (site.site.query.name, (site.rewritten_output or site.site.output).name)
-    taps = list(dict.fromkeys([name for unit in program.units for name in (unit.entry, unit.exit)]
+    taps = list(dict.fromkeys([unit.entry for unit in program.units]
                               + [name for pair in token_taps.values() for name in pair]))
     runs = program.runs()
+    computed: dict[str, LazyLowered] = {}
     reused: dict[tuple[int, ...], LazyLowered | None] = {}
+
+    def computed_for(kind: str) -> LazyLowered:
+        if kind not in computed:
+            computed[kind] = LazyLowered(tapped_graph(gm, taps, program.stored_values(), kind), lower)
+        return computed[kind]
 
     def reused_for(orders: tuple[int, ...]) -> LazyLowered | None:
         if orders not in reused:
@@ -59,8 +65,7 @@ def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: 
             reused[orders] = LazyLowered(graph, lower) if graph is not None else None
         return reused[orders]
 
-    return StepGraphs(LazyLowered(tapped_graph(gm, []), lower), LazyLowered(tapped_graph(gm, taps), lower), taps,
-                      token_taps, reused_for)
+    return StepGraphs(LazyLowered(tapped_graph(gm, []), lower), computed_for, taps, token_taps, reused_for)
 
 
 def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[SiteDecision], spec: CacheSpec,

@@ -68,6 +68,11 @@ class Program:
                 runs.append((index, index))
         return runs
 
+    def stored_values(self) -> list[tuple[str, str]]:
+        """(entry, exit) of what a call computing everything stores: each unit, then each chain."""
+        return ([(unit.entry, unit.exit) for unit in self.units]
+                + [(self.units[chain[0]].entry, self.units[chain[-1]].exit) for chain in self.chains])
+
     def output_values(self, flat: list[Any]) -> Any:
         """The graph's output structure from the values of its tensor leaves, in order."""
         names = [leaf["value"] for leaf in self.output_leaves if isinstance(leaf, dict)]

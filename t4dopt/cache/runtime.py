@@ -13,7 +13,7 @@ A call whose sublayers are all computed, or all reused, runs as one lowered grap
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,21 +95,23 @@ class _Store:
     slot: _Slot
     state: policy.DriftState
     stored: _Stored
-    distance: int
+    entry: torch.Tensor
 
 
 @dataclass(frozen=True)
 class StepGraphs:
     """Whole-call graphs (`t4dopt.passes.step_graphs`), lowered on first use.
 
-    `plain` runs the whole graph (for calls that keep nothing); `computed` runs it and returns
-    its output leaves, then the values named by `taps`; `token_taps` names, per
-    token-prunable unit, its query and attention rows among them. `reused(orders)` is the graph rebuilding every run of `Program.runs`, each
+    `plain` runs the whole graph (for calls that keep nothing); `computed(kind)` runs it and
+    returns its output leaves, the values named by `taps`, then the results of a store of
+    `kind` for each of `Program.stored_values` (taking their arguments after the graph's
+    inputs); `token_taps` names, per token-prunable unit, its query and attention rows among
+    the taps. `reused(orders)` is the graph rebuilding every run of `Program.runs`, each
     extrapolated to its order (None where it cannot be built).
     """
 
     plain: Callable
-    computed: Callable
+    computed: Callable[[str], Callable]
     taps: list[str]
     token_taps: dict[int, tuple[str, str]]
     reused: Callable[[tuple[int, ...]], Callable | None]
@@ -238,27 +240,35 @@ class CacheRuntime:
                               self.program.chains, self.prunable)
         self.stats.record(modes)
         if self.step_graphs is not None:
+            result = None
             if all(mode == policy.COMPUTE for mode in modes):
-                return self._run_computed(args, slot, modes)
-            if all(mode in (policy.REUSE, policy.BYPASS) for mode in modes):
+                result = self._run_computed(args, slot, modes)
+            elif all(mode in (policy.REUSE, policy.BYPASS) for mode in modes):
                 result = self._run_reused(args, slot, modes)
-                if result is not None:
-                    return result
+            if result is not None:
+                return result
         return self._run(args, (slot, modes))
 
-    def _run_computed(self, args: tuple, slot: _Slot, modes: list[str]) -> Any:
-        """Every unit computed: the whole graph in one call, then every store in one call."""
-        outputs = self.step_graphs.computed(*args)
-        env = dict(zip(self.step_graphs.taps, outputs[self.leaf_count:]))
-        for index, unit in enumerate(self.program.units):
-            stored = slot.unit_tensors[index]
-            if index in self.step_graphs.token_taps:
-                query, rows = self.step_graphs.token_taps[index]
-                stored.rows = (env[query], env[rows])
-            self._keep(slot, slot.units[index], stored, env[unit.entry], env[unit.exit])
-        for chain, members in enumerate(self.program.chains):
-            self._close_chain(slot, chain, members, modes, env)
-        self._flush_stores()
+    def _run_computed(self, args: tuple, slot: _Slot, modes: list[str]) -> Any | None:
+        """Every unit computed: the whole graph, storing every unit and chain, in one call.
+
+        None when the stores are not all of one kind (then the call runs segment by segment).
+        """
+        terms = ([(state, stored) for state, stored in zip(slot.units, slot.unit_tensors)]
+                 + [(state, stored) for state, stored in zip(slot.chains, slot.chain_tensors)])
+        kinds = {self._store_kind(stored) for _, stored in terms}
+        if len(kinds) > 1:
+            return None
+        kind = kinds.pop()
+        arguments = [a for state, stored in terms for a in self._store_arguments(kind, state, stored)]
+        outputs = self.step_graphs.computed(kind)(*args, *arguments)
+        taps = self.step_graphs.taps
+        env = dict(zip(taps, outputs[self.leaf_count:]))
+        for index, (query, rows) in self.step_graphs.token_taps.items():
+            slot.unit_tensors[index].rows = (env[query], env[rows])
+        results = iter(outputs[self.leaf_count + len(taps):])
+        for (state, stored), (entry, _) in zip(terms, self.program.stored_values()):
+            self._stored(kind, slot, state, stored, env[entry], results)
         return self.program.output_values(outputs[:self.leaf_count])
 
     def _run_reused(self, args: tuple, slot: _Slot, modes: list[str]) -> Any | None:
@@ -390,23 +400,40 @@ class CacheRuntime:
             for state in term.counted:
                 state.reuses += 1
 
+    def _store_kind(self, stored: _Stored) -> str:
+        if stored.entry is None:
+            return "first"
+        return "slope" if self.spec.order == 1 else "plain"
+
+    def _store_arguments(self, kind: str, state: policy.DriftState, stored: _Stored) -> list[torch.Tensor]:
+        """What a store of `kind` takes after ``(exit, entry)`` (`arithmetic.STORE_KINDS`)."""
+        if kind == "first":
+            return []
+        if kind == "plain":
+            return [stored.entry]
+        return [stored.entry, stored.residual, self.arithmetic.inverse(state.since, stored.entry)]
+
+    def _stored(self, kind: str, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor,
+                results: Iterator[torch.Tensor]) -> None:
+        """Take a store's results: the residual (and slope) kept, the entry's drift recorded, `entry` kept."""
+        stored.residual = next(results)
+        if kind == "slope":
+            stored.slope = next(results)
+            stored.gap = state.since
+        if kind != "first":
+            slot.pending.append((state, state.since, next(results)))
+        stored.entry = self._kept(entry)
+        state.computed()
+
     def _keep(self, slot: _Slot, state: policy.DriftState, stored: _Stored, entry: torch.Tensor,
               exit_value: torch.Tensor) -> None:
         """Queue the store of a computation's residual (and, with ``order=1``, its change per step).
 
         Stores run in `_flush_stores`, together; they record the entry's drift.
         """
-        if stored.entry is None:
-            kind, arguments = "first", [exit_value, entry]
-        elif self.spec.order == 0:
-            kind, arguments = "plain", [exit_value, entry, stored.entry]
-        else:
-            kind = "slope"
-            arguments = [exit_value, entry, stored.entry, stored.residual, self.arithmetic.inverse(state.since, entry)]
-            stored.gap = state.since
-        self._stores.append(_Store(kind, arguments, slot, state, stored, state.since))
-        stored.entry = self._kept(entry)
-        state.computed()
+        kind = self._store_kind(stored)
+        arguments = [exit_value, entry, *self._store_arguments(kind, state, stored)]
+        self._stores.append(_Store(kind, arguments, slot, state, stored, entry))
 
     def _flush_stores(self) -> None:
         """Run the queued stores in one lowered graph."""
@@ -415,11 +442,7 @@ class CacheRuntime:
         stores, self._stores = self._stores, []
         results = iter(self.arithmetic.stores(tuple(s.kind for s in stores))(*(a for s in stores for a in s.arguments)))
         for store in stores:
-            store.stored.residual = next(results)
-            if store.kind == "slope":
-                store.stored.slope = next(results)
-            if store.kind != "first":
-                store.slot.pending.append((store.state, store.distance, next(results)))
+            self._stored(store.kind, store.slot, store.state, store.stored, store.entry, results)
 
     def _run_unit(self, index: int, segment: SegmentSpec, env: dict, slot: _Slot, modes: list[str]) -> None:
         unit_index = segment.unit
