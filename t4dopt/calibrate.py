@@ -28,7 +28,7 @@ from t4dopt.quality import psnr, relative_l2
 
 BUDGET_KEYS = {"psnr": "at least this many dB", "relative_l2": "at most this relative L2 error"}
 DEFAULT_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
-DEFAULT_MAX_REUSE = (4, 8)
+DEFAULT_MAX_REUSE = (4, 8, 12)
 
 
 @dataclass(frozen=True)
