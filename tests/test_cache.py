@@ -13,7 +13,7 @@ import t4dopt
 import t4dopt.cache.build as cache_build
 from support import NoResidual
 from reference import dense_masked_attention
-from t4dopt.cache.arithmetic import rebuilt
+from t4dopt.cache.arithmetic import Arithmetic, rebuilt
 from t4dopt.cache.build import prepare
 from t4dopt.cache.registry import runtimes_of
 from t4dopt.models import SCMNet, Sculpt4DDiT
@@ -205,6 +205,14 @@ def test_mixed_calls_through_segments_match_segments_alone(scm, calls_run_as):
     modes = t4dopt.cache_report(scm).units
     assert sum(u.computed for u in modes) < STEPS * len(modes)
     assert torch.allclose(results["default"], results["segments"], atol=1e-5)
+
+
+def test_step_counts_past_the_end_of_the_table_stay_exact():
+    arithmetic = Arithmetic(lambda gm: gm, limit=4)
+    like = torch.zeros(3)
+    assert float(arithmetic.steps(3, like)) == 3.0
+    assert float(arithmetic.steps(9, like)) == 9.0 and float(arithmetic.inverse(9, like)) == pytest.approx(1 / 9)
+    assert float(arithmetic.inverse(0, like)) == 1.0
 
 
 def test_reused_graph_drops_every_sublayer_and_what_only_they_use(scm):

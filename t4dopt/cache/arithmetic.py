@@ -125,7 +125,10 @@ class Arithmetic:
             self._graphs[key] = self._make(build())
         return self._graphs[key]
 
-    def _table(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _table(self, like: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables on `like`'s device, rebuilt twice as long when `count` is past their end."""
+        if count > self.limit:
+            self.limit, self._tables = 2 * count, {}
         if like.device not in self._tables:
             counts = torch.arange(self.limit + 1, dtype=torch.float32)
             self._tables[like.device] = (counts.to(like.device), (1 / counts.clamp_min(1)).to(like.device))
@@ -144,7 +147,8 @@ class Arithmetic:
         return self._graph(("total", count), lambda: total_graph(count))
 
     def steps(self, count: int, like: torch.Tensor) -> torch.Tensor:
-        return self._table(like)[0][min(count, self.limit)]
+        return self._table(like, count)[0][count]
 
     def inverse(self, count: int, like: torch.Tensor) -> torch.Tensor:
-        return self._table(like)[1][min(max(count, 1), self.limit)]
+        count = max(count, 1)
+        return self._table(like, count)[1][count]
