@@ -23,6 +23,7 @@ import operator
 
 import networkx as nx
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 import torch.fx as fx
 import torch.nn.functional as F
 
@@ -175,13 +176,72 @@ def _strip_casts(node: object) -> object:
 
 
 def _adds_entry(entry: fx.Node, exit_node: fx.Node) -> bool:
-    """Whether `exit_node` is ``entry + something`` up to dtype casts: a residual connection."""
+    """Whether `exit_node` is ``entry + something`` up to dtype casts: a residual connection.
+
+    An in-place ``entry += f(entry)`` is not one (its entry and exit are one tensor, so no
+    residual could be stored); `functional_residuals` rewrites those that can be rewritten.
+    """
     core = _strip_casts(exit_node)
     if not isinstance(core, fx.Node) or not (
-            (core.op == "call_function" and core.target in (operator.add, operator.iadd, torch.add))
+            (core.op == "call_function" and core.target in (operator.add, torch.add))
             or (core.op == "call_method" and core.target == "add")):
         return False
     return any(_strip_casts(arg) is _strip_casts(entry) for arg in core.args[:2])
+
+
+IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
+                      operator.setitem}
+
+
+def is_in_place(node: fx.Node) -> bool:
+    """Whether `node` changes a tensor in place (``x += y``, ``x[i] = y``, ``x.add_(y)``)."""
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return False
+
+
+def _storage(node: fx.Node) -> StorageWeakRef | None:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(value.untyped_storage())
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def functional_residuals(graph: fx.Graph) -> int:
+    """Rewrite in-place additions ``x += y`` into ``x + y`` where nothing could tell the difference.
+
+    That holds when ``x`` is no graph input and no earlier value sharing its storage (found from
+    the example values dynamo recorded) is used after the addition. Returns how many were
+    rewritten.
+    """
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    storages = {node: _storage(node) for node in graph.nodes}
+    rewritten = 0
+    for node in list(graph.nodes):
+        in_place = ((node.op == "call_function" and node.target is operator.iadd)
+                    or (node.op == "call_method" and node.target == "add_"))
+        if not in_place or not isinstance(node.args[0], fx.Node) or storages[node.args[0]] is None:
+            continue
+        base = storages[node.args[0]]
+        # Values made before the addition that share its storage; later ones already see the sum either way.
+        aliases = [n for n, storage in storages.items()
+                   if order[n] < order[node] and storage is not None and storage == base]
+        if any(n.op == "placeholder" for n in aliases):
+            continue
+        if any(order[user] > order[node] for alias in aliases for user in alias.users if user is not node):
+            continue
+        if node.op == "call_function":
+            node.target = operator.add
+        else:
+            node.target = "add"
+        rewritten += 1
+    return rewritten
 
 
 def _does_work(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
@@ -254,8 +314,10 @@ def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[s
         sites = [attention_output[n] for n in nodes if n in attention_output]
         work = [n for n in nodes if n in attention_output or _does_work(n, modules)]
         inside = set(nodes)
+        # A region changing a tensor in place could change its entry: nothing could be stored of it.
         if (not work or exit_node is output or _shape(entry) != _shape(exit_node) or not _adds_entry(entry, exit_node)
-                or any(user not in inside for node in nodes[:-1] for user in node.users)):
+                or any(user not in inside for node in nodes[:-1] for user in node.users)
+                or any(is_in_place(node) for node in nodes)):
             plan.regions.append((nodes, None))
             continue
         index = len(plan.units)

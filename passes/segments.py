@@ -58,7 +58,7 @@ def _users_outside(nodes: list[fx.Node]) -> list[fx.Node]:
     return [n for n in nodes if any(user not in inside for user in n.users)]
 
 
-def extract_graph(nodes: list[fx.Node], outputs: list[fx.Node], extra_inputs: int = 0) -> tuple[fx.Graph, dict[fx.Node, fx.Node], list[fx.Node], list[fx.Node]]:
+def _extract(nodes: list[fx.Node], outputs: list[fx.Node], extra_inputs: int = 0) -> tuple[fx.Graph, dict[fx.Node, fx.Node], list[fx.Node], list[fx.Node]]:
     """A graph computing `outputs` from the values `nodes` take from outside; also the node map and placeholders."""
     inside = set(nodes)
     inputs: list[fx.Node] = []
@@ -87,12 +87,12 @@ def _token_variants(root: fx.GraphModule, unit: CacheUnit, outputs: list[fx.Node
                     rows: int) -> tuple[fx.GraphModule, fx.GraphModule]:
     site = unit.token_site.site
     attention = unit.token_site.rewritten_output or site.output
-    graph, env, _, _ = extract_graph(unit.nodes, outputs)
+    graph, env, _, _ = _extract(unit.nodes, outputs)
     result = next(n for n in graph.nodes if n.op == "output")
     result.args = (tuple(result.args[0]) + (env[site.query], env[attention]),)
     full = checked_module(root, graph)
 
-    graph, env, _, (reference, cached) = extract_graph(unit.nodes, outputs, extra_inputs=2)
+    graph, env, _, (reference, cached) = _extract(unit.nodes, outputs, extra_inputs=2)
     old = env[attention]
     with graph.inserting_before(old):
         pair = graph.call_function(refresh_rows, (env[site.query], env[site.key], env[site.value], reference, cached,
@@ -128,7 +128,7 @@ def split(gm: fx.GraphModule, plan: RegionPlan, token_ratio: float) -> list[Segm
     segments = []
     for nodes, unit_index in groups:
         outputs = _users_outside(nodes)
-        graph, _, inputs, _ = extract_graph(nodes, outputs)
+        graph, _, inputs, _ = _extract(nodes, outputs)
         segment = Segment(checked_module(gm, graph), inputs, outputs, unit_index)
         if unit_index is not None and plan.units[unit_index].token_site is not None:
             unit = plan.units[unit_index]

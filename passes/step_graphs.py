@@ -94,4 +94,3 @@ def reused_graph(gm: fx.GraphModule, plan: RegionPlan, runs: Sequence[tuple[int,
     if any(node.name in remaining for first, last in runs for unit in plan.units[first:last + 1] for node in unit.nodes):
         return None
     return checked_module(gm, graph)
-

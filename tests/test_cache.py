@@ -22,7 +22,7 @@ from t4dopt.models.pretrained import pretrained
 from t4dopt.models.sampler import flow_matching_timesteps, sample_flow_matching
 from t4dopt.options import CacheSpec, parse_options
 from t4dopt.passes import analyze
-from t4dopt.passes.regions import find_regions
+from t4dopt.passes.regions import find_regions, functional_residuals
 from t4dopt.passes.segments import refresh_rows, split
 from t4dopt.passes.step_graphs import reused_graph
 from t4dopt.quality import psnr
@@ -205,6 +205,65 @@ def test_mixed_calls_through_segments_match_segments_alone(scm, calls_run_as):
     modes = t4dopt.cache_report(scm).units
     assert sum(u.computed for u in modes) < STEPS * len(modes)
     assert torch.allclose(results["default"], results["segments"], atol=1e-5)
+
+
+class ResidualStack(nn.Module):
+    """Timestep-conditioned attention + MLP blocks over [B, 32, 4] tokens; `in_place` spells ``h += f(h)``."""
+
+    def __init__(self, in_place: bool, skip: bool = False):
+        super().__init__()
+        self.in_place, self.skip = in_place, skip
+        self.embed, self.time, self.head = nn.Linear(4, 16), nn.Linear(1, 16), nn.Linear(16, 4)
+        self.qkv = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
+        self.mlp = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+    def forward(self, x, t):
+        h = self.embed(x) + self.time(t.view(-1, 1, 1))
+        start = h
+        for qkv, mlp in zip(self.qkv, self.mlp):
+            q, k, v = qkv(h).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            attention = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            if self.in_place:
+                h += attention
+                h += mlp(h)
+            else:
+                h = h + attention
+                h = h + mlp(h)
+        # With `skip`, `start` is the stream's own tensor: in place, it has seen every addition.
+        return self.head(h + start if self.skip else h)
+
+
+def run_residual_stack(model: nn.Module, cache: dict | None) -> list[torch.Tensor]:
+    compiled_model = torch.compile(model, backend="turbo4d", options={
+        "target": "eager", "layout": {"frames": 4, "tokens_per_frame": 8}, **({"cache": cache} if cache else {})})
+    x = torch.randn(1, 32, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return [compiled_model(x, torch.full((1,), float(t))) for t in torch.linspace(1, 0, 6)]
+
+
+def test_in_place_residual_additions_are_cached_like_out_of_place_ones():
+    torch.manual_seed(0)
+    out_of_place = ResidualStack(in_place=False).eval()
+    in_place = ResidualStack(in_place=True).eval()
+    in_place.load_state_dict(out_of_place.state_dict())
+    cache = {"threshold": 10.0, "max_reuse": 3, "steps": 6}
+    expected = run_residual_stack(out_of_place, cache)
+    torch._dynamo.reset()
+    got = run_residual_stack(in_place, cache)
+    assert sum(u.reused for u in t4dopt.cache_report(in_place).units) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
+
+
+def test_in_place_addition_another_value_sees_is_left_in_place():
+    torch.manual_seed(0)
+    model = ResidualStack(in_place=True, skip=True).eval()
+    gm, _ = graph_of(model, torch.randn(1, 32, 4), torch.ones(1))
+    assert functional_residuals(gm.graph) == 0
+    uncached = [model(torch.randn(1, 32, 4, generator=torch.Generator().manual_seed(0)), torch.full((1,), float(t)))
+                for t in torch.linspace(1, 0, 6)]
+    with pytest.warns(t4dopt.T4DWarning, match="left uncached"):
+        got = run_residual_stack(model, {"threshold": 10.0, "max_reuse": 3})
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, uncached))
 
 
 def test_step_counts_past_the_end_of_the_table_stay_exact():

@@ -12,7 +12,7 @@ from t4dopt.cache.registry import register
 from t4dopt.cache.program import Program, program_of
 from t4dopt.cache.runtime import CacheRuntime, LazyLowered, Lower, StepGraphs
 from t4dopt.options import CacheSpec
-from t4dopt.passes.regions import RegionPlan, find_regions, find_timestep
+from t4dopt.passes.regions import RegionPlan, find_regions, find_timestep, functional_residuals
 from t4dopt.passes.segments import Segment, split
 from t4dopt.passes.step_graphs import reused_graph, tapped_graph
 from t4dopt.sites import SiteDecision
@@ -28,7 +28,12 @@ class Prepared:
 
 
 def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) -> Prepared:
-    """Regions, segments and program of `gm` (no program when no sublayer can be cached)."""
+    """Regions, segments and program of `gm` (no program when no sublayer can be cached).
+
+    In-place residual additions that can be made out-of-place are, first (`functional_residuals`).
+    """
+    if functional_residuals(gm.graph):
+        gm.recompile()
     plan = find_regions(gm.graph, decisions, dict(gm.named_modules()))
     if not plan.units:
         return Prepared(plan, [], None)

@@ -7,19 +7,14 @@ manifest stores the program as JSON.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from t4dopt.passes.regions import RegionPlan
+from t4dopt.passes.regions import RegionPlan, is_in_place
 from t4dopt.passes.segments import Segment, token_rows
-
-IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
-                      operator.setitem}
-
 
 @dataclass(frozen=True)
 class SegmentSpec:
@@ -110,14 +105,5 @@ def program_of(gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], ti
                         token_rows(u, token_ratio) / u.token_site.site.query_shape[0] if u.token_site else None)
                for u, f in zip(plan.units, flops)],
         chains=[c.units for c in plan.chains],
-        mutates=any(_in_place(n) for n in gm.graph.nodes),
+        mutates=any(is_in_place(n) for n in gm.graph.nodes),
     )
-
-
-def _in_place(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    return False
