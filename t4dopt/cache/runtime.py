@@ -242,14 +242,14 @@ class CacheRuntime:
         if self.step_graphs is not None:
             result = None
             if all(mode == policy.COMPUTE for mode in modes):
-                result = self._run_computed(args, slot, modes)
+                result = self._run_computed(args, slot)
             elif all(mode in (policy.REUSE, policy.BYPASS) for mode in modes):
                 result = self._run_reused(args, slot, modes)
             if result is not None:
                 return result
         return self._run(args, (slot, modes))
 
-    def _run_computed(self, args: tuple, slot: _Slot, modes: list[str]) -> Any | None:
+    def _run_computed(self, args: tuple, slot: _Slot) -> Any | None:
         """Every unit computed: the whole graph, storing every unit and chain, in one call.
 
         None when the stores are not all of one kind (then the call runs segment by segment).
