@@ -16,9 +16,13 @@ same model in the same run. Rows:
   applied training-free (quality against the dense model);
 - with ``--model joint-tiny-sculpt4d`` (trained with the sculpt4d mask, which it runs as a dense
   masked SDPA): the cache combined with the block-sparse kernel computing that same mask; the
-  reference and the inductor row are the model as trained.
+  reference and the inductor row are the model as trained;
+- with ``--model scm-sv4d``: an SV4D-size SCMNet (8 views x 5 frames x 576 tokens, hidden 1024,
+  depth 10 or ``--depth``), randomly initialised (seed 0), on random noise and conditioning: for
+  the GPU machine (``--device cuda --dtype bf16``), where the table adds peak memory.
 
     python bench/cache.py [--model scm-tiny] [--steps 50] [--seeds 2] [--threads 1] [--plot curve.png]
+    python bench/cache.py --model scm-sv4d --device cuda --dtype bf16 --thresholds 0.3 1.0 --max-reuse 11 15
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ from t4dopt.models.sculpt4d_dit import timestep_embedding
 from t4dopt.quality import psnr, relative_l2
 
 VIEWS, FRAMES, TOKENS = 4, 8, 64
+"""The trained testbed's grid."""
+SV4D = "scm-sv4d"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
 TEACACHE_THRESHOLDS = (0.1, 0.2, 0.4, 0.8)
 
@@ -92,10 +99,30 @@ class TeaCacheStyle(torch.nn.Module):
         return self.head(out)
 
 
-def _inputs(kind: str, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    clean, cond = scene_batch(kind, 1, views=VIEWS, frames=FRAMES, seed=EVAL_SEED + seed, device=device)
-    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    return noise, cond
+def _model(name: str, depth: int | None) -> torch.nn.Module:
+    if name == SV4D:
+        torch.manual_seed(0)
+        return SCMNet("sv4d", **({"depth": depth} if depth else {}))
+    return pretrained(name)
+
+
+def _grid(name: str, model: torch.nn.Module) -> tuple[int, int, int]:
+    """(views, frames, tokens per frame) the model is sampled at."""
+    if name == SV4D:
+        return model.config.views, model.config.frames, model.config.tokens_per_frame
+    return VIEWS, FRAMES, TOKENS
+
+
+def _inputs(name: str, model: torch.nn.Module, kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and conditioning for one seed: a held-out scene for the trained models, random for sv4d size."""
+    generator = torch.Generator().manual_seed(seed)
+    if name == SV4D:
+        config = model.config
+        noise = torch.randn(1, config.views, config.frames, config.tokens_per_frame, config.in_channels,
+                            generator=generator)
+        return noise, torch.randn(1, config.cond_tokens, config.cond_dim, generator=generator)
+    clean, cond = scene_batch(kind, 1, views=VIEWS, frames=FRAMES, seed=EVAL_SEED + seed)
+    return torch.randn(clean.shape, generator=generator), cond
 
 
 def _sync(device: str) -> None:
@@ -130,7 +157,9 @@ def _quality(samples: list[torch.Tensor], references: list[torch.Tensor]) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="scm-tiny", choices=["scm-tiny", "joint-tiny", "joint-tiny-sculpt4d"])
+    parser.add_argument("--model", default="scm-tiny", choices=["scm-tiny", "joint-tiny", "joint-tiny-sculpt4d", SV4D])
+    parser.add_argument("--depth", type=int, help=f"blocks of {SV4D} (default: its config's 10)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
@@ -143,67 +172,74 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = pretrained(args.model).to(args.device).eval()
-    kind = "scm" if args.model == "scm-tiny" else "joint"
+    dtype = DTYPES[args.dtype]
+    model = _model(args.model, args.depth).to(args.device, dtype).eval()
+    kind = "scm" if args.model.startswith("scm") else "joint"
     sparse_model = model
     if kind == "joint" and joint_mask(model) is not None:
         # turbo4d leaves an attention that already has a mask dense: the sparse kernel computes that mask instead.
         sparse_model = set_joint_mask(copy.deepcopy(model), None)
-    inputs = [_inputs(kind, seed, args.device) for seed in range(args.seeds)]
-    layout = ({"frames": FRAMES, "views": VIEWS, "tokens_per_frame": TOKENS} if kind == "scm"
-              else {"frames": FRAMES, "tokens_per_frame": TOKENS})
+    inputs = [tuple(t.to(args.device, dtype) for t in _inputs(args.model, model, kind, seed))
+              for seed in range(args.seeds)]
+    views, frames, tokens = _grid(args.model, model)
+    layout = ({"frames": frames, "views": views, "tokens_per_frame": tokens} if kind == "scm"
+              else {"frames": frames, "tokens_per_frame": tokens})
     with torch.no_grad():
         references = [sample_flow_matching(model, noise, cond, steps=args.steps) for noise, cond in inputs]
 
-    rows: list[tuple[str, float, float, float, str]] = []
+    rows: list[tuple[str, float, float, float, str, str]] = []
+    cuda = args.device == "cuda"
 
-    def run(name: str, compiled: Callable, before: Callable[[], None] = lambda: None, computed: str = "") -> None:
+    def run(name: str, compiled: Callable, before: Callable[[], None] = lambda: None,
+            computed: Callable[[], str] = lambda: "100%") -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         seconds, samples = _timed_samples(compiled, inputs, args.steps, args.repeats, args.device, before)
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if cuda else "-"
         quality, error = _quality(samples, references)
-        rows.append((name, seconds, quality, error, computed))
+        rows.append((name, seconds, quality, error, computed(), peak))
         print(f"  {name}: {seconds:.3f} s/sample, {quality:.1f} dB", flush=True)
 
     def share_computed() -> str:
         units = t4dopt.cache_report(sparse_model).units
         return f"{100 * sum(u.computed for u in units) / max(sum(u.calls for u in units), 1):.0f}%"
 
-    print(f"{args.model}, {args.steps} steps, {args.seeds} seeds, device {args.device}, "
+    print(f"{args.model}, {args.steps} steps, {args.seeds} seeds, device {args.device}, {args.dtype}, "
           f"threads {torch.get_num_threads()}", flush=True)
     torch._dynamo.reset()
-    run("inductor (full compute)", torch.compile(model), computed="100%")
+    run("inductor (full compute)", torch.compile(model))
     base = {"layout": layout}
     if kind == "joint":
         base["sparse"] = {"policy": "sculpt4d", "block_size": 16}
     levels_rows = [("block", ["block"]), ("block+token", ["block", "token"]), ("all levels", ["block", "token", "chain"])]
     torch._dynamo.reset()
     run("turbo4d, threshold 0", torch.compile(sparse_model, backend="turbo4d",
-                                              options={**base, "cache": {"threshold": 0.0}}), computed="100%")
+                                              options={**base, "cache": {"threshold": 0.0}}))
     for label, levels in levels_rows if kind == "scm" else [("all levels", ["block", "token", "chain"])]:
         for max_reuse in args.max_reuse if label == "all levels" else args.max_reuse[:1]:
             for threshold in args.thresholds:
                 torch._dynamo.reset()
                 cache = {"threshold": threshold, "levels": levels, "max_reuse": max_reuse, "steps": args.steps}
                 compiled = torch.compile(sparse_model, backend="turbo4d", options={**base, "cache": cache})
-                run(f"turbo4d {label}, threshold {threshold:g}, max_reuse {max_reuse}", compiled)
-                rows[-1] = rows[-1][:4] + (share_computed(),)
+                run(f"turbo4d {label}, threshold {threshold:g}, max_reuse {max_reuse}", compiled, computed=share_computed)
     if kind == "scm":
         for threshold in TEACACHE_THRESHOLDS:
             torch._dynamo.reset()
             teacache = TeaCacheStyle(model, threshold, args.steps)
-            run(f"teacache-style, threshold {threshold:g}", teacache, before=teacache.start)
-            rows[-1] = rows[-1][:4] + (f"{100 * teacache.computed / args.steps:.0f}%",)
+            run(f"teacache-style, threshold {threshold:g}", teacache, before=teacache.start,
+                computed=lambda: f"{100 * teacache.computed / args.steps:.0f}%")
 
     baseline = rows[0][1]
     print()
-    print("| method | s/sample | speedup | PSNR dB | rel. L2 | sublayer calls computed |")
-    print("|---|---|---|---|---|---|")
-    for name, seconds, quality, error, computed in rows:
-        print(f"| {name} | {seconds:.3f} | {baseline / seconds:.2f}x | {quality:.1f} | {error:.4f} | {computed} |")
+    print("| method | s/sample | speedup | PSNR dB | rel. L2 | sublayer calls computed | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, seconds, quality, error, computed, peak in rows:
+        print(f"| {name} | {seconds:.3f} | {baseline / seconds:.2f}x | {quality:.1f} | {error:.4f} | {computed} | {peak} |")
     if args.plot:
         from t4dopt.plotting import draw_speed_quality_curve
 
         curves: dict[str, list[tuple[str, float, float]]] = {}
-        for name, seconds, quality, _, _ in rows[2:]:
+        for name, seconds, quality, *_ in rows[2:]:
             if name.startswith(("turbo4d all", "teacache")):
                 curve = "turbo4d (all levels)" if name.startswith("turbo4d") else "teacache-style"
                 label = name.split("threshold ")[1].replace(", max_reuse ", "/")
