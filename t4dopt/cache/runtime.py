@@ -339,12 +339,17 @@ class CacheRuntime:
                 position += 1
         return terms
 
+    @staticmethod
+    def _steps_ahead(term: _Term) -> int:
+        """How far a slope is carried: the steps since its computation, never more than the gap it spans."""
+        return min(term.state.since, term.stored.gap)
+
     def _extrapolated(self, term: _Term) -> _Extrapolated:
         stored = term.stored
         if stored.order == 0:
             return _Extrapolated(stored.residual)
-        return _Extrapolated(stored.residual, 1, stored.slope,
-                             self.arithmetic.steps(min(term.state.since, stored.gap), stored.residual))
+        return _Extrapolated(stored.residual, 1, stored.slope, self.arithmetic.steps(self._steps_ahead(term),
+                                                                                     stored.residual))
 
     def _combined(self, slot: _Slot, terms: list[_Term]) -> _Extrapolated | None:
         """The terms as one: residuals and slopes summed, when the slopes extrapolate by the same steps.
@@ -355,7 +360,8 @@ class CacheRuntime:
         if len(terms) == 1:
             return self._extrapolated(terms[0])
         extrapolated = [t for t in terms if t.stored.order == 1]
-        if len({min(t.state.since, t.stored.gap) for t in extrapolated}) > 1:
+        ahead = {self._steps_ahead(t) for t in extrapolated}
+        if len(ahead) > 1:
             return None
         key = tuple(id(t.stored) for t in terms)
         sources = tuple(tensor for t in terms for tensor in (t.stored.residual, t.stored.slope))
@@ -365,7 +371,7 @@ class CacheRuntime:
             kept = slot.totals[key] = (sources, *sums)
         if not extrapolated:
             return _Extrapolated(kept[1])
-        return _Extrapolated(kept[1], 1, kept[2], self._extrapolated(extrapolated[0]).steps)
+        return _Extrapolated(kept[1], 1, kept[2], self.arithmetic.steps(ahead.pop(), kept[1]))
 
     def _total(self, tensors: list[torch.Tensor]) -> torch.Tensor | None:
         return self.arithmetic.total(len(tensors))(*tensors)[0] if tensors else None
