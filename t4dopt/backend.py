@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-from t4dopt import report
-from t4dopt.errors import T4DUnsupportedError, T4DVerifyError, T4DWarning
+from t4dopt import lowering, report
+from t4dopt.errors import T4DUnsupportedError, T4DVerifyError, T4DWarning, warn_or_raise
 from t4dopt.options import Options, parse_options
 from t4dopt.passes import run_passes
 from t4dopt.sites import SiteDecision
@@ -26,28 +26,7 @@ VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e
 
 
 def _lower(gm: fx.GraphModule, example_inputs: list[Any], target: str) -> Callable:
-    if target == "eager":
-        return gm.forward
-    if target == "tensorrt":
-        from t4dopt.export.tensorrt_export import lower_tensorrt
-
-        return lower_tensorrt(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs)
-
-
-def _segment_lowering(target: str) -> Callable[[fx.GraphModule, list[Any]], Callable]:
-    """How the cache runtime lowers each segment: Inductor outside dynamo, TensorRT, or the segment itself."""
-    if target == "eager":
-        return lambda gm, example_inputs: gm
-    if target == "tensorrt":
-        from t4dopt.export.tensorrt_export import lower_tensorrt
-
-        return lower_tensorrt
-    from torch._inductor import compile as inductor_compile
-
-    return inductor_compile
+    return lowering.target(target).whole(gm, example_inputs)
 
 
 def _with_cache(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[SiteDecision],
@@ -55,25 +34,13 @@ def _with_cache(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[S
     """The cache runtime for `gm`, or None (after a warning, or an error with strict) when nothing can be cached."""
     from t4dopt.cache.build import build_runtime
 
-    runtime, plan = build_runtime(gm, example_inputs, decisions, options.cache, _segment_lowering(options.target))
+    runtime, plan = build_runtime(gm, example_inputs, decisions, options.cache, lowering.target(options.target).segment)
     if runtime is None and decisions:
         message = f"turbo4d cache: graph left uncached: {plan.reason}"
         if options.strict:
             raise T4DUnsupportedError(message + " (strict=True)")
         warnings.warn(message, T4DWarning, stacklevel=2)
     return runtime
-
-
-def warn_or_raise(decisions: list[SiteDecision], options: Options) -> None:
-    """Warn about each site left dense for a reason the user can fix; with ``strict=True``, raise."""
-    for decision in decisions:
-        if not decision.warn:
-            continue
-        where = decision.site.module_path or decision.site.name
-        message = f"turbo4d: attention {decision.site.name} ({where}) left dense: {decision.reason}"
-        if options.strict:
-            raise T4DUnsupportedError(message + " (strict=True)")
-        warnings.warn(message, T4DWarning, stacklevel=2)
 
 
 def _max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -1,4 +1,13 @@
-"""Errors and warnings t4dopt raises."""
+"""Errors and warnings t4dopt raises, and the one place that turns a site left dense into either."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from t4dopt.options import Options
+    from t4dopt.sites import SiteDecision
 
 
 class T4DOptionError(ValueError):
@@ -15,3 +24,15 @@ class T4DVerifyError(RuntimeError):
 
 class T4DWarning(UserWarning):
     """An attention site was left dense for a reason the user may want to fix."""
+
+
+def warn_or_raise(decisions: list[SiteDecision], options: Options) -> None:
+    """Warn about each site left dense for a reason the user can fix; with ``strict=True``, raise."""
+    for decision in decisions:
+        if not decision.warn:
+            continue
+        where = decision.site.module_path or decision.site.name
+        message = f"turbo4d: attention {decision.site.name} ({where}) left dense: {decision.reason}"
+        if options.strict:
+            raise T4DUnsupportedError(message + " (strict=True)")
+        warnings.warn(message, T4DWarning, stacklevel=2)

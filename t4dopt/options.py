@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from t4dopt import masks
+from t4dopt.lowering import TARGETS
 from t4dopt.errors import T4DOptionError
 
-TARGETS = ("inductor", "eager", "tensorrt")
 LAYOUT_KEYS = ("frames", "views", "tokens_per_frame", "prefix_tokens", "height", "width")
 TOP_LEVEL_KEYS = ("layout", "sparse", "cache", "target", "strict", "verify")
 CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps", "order")

@@ -139,6 +139,14 @@ def test_onnxruntime_plugin_compute_equals_the_op():
     np.testing.assert_allclose(got, t4dopt.block_sparse_attention(q, k, v, layout, scale=0.3).numpy(), atol=1e-5)
 
 
+def test_onnxruntime_plugin_spells_the_domain_as_the_exporter_does():
+    needs_extensions()
+    from t4dopt.ops import schema
+    from t4dopt.plugins import onnxruntime_ops
+
+    assert (onnxruntime_ops.ONNX_DOMAIN, onnxruntime_ops.ONNX_OP_TYPE) == (schema.ONNX_DOMAIN, schema.ONNX_OP_TYPE)
+
+
 def test_bad_ops_value_names_the_option_and_the_allowed_values(tmp_path):
     with pytest.raises(t4dopt.T4DOptionError, match=r"ops='tensorrt'.*'custom', 'portable'"):
         export_onnx(torch.nn.Linear(2, 2), (torch.randn(1, 2),), tmp_path / "x.onnx", ops="tensorrt")

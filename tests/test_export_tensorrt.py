@@ -31,7 +31,8 @@ from t4dopt.export import export_onnx  # noqa: E402
 from t4dopt.export import tensorrt_export  # noqa: E402
 from t4dopt.export.tensorrt_export import to_plugin_nodes  # noqa: E402
 from t4dopt.models import Sculpt4DDiT, make_inputs  # noqa: E402
-from t4dopt.ops import block_sparse, block_sparse_attention, triton_kernel  # noqa: E402
+from t4dopt.ops import block_sparse_attention, triton_kernel  # noqa: E402
+from t4dopt.ops import tables as op_tables  # noqa: E402
 from t4dopt.plugins import tensorrt_converter, tensorrt_plugins as plugins  # noqa: E402
 
 TINY_OPTIONS = {"layout": {"frames": 4, "tokens_per_frame": 40}, "sparse": {"policy": "sculpt4d", "block_size": 16}}
@@ -61,7 +62,7 @@ def _attributes(node):
 def test_packed_tables_are_the_plan_the_op_runs():
     layout = masks.sculpt4d(4, 40, block_size=16, prefix_tokens=7)
     tables = plugins.pack_tables(*layout.tensors("cpu"))
-    expected = block_sparse._decode(*layout.tensors("cpu")).triton_plan(torch.device("cpu"))
+    expected = op_tables.decode(*layout.tensors("cpu")).triton_plan(torch.device("cpu"))
     plan = tables.plan()
     assert (plan.block_m, plan.block_n, plan.seq_len) == (expected.block_m, expected.block_n, layout.seq_len)
     for field in ("tiles", "full_starts", "partial_starts", "partial_ends"):
@@ -235,7 +236,7 @@ def test_export_without_tensorrt_fails_before_exporting(without, tiny, tmp_path)
 def test_converter_and_lowering_without_torch_tensorrt_name_the_extra(without):
     without("torch_tensorrt", "tensorrt", "tensorrt.plugin")
     with pytest.raises(ImportError, match=r"'torch_tensorrt'.*t4dopt\[tensorrt\]"):
-        tensorrt_export.lower_tensorrt(torch.fx.symbolic_trace(torch.nn.Identity()), [torch.zeros(1)])
+        tensorrt_converter.lower_tensorrt(torch.fx.symbolic_trace(torch.nn.Identity()), [torch.zeros(1)])
     with pytest.raises(ImportError, match=r"t4dopt\[tensorrt\]"):
         tensorrt_converter.register_converter()
 
@@ -243,7 +244,7 @@ def test_converter_and_lowering_without_torch_tensorrt_name_the_extra(without):
 def test_no_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        tensorrt_export.require_cuda("t4dopt.export.tensorrt")
+        plugins.require_cuda("t4dopt.export.tensorrt")
 
 
 # ------------------------------------------------------------------ with TensorRT and a CUDA GPU
@@ -281,7 +282,7 @@ def test_lower_tensorrt_matches_eager(tiny):
     with torch.no_grad():
         gm, _ = capture_rewritten(model, args, parse_options(TINY_OPTIONS))
         expected = gm(*args)
-        compiled = tensorrt_export.lower_tensorrt(gm, args)
+        compiled = tensorrt_converter.lower_tensorrt(gm, args)
         output = compiled(*args)
     output = output[0] if isinstance(output, (tuple, list)) else output
     expected = expected[0] if isinstance(expected, (tuple, list)) else expected

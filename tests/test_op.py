@@ -8,8 +8,8 @@ import torch
 
 from reference import dense_masked_attention, random_qkv
 from t4dopt import masks
-from t4dopt.ops import block_sparse, block_sparse_attention, cpu_kernel, flex_path
-from t4dopt.ops.block_sparse import layout_tensors
+from t4dopt.ops import block_sparse, block_sparse_attention, cpu_kernel, flex_path, tables
+from t4dopt.ops.tables import layout_tensors
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -29,7 +29,7 @@ def _check(layout, *, dtype=torch.float32, scale=None, device="cpu", **shape):
 def plan_shape(request, monkeypatch):
     """Run a test with the default plan, and with every key run a rectangle and every key block
     shared by two query blocks a biclique (many more pieces to merge)."""
-    monkeypatch.setattr(block_sparse, "_tables", block_sparse._TableCache())
+    monkeypatch.setattr(tables, "_tables", tables.TableCache())
     if request.param == "many-pieces":
         monkeypatch.setattr(cpu_kernel, "MIN_RUN_TOKENS", 1)
         monkeypatch.setattr(cpu_kernel, "MIN_SHARED_ROWS", 2)

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 from reference import dense_masked_attention, random_qkv  # noqa: E402
 from t4dopt import masks  # noqa: E402
-from t4dopt.ops import block_sparse, block_sparse_attention, triton_kernel  # noqa: E402
+from t4dopt.ops import block_sparse, block_sparse_attention, tables, triton_kernel  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the subprocess of "
@@ -147,7 +147,7 @@ def test_plan_build_is_fast_at_32_frames():
 
 def test_the_op_caches_the_plan_per_table():
     layout = masks.sculpt4d(2, 40, block_size=16)
-    table = block_sparse._table_for(torch.empty(1, 1, layout.seq_len, 16), *layout.tensors())
+    table = tables.table_for(torch.empty(1, 1, layout.seq_len, 16), *layout.tensors())
     device = torch.device("cpu")
     assert table.triton_plan(device) is table.triton_plan(device)
     assert table.triton_plan(device, block_m=32).block_m == 32
@@ -259,7 +259,8 @@ def test_interpreted_rows_that_keep_nothing():
 def test_interpreted_through_the_table_tensors():
     layout = masks.radial(3, 48, block_size=16, prefix_tokens=4)
     q, k, v = _inputs(layout, dtype=torch.float16)
-    out, lse = triton_kernel.triton_block_sparse_attention(q, k, v, *layout.tensors(), 0.3, return_lse=True)
+    plan = tables.table_for(q, *layout.tensors()).triton_plan(q.device)
+    out, lse = triton_kernel.forward(q, k, v, plan, 0.3)
     expected = dense_masked_attention(q, k, v, layout.token_mask(), 0.3)
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=0)
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32

@@ -10,11 +10,12 @@ import torch.fx as fx
 
 from t4dopt.cache.registry import register
 from t4dopt.cache.program import Program, program_of
-from t4dopt.cache.runtime import CacheRuntime, LazyLowered, Lower, StepGraphs
+from t4dopt.cache.runtime import CacheRuntime, LazyLowered, StepGraphs
+from t4dopt.lowering import Lower
 from t4dopt.options import CacheSpec
-from t4dopt.passes.regions import RegionPlan, find_regions, find_timestep, functional_residuals
-from t4dopt.passes.segments import Segment, split
-from t4dopt.passes.step_graphs import reused_graph, tapped_graph
+from t4dopt.cache.graph.regions import RegionPlan, find_regions, find_timestep, functional_residuals
+from t4dopt.cache.graph.segments import Segment, split
+from t4dopt.cache.graph.step_graphs import reused_graph, tapped_graph
 from t4dopt.sites import SiteDecision
 
 

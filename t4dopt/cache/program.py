@@ -13,8 +13,9 @@ from typing import Any
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from t4dopt.passes.regions import RegionPlan, is_in_place
-from t4dopt.passes.segments import Segment, token_rows
+from t4dopt.compat import treespec_dumps, treespec_loads
+from t4dopt.cache.graph.regions import RegionPlan, is_in_place
+from t4dopt.cache.graph.segments import Segment, token_rows
 
 @dataclass(frozen=True)
 class SegmentSpec:
@@ -51,7 +52,7 @@ class Program:
     def outputs(self, env: dict[str, Any]) -> Any:
         """The graph's output structure filled from `env` (leaves that name values are looked up)."""
         leaves = [env[leaf["value"]] if isinstance(leaf, dict) else leaf for leaf in self.output_leaves]
-        return pytree.tree_unflatten(leaves, pytree.treespec_loads(self.output_spec))
+        return pytree.tree_unflatten(leaves, treespec_loads(self.output_spec))
 
     def runs(self) -> list[tuple[int, int]]:
         """Maximal runs of adjacent units (each one's exit the next one's entry) as (first, last) unit indices."""
@@ -97,7 +98,7 @@ def program_of(gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], ti
     return Program(
         placeholders=[n.name for n in gm.graph.nodes if n.op == "placeholder"],
         output_leaves=[{"value": leaf.name} if isinstance(leaf, fx.Node) else leaf for leaf in leaves],
-        output_spec=pytree.treespec_dumps(spec),
+        output_spec=treespec_dumps(spec),
         timestep=timestep.name if timestep is not None else None,
         segments=[SegmentSpec([n.name for n in s.inputs], [n.name for n in s.outputs], s.unit, s.token_full is not None)
                   for s in segments],

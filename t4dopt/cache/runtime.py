@@ -26,9 +26,9 @@ from t4dopt.cache.program import Program, SegmentSpec
 from t4dopt.cache.schedule import Position, StepTracker
 from t4dopt.cache.stats import CacheStats
 from t4dopt.errors import T4DWarning
+from t4dopt.lowering import Lower
 from t4dopt.options import CacheSpec
 
-Lower = Callable[[fx.GraphModule, list[Any]], Callable]
 
 
 @dataclass
@@ -100,7 +100,7 @@ class _Store:
 
 @dataclass(frozen=True)
 class StepGraphs:
-    """Whole-call graphs (`t4dopt.passes.step_graphs`), lowered on first use.
+    """Whole-call graphs (`t4dopt.cache.graph.step_graphs`), lowered on first use.
 
     `plain` runs the whole graph (for calls that keep nothing); `computed(kind)` runs it and
     returns its output leaves, the values named by `taps`, then the results of a store of

@@ -28,6 +28,7 @@ from t4dopt.cache.build import prepare
 from t4dopt.deploy import BUNDLE_FORMAT, MANIFEST
 from t4dopt.errors import T4DUnsupportedError
 from t4dopt.export.capture import capture_for_export, node_values
+from t4dopt.fx_utils import example_value
 from t4dopt.options import CacheSpec, Options, parse_options
 from t4dopt.report import SiteReport, count_rewritten
 
@@ -54,7 +55,7 @@ def _specialise_sizes(gm: fx.GraphModule) -> None:
     Otherwise a size read inside one sublayer and used in the next would tie the two together.
     """
     for node in list(gm.graph.nodes):
-        value = node.meta.get("example_value", node.meta.get("val"))
+        value = example_value(node)
         if node.op == "placeholder" or isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
             continue
         constant = value if isinstance(value, int) else value.node.hint

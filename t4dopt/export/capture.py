@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from t4dopt.backend import warn_or_raise
-from t4dopt.errors import T4DUnsupportedError
+from t4dopt.compat import T4DCompatError, dynamo_export
+from t4dopt.errors import T4DUnsupportedError, warn_or_raise
 from t4dopt.options import Options, parse_options
 from t4dopt.passes import run_passes
 from t4dopt.report import Report, SiteReport, count_rewritten
@@ -27,7 +27,10 @@ def capture_rewritten(model: torch.nn.Module, args: Sequence[Any],
                       options: Options) -> tuple[fx.GraphModule, list[SiteDecision]]:
     """`model` on `args` as one FX graph with its joint attention rewritten per `options`."""
     try:
-        captured = torch._dynamo.export(model)(*args)
+        export = dynamo_export()
+        captured = export(model)(*args)
+    except T4DCompatError:
+        raise
     except Exception as error:  # dynamo raises many types; they all mean the same thing here
         first_line = (str(error).splitlines() or [""])[0]
         raise T4DUnsupportedError(

@@ -15,21 +15,19 @@ import) so that onnx.checker validates these nodes rather than skipping an unkno
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
 import torch
 from onnx.defs import OpSchema
 from onnxscript import ir, values
 
+from t4dopt.ops.schema import ONNX_DOMAIN as DOMAIN
+from t4dopt.ops.schema import ONNX_DOMAIN_VERSION as VERSION
+from t4dopt.ops.schema import ONNX_OP_TYPE as OP_TYPE
+from t4dopt.ops.schema import resolve_scale
 from t4dopt.sites import SiteDecision
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
-
-DOMAIN = "t4d"
-VERSION = 1
-OP_TYPE = "BlockSparseAttention"
 
 SCHEMA = OpSchema(
     OP_TYPE,
@@ -64,8 +62,7 @@ _BLOCK_SPARSE_ATTENTION = values.Op(_OPSET, OP_TYPE, SCHEMA)
 
 def _translate(q, k, v, kv_counts, kv_indices, block_starts, block_size: int, scale: float | None = None):
     """onnxscript translation of ``torch.ops.t4d.block_sparse_attention`` (the layout is filled in later)."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = resolve_scale(scale, q.shape[-1])
     return _BLOCK_SPARSE_ATTENTION(q, k, v, kv_counts, kv_indices, block_starts,
                                    block_size=block_size, scale=float(scale), layout="")
 

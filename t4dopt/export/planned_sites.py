@@ -8,13 +8,12 @@ into the package.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.fx as fx
 
 from t4dopt.export.capture import node_values
-from t4dopt.ops import block_sparse, triton_kernel
+from t4dopt.ops import tables, triton_kernel
+from t4dopt.ops.schema import OpArguments, resolve_scale
 from t4dopt.ops.triton_op import block_sparse_attention_planned  # noqa: F401  (registers the op)
 
 PLAN_FIELDS = ("tiles", "full_starts", "partial_starts", "partial_ends")
@@ -30,12 +29,12 @@ def plan_sites(gm: fx.GraphModule, args: tuple) -> int:
     values = node_values(gm, args, {node.args[i].name for node in sites for i in (0, 2)})
     count = 0
     for node in sites:
-        q, k, v, counts, indices, starts, _, scale = node.args[:8]
-        query, value = values[q.name], values[v.name]
-        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+        call = OpArguments.of_call(node.args, node.kwargs)
+        query, value = values[call.q.name], values[call.v.name]
+        scale = resolve_scale(call.scale, query.shape[-1])
         if triton_kernel.supports(query, value, scale) is not None:
             continue
-        table = block_sparse._table_for(query, *(gm.get_buffer(t.target) for t in (counts, indices, starts)))
+        table = tables.table_for(query, *(gm.get_buffer(t.target) for t in call.tables))
         plan = table.triton_plan(query.device)
         with gm.graph.inserting_before(node):
             buffers = []
@@ -43,7 +42,7 @@ def plan_sites(gm: fx.GraphModule, args: tuple) -> int:
                 target = f"_t4d_plan{count}_{name}"
                 gm.register_buffer(target, getattr(plan, name))
                 buffers.append(gm.graph.get_attr(target))
-            contiguous = [gm.graph.call_method("contiguous", (x,)) for x in (q, k, v)]
+            contiguous = [gm.graph.call_method("contiguous", (x,)) for x in (call.q, call.k, call.v)]
             planned = gm.graph.call_function(torch.ops.t4d.block_sparse_attention_planned.default,
                                              (*contiguous, *buffers, plan.block_m, plan.block_n, scale))
         node.replace_all_uses_with(planned)

@@ -13,13 +13,14 @@ over its kept keys only: ``blocks x slot x max_kv x slot`` scores rather than ``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from t4dopt.block_layout import BlockLayout
+from t4dopt.fx_utils import example_tensor
+from t4dopt.ops.schema import OpArguments, resolve_scale
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
 
@@ -107,8 +108,8 @@ def portable_attention(
 
 
 def _example(node: fx.Node) -> torch.Tensor:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    if not isinstance(value, torch.Tensor):
+    value = example_tensor(node)
+    if value is None:
         raise ValueError(f"make_portable: node {node.name} carries no example tensor in its meta")
     return value
 
@@ -138,19 +139,18 @@ def make_portable(gm: fx.GraphModule) -> int:
     registered: dict[tuple, list[fx.Node | None]] = {}
     table_buffers: set[str] = set()
     for node in sites:
-        q, k, v, counts, indices, starts, block_size = node.args[:7]
-        scale = node.args[7] if len(node.args) > 7 else node.kwargs.get("scale")
-        example = _example(q)
-        targets = (starts.target, counts.target, indices.target)
+        call = OpArguments.of_call(node.args, node.kwargs)
+        example = _example(call.q)
+        targets = (call.block_starts.target, call.kv_counts.target, call.kv_indices.target)
         table_buffers.update(targets)
         table = tuple(getattr(gm, target) for target in targets)
         key = (*(t.cpu().numpy().tobytes() for t in table), example.dtype)
         with graph.inserting_before(node):
             if key not in registered:
-                tables = PortableTables.from_layout(BlockLayout(*table, block_size=block_size), example.dtype)
+                tables = PortableTables.from_layout(BlockLayout(*table, block_size=call.block_size), example.dtype)
                 registered[key] = _register_tables(gm, f"_t4d_portable{len(registered)}", tables, example.device)
-            scale = 1 / math.sqrt(example.shape[-1]) if scale is None else scale
-            replacement = graph.call_function(portable_attention, (q, k, v, *registered[key], scale))
+            scale = resolve_scale(call.scale, example.shape[-1])
+            replacement = graph.call_function(portable_attention, (call.q, call.k, call.v, *registered[key], scale))
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
     graph.eliminate_dead_code()

@@ -1,5 +1,5 @@
 """`export_tensorrt` (``t4dopt.export.tensorrt``): a serialized TensorRT engine, with the t4d op as a plugin;
-`lower_tensorrt`: the same through torch-tensorrt, for ``options={"target": "tensorrt"}``.
+``options={"target": "tensorrt"}`` goes through torch-tensorrt instead (`t4dopt.plugins.tensorrt_converter.lower_tensorrt`).
 
 `export_tensorrt`:
 
@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
+from t4dopt.ops.schema import ONNX_DOMAIN, ONNX_OP_TYPE
 from t4dopt.options import Options
 from t4dopt.plugins import tensorrt_plugins as plugins
+from t4dopt.plugins.tensorrt_plugins import require_cuda
 from t4dopt.report import SiteReport, count_rewritten
 
-T4D_DOMAIN = "t4d"
-T4D_OP_TYPE = "BlockSparseAttention"
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
 """torch dtypes of engine inputs and outputs, by ``tensorrt.DataType`` name."""
@@ -65,19 +65,13 @@ def require_tensorrt() -> Any:
     return trt
 
 
-def require_cuda(what: str) -> None:
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"{what} needs a CUDA GPU: TensorRT builds and runs engines on NVIDIA GPUs only, "
-                           "and torch sees none here")
-
-
 def _attribute(node: Any, name: str) -> Any:
     import onnx
 
     for attribute in node.attribute:
         if attribute.name == name:
             return onnx.helper.get_attribute_value(attribute)
-    raise ValueError(f"t4d.{T4D_OP_TYPE} node {node.name!r} has no {name!r} attribute")
+    raise ValueError(f"t4d.{ONNX_OP_TYPE} node {node.name!r} has no {name!r} attribute")
 
 
 def to_plugin_nodes(model: Any, *, aot: bool = True) -> int:
@@ -93,11 +87,11 @@ def to_plugin_nodes(model: Any, *, aot: bool = True) -> int:
     initializers = {init.name: init for init in graph.initializer}
     rewritten = 0
     for index, node in enumerate(graph.node):
-        if node.domain != T4D_DOMAIN or node.op_type != T4D_OP_TYPE:
+        if node.domain != ONNX_DOMAIN or node.op_type != ONNX_OP_TYPE:
             continue
         missing = [name for name in node.input[3:6] if name not in initializers]
         if len(node.input) != 6 or missing:
-            raise ValueError(f"t4d.{T4D_OP_TYPE} node {node.name!r}: the block table must come in as initializers "
+            raise ValueError(f"t4d.{ONNX_OP_TYPE} node {node.name!r}: the block table must come in as initializers "
                              f"(as t4dopt.export.onnx writes it); {missing or list(node.input)} are not")
         tables = plugins.pack_tables(*(numpy_helper.to_array(initializers[name]) for name in node.input[3:6]))
         prefix = node.name or f"t4d_{index}"
@@ -183,7 +177,7 @@ def export_tensorrt(
 
     model = onnx.load(os.fspath(onnx_path))
     nodes = to_plugin_nodes(model, aot=aot)
-    say(f"{nodes} t4d.{T4D_OP_TYPE} nodes mapped to the {plugins.PLUGIN_ID} TensorRT plugin")
+    say(f"{nodes} t4d.{ONNX_OP_TYPE} nodes mapped to the {plugins.PLUGIN_ID} TensorRT plugin")
     with tempfile.TemporaryDirectory(prefix="t4dopt-trt-") as folder:
         plugin_onnx = Path(folder) / "plugins.onnx"
         onnx.save(model, os.fspath(plugin_onnx), save_as_external_data=True)  # (models past 2 GiB)
@@ -222,22 +216,3 @@ def run_engine(engine_path: str | os.PathLike, inputs: Mapping[str, torch.Tensor
         raise RuntimeError(f"TensorRT failed to run the engine at {engine_path}")
     stream.synchronize()
     return outputs
-
-
-def lower_tensorrt(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
-                   aot: bool = True) -> Callable[..., Any]:
-    """`gm` (a graph the turbo4d passes rewrote) compiled by torch_tensorrt.dynamo.compile, t4d ops as plugins.
-
-    The graph is exported with torch.export on `example_inputs` (CUDA tensors; the engine takes
-    their shapes and dtypes), then compiled with our converter registered, so each t4d op becomes a
-    plugin layer in the engine. Returns the compiled module (callable like `gm`).
-    """
-    torch_tensorrt = plugins.require("torch_tensorrt")
-    require_cuda("target='tensorrt'")
-    from t4dopt.plugins.tensorrt_converter import register_converter
-
-    register_converter(aot=aot)
-    inputs = tuple(example_inputs)
-    with torch.no_grad():
-        program = torch.export.export(gm, inputs)
-        return torch_tensorrt.dynamo.compile(program, arg_inputs=list(inputs), min_block_size=1)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from t4dopt.compat import cpu_flash_attention
+
 MIN_RUN_TOKENS = 256
 """Shortest run of consecutive key tokens worth a rectangle of its own; shorter runs are gathered."""
 
@@ -38,7 +40,6 @@ MIN_SHARED_ROWS = 3
 GATHER_BUDGET = 1 << 20
 """Elements of gathered K and V (or of backward score matrices) held at once, per chunk."""
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ def build_plan(dense: torch.Tensor, block_starts: torch.Tensor) -> Plan:
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of one piece: (output in q's dtype, log-sum-exp in float32/float64)."""
-    return _flash(q, k, v, 0.0, False, scale=scale)
+    return cpu_flash_attention()(q, k, v, scale)
 
 
 def _merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from t4dopt.compat import dispatch_key_sets, force_dispatch_keys
+
 FLEX_TILE = 128
 
 _compiled_flex = None
@@ -113,11 +115,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale
 @contextlib.contextmanager
 def _autograd_enabled() -> Iterator[None]:
     """Let autograd record inside an op kernel (the dispatcher excludes it below the op's autograd key)."""
-    include = torch._C._dispatch_tls_local_include_set()
-    exclude = (torch._C._dispatch_tls_local_exclude_set()
-               .remove(torch._C.DispatchKey.AutogradFunctionality)
-               .remove(torch._C.DispatchKey.ADInplaceOrView))
-    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+    include, exclude = dispatch_key_sets()
+    with force_dispatch_keys(include, exclude), torch.enable_grad():
         yield
 
 

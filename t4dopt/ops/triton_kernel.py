@@ -382,30 +382,3 @@ def launch(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     if config is not None:
         meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
     kernel[(plan.num_tiles, q.shape[0] * heads)](*args, **meta)
-
-
-def triton_block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_counts: torch.Tensor,
-    kv_indices: torch.Tensor,
-    block_starts: torch.Tensor,
-    scale: float | None = None,
-    *,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention of q, k, v [B, H, N, D] over a block table, on this kernel alone.
-
-    The table is decoded and planned once and cached (the op's cache: by the identity of the
-    table tensors while they live, and by content). `block_m` and `block_n` override the query
-    and key tiles of `tile_sizes`. Returns out, or (out, lse) with `return_lse`.
-    """
-    from t4dopt.ops import block_sparse
-
-    table = block_sparse._table_for(q, kv_counts, kv_indices, block_starts)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = forward(q, k, v, table.triton_plan(q.device, block_m=block_m, block_n=block_n), scale)
-    return (out, lse) if return_lse else out

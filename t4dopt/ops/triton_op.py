@@ -13,11 +13,10 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from t4dopt.ops import triton_kernel
+from t4dopt.ops.schema import PLANNED_OP_NAME
 
-PLANNED_OP = "t4d::block_sparse_attention_planned"
 
-
-@triton_op(PLANNED_OP, mutates_args=())
+@triton_op(PLANNED_OP_NAME, mutates_args=())
 def block_sparse_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: torch.Tensor,
                                    full_starts: torch.Tensor, partial_starts: torch.Tensor,
                                    partial_ends: torch.Tensor, block_m: int, block_n: int,

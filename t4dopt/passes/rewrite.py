@@ -11,23 +11,16 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch._dynamo.source import ConstantSource
-
+from t4dopt.compat import register_graph_buffer_source
+from t4dopt.fx_utils import device_of
 from t4dopt.sites import SiteDecision
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
 
 
-def _device_of(node: fx.Node) -> torch.device:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
-
-
 def _buffer(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
     gm.register_buffer(name, tensor)
-    sources = getattr(gm, "_param_name_to_source", None)
-    if sources is not None:
-        sources[name] = ConstantSource(name)
+    register_graph_buffer_source(gm, name)
     return gm.graph.get_attr(name)
 
 
@@ -40,7 +33,7 @@ def _as_bhnd(graph: fx.Graph, node: fx.Node, shape: tuple[int, ...]) -> fx.Node:
 def _rewrite_site(gm: fx.GraphModule, index: int, decision: SiteDecision, reference: bool) -> None:
     site, graph = decision.site, gm.graph
     layout = decision.block_layout
-    device = _device_of(site.query)
+    device = device_of(site.query)
     with graph.inserting_before(site.output):
         key = graph.call_method("transpose", (site.key, -2, -1)) if site.key_transposed else site.key
         key_shape = site.key_shape[:-2] + (site.key_shape[-1], site.key_shape[-2]) if site.key_transposed else site.key_shape

@@ -13,38 +13,33 @@ Imports of tensorrt and torch_tensorrt are lazy: this module imports without the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from t4dopt.fx_utils import example_tensor
+from t4dopt.ops.schema import TABLE_ARGUMENTS, OpArguments, resolve_scale
 from t4dopt.plugins import tensorrt_plugins as plugins  # (imports t4dopt.ops: torch.ops.t4d is registered)
 
 T4D_OP = torch.ops.t4d.block_sparse_attention.default
-TABLE_ARGS = (3, 4, 5)
-"""Positions of kv_counts, kv_indices, block_starts among the op's arguments."""
 
 _registered_aot: bool | None = None
 
 
-def op_arguments(args: tuple, kwargs: dict) -> tuple[Any, Any, Any, tuple, int, float | None]:
-    """(q, k, v, (kv_counts, kv_indices, block_starts), block_size, scale) of a call of the op."""
-    q, k, v, kv_counts, kv_indices, block_starts, block_size = args[:7]
-    scale = args[7] if len(args) > 7 else kwargs.get("scale")
-    return q, k, v, (kv_counts, kv_indices, block_starts), int(block_size), scale
-
-
 def node_supported(node: torch.fx.Node) -> str | None:
     """None when the converter takes this op node, else why not (the node then runs in PyTorch)."""
-    q, _, v, tables, _, scale = op_arguments(node.args, node.kwargs)
-    if not all(isinstance(t, torch.fx.Node) and t.op == "get_attr" for t in tables):
+    call = OpArguments.of_call(node.args, node.kwargs)
+    q, v, scale = call.q, call.v, call.scale
+    if not all(isinstance(t, torch.fx.Node) and t.op == "get_attr" for t in call.tables):
         return "its block table is not constant (get_attr buffers)"
-    q_meta, v_meta = (x.meta.get("val") if isinstance(x, torch.fx.Node) else None for x in (q, v))
-    if not isinstance(q_meta, torch.Tensor) or not isinstance(v_meta, torch.Tensor):
+    q_meta, v_meta = example_tensor(q), example_tensor(v)
+    if q_meta is None or v_meta is None:
         return "q and v carry no tensor metadata"
     head_dim = q_meta.shape[-1]
     return plugins.unsupported_reason(q_meta.dtype, head_dim, v_meta.shape[-1],
-                                      plugins.default_scale(head_dim) if scale is None else scale,
+                                      resolve_scale(scale, head_dim),
                                       q_meta.shape[0] * q_meta.shape[1])
 
 
@@ -82,17 +77,33 @@ def register_converter(*, aot: bool = True) -> None:
     @dynamo_tensorrt_converter(T4D_OP, capability_validator=validate, priority=ConverterPriority.HIGH,
                                supports_dynamic_shapes=True)
     def convert(ctx: Any, target: Any, args: tuple, kwargs: dict, name: str) -> Any:
-        q, k, v, table, block_size, scale = op_arguments(args, kwargs)
-        tables = plugins.pack_tables(*(constant_array(t, field) for t, field in
-                                       zip(table, ("kv_counts", "kv_indices", "block_starts"))))
-        inputs = [get_trt_tensor(ctx, x, f"{name}_{field}") for x, field in zip((q, k, v), "qkv")]
+        call = OpArguments.of_call(args, kwargs)
+        tables = plugins.pack_tables(*(constant_array(t, field) for t, field in zip(call.tables, TABLE_ARGUMENTS)))
+        inputs = [get_trt_tensor(ctx, x, f"{name}_{field}") for x, field in zip((call.q, call.k, call.v), "qkv")]
         inputs += [get_trt_tensor(ctx, array, f"{name}_{field}") for field, array in tables.arrays().items()]
         head_dim = inputs[0].shape[-1]
-        scale = plugins.default_scale(head_dim) if scale is None else float(scale)
-        call = getattr(getattr(trtp.op, plugins.PLUGIN_NAMESPACE), plugins.PLUGIN_NAME)(
-            *inputs, block_size=block_size, scale=scale, layout="", block_m=tables.block_m, block_n=tables.block_n)
-        layer = ctx.net.add_plugin(call, aot=aot)
+        plugin = getattr(getattr(trtp.op, plugins.PLUGIN_NAMESPACE), plugins.PLUGIN_NAME)(
+            *inputs, block_size=int(call.block_size), scale=resolve_scale(call.scale, head_dim), layout="",
+            block_m=tables.block_m, block_n=tables.block_n)
+        layer = ctx.net.add_plugin(plugin, aot=aot)
         layer.name = f"[{target}]-[{name}]"
         return layer.get_output(0)
 
     _registered_aot = aot
+
+
+def lower_tensorrt(gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
+                   aot: bool = True) -> Callable[..., Any]:
+    """`gm` (a graph the turbo4d passes rewrote) compiled by torch_tensorrt.dynamo.compile, t4d ops as plugins.
+
+    The graph is exported with torch.export on `example_inputs` (CUDA tensors; the engine takes
+    their shapes and dtypes), then compiled with our converter registered, so each t4d op becomes a
+    plugin layer in the engine. Returns the compiled module (callable like `gm`).
+    """
+    torch_tensorrt = plugins.require("torch_tensorrt")
+    plugins.require_cuda("target='tensorrt'")
+    register_converter(aot=aot)
+    inputs = tuple(example_inputs)
+    with torch.no_grad():
+        program = torch.export.export(gm, inputs)
+        return torch_tensorrt.dynamo.compile(program, arg_inputs=list(inputs), min_block_size=1)

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .detect import shape_of
+from t4dopt.fx_utils import shape_of
 
 MAX_STEPS = 200
 SAME_AXIS_METHODS = {

@@ -27,7 +27,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .detect import CAST_METHODS, module_path
+from t4dopt.fx_utils import (CAST_METHODS, example_tensor, example_value, is_parameter_input, is_size, module_path,
+                             named_like_timestep, sizes_of)
 from t4dopt.sites import SiteDecision, SiteKind
 
 CHAIN_ORDER = (SiteKind.SPATIAL.value, SiteKind.VIEW.value, SiteKind.TEMPORAL.value)
@@ -88,23 +89,12 @@ class RegionPlan:
     reason: str = ""
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def _is_size(value: object) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(_is_size(item) for item in value)
-    return isinstance(value, (int, torch.SymInt))
-
-
 def _dataflow(graph: fx.Graph) -> nx.DiGraph:
     """Edges from each value to its users; sizes read off a tensor (``x.shape``) carry no data from it."""
     flow = nx.DiGraph()
     for node in graph.nodes:
         flow.add_node(node)
-        if _is_size(node.meta.get("example_value", node.meta.get("val"))):
+        if is_size(example_value(node)):
             continue
         for used in node.all_input_nodes:
             flow.add_edge(used, node)
@@ -123,19 +113,14 @@ def _stream_dominators(flow: nx.DiGraph, source: fx.Node, output: fx.Node) -> li
     return chain[::-1]
 
 
-def _is_parameter(placeholder: fx.Node) -> bool:
-    """Whether a graph input is one of the module's parameters or buffers (dynamo names them so)."""
-    return "_parameters_" in placeholder.name or "_buffers_" in placeholder.name
-
-
 def _candidate_inputs(graph: fx.Graph) -> list[fx.Node]:
     """Placeholders that can carry the token stream: tensors of rank >= 3 that are not parameters."""
     candidates = []
     for node in graph.nodes:
         if node.op != "placeholder":
             continue
-        shape = _shape(node)
-        if shape is not None and len(shape) >= 3 and not _is_parameter(node):
+        shape = sizes_of(node)
+        if shape is not None and len(shape) >= 3 and not is_parameter_input(node):
             candidates.append(node)
     return candidates
 
@@ -204,8 +189,8 @@ def is_in_place(node: fx.Node) -> bool:
 
 
 def _storage(node: fx.Node) -> StorageWeakRef | None:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    if not isinstance(value, torch.Tensor):
+    value = example_tensor(node)
+    if value is None:
         return None
     try:
         return StorageWeakRef(value.untyped_storage())
@@ -315,7 +300,7 @@ def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[s
         work = [n for n in nodes if n in attention_output or _does_work(n, modules)]
         inside = set(nodes)
         # A region changing a tensor in place could change its entry: nothing could be stored of it.
-        if (not work or exit_node is output or _shape(entry) != _shape(exit_node) or not _adds_entry(entry, exit_node)
+        if (not work or exit_node is output or sizes_of(entry) != sizes_of(exit_node) or not _adds_entry(entry, exit_node)
                 or any(user not in inside for node in nodes[:-1] for user in node.users)
                 or any(is_in_place(node) for node in nodes)):
             plan.regions.append((nodes, None))
@@ -339,13 +324,13 @@ def find_timestep(gm: fx.GraphModule, plan: RegionPlan) -> fx.Node | None:
 
     When several qualify, one named like a timestep (``t``, ``timestep``, ``sigma``) wins.
     """
-    batch = _shape(plan.stream_input)[0]
+    batch = sizes_of(plan.stream_input)[0]
     candidates = []
     for node in gm.graph.nodes:
-        shape = _shape(node) if node.op == "placeholder" else None
-        if shape is None or node is plan.stream_input or _is_parameter(node):
+        shape = sizes_of(node) if node.op == "placeholder" else None
+        if shape is None or node is plan.stream_input or is_parameter_input(node):
             continue
         if shape in ((), (1,), (batch,)):
             candidates.append(node)
-    named = [n for n in candidates if any(word in n.name for word in ("timestep", "sigma", "l_t_"))]
+    named = [n for n in candidates if named_like_timestep(n)]
     return (named or candidates or [None])[0]

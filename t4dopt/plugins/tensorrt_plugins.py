@@ -36,7 +36,7 @@ from typing import Any, Tuple
 import numpy as np
 import torch
 
-from t4dopt.ops import block_sparse, triton_kernel
+from t4dopt.ops import tables, triton_kernel
 
 try:
     import triton
@@ -69,6 +69,12 @@ def require(module: str) -> ModuleType:
     except ImportError as error:
         raise ImportError(f"t4dopt's TensorRT support needs the {module.split('.')[0]!r} package, which is "
                           f"not installed: {INSTALL_HINT} (TensorRT >= 10.8 for AOT plugins)") from error
+
+
+def require_cuda(what: str) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{what} needs a CUDA GPU: TensorRT builds and runs engines on NVIDIA GPUs only, "
+                           "and torch sees none here")
 
 
 def torch_dtype(trt_dtype: Any) -> torch.dtype:
@@ -135,7 +141,7 @@ def pack_tables(kv_counts: np.ndarray | torch.Tensor, kv_indices: np.ndarray | t
 
     The table is checked and planned exactly as the op's CUDA forward plans it, with the same tiles.
     """
-    table = block_sparse._decode(*(torch.as_tensor(np.array(t)) for t in (kv_counts, kv_indices, block_starts)))
+    table = tables.decode(*(torch.as_tensor(np.array(t)) for t in (kv_counts, kv_indices, block_starts)))
     plan = table.triton_plan(torch.device("cpu"))
 
     def as_array(t: torch.Tensor) -> np.ndarray:
@@ -143,10 +149,6 @@ def pack_tables(kv_counts: np.ndarray | torch.Tensor, kv_indices: np.ndarray | t
 
     return PluginTables(*(as_array(t) for t in (plan.tiles, plan.full_starts, plan.partial_starts, plan.partial_ends)),
                         block_m=plan.block_m, block_n=plan.block_n, seq_len=plan.seq_len)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
 
 
 # ------------------------------------------------------------------------------------- the kernel

@@ -19,8 +19,10 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
-DOMAIN = "t4d"
-OP_TYPE = "BlockSparseAttention"
+ONNX_DOMAIN = "t4d"
+ONNX_OP_TYPE = "BlockSparseAttention"
+"""Spelled here rather than imported from ``t4dopt.ops.schema``: this file runs copied beside a
+deployment without t4dopt or torch (a test checks the two agree)."""
 
 
 def block_sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_counts: np.ndarray,
@@ -44,7 +46,7 @@ def block_sparse_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_count
 
 
 @onnx_op(
-    op_type=f"{DOMAIN}::{OP_TYPE}",
+    op_type=f"{ONNX_DOMAIN}::{ONNX_OP_TYPE}",
     inputs=[PyCustomOpDef.dt_float] * 3 + [PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64],
     outputs=[PyCustomOpDef.dt_float],
     attrs={"block_size": PyCustomOpDef.dt_int64, "scale": PyCustomOpDef.dt_float, "layout": PyCustomOpDef.dt_string},

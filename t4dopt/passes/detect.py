@@ -20,29 +20,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from t4dopt.compat import sdpa_functions
+from t4dopt.fx_utils import CAST_METHODS, dtype_of, module_path, shape_of
 from t4dopt.sites import AttentionSite
 
-SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+SDPA_TARGETS = sdpa_functions()
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.Tensor.softmax}
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm}
-CAST_METHODS = {"float", "to", "type", "half", "bfloat16", "type_as"}
-TRANSPOSE_METHODS = {"transpose", "swapaxes", "mT"}
-
-
-def shape_of(node: fx.Node) -> tuple[int, ...] | None:
-    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-    if isinstance(value, torch.Tensor):
-        try:
-            return tuple(int(s) for s in value.shape)
-        except TypeError:
-            return None
-    return None
-
-
-def dtype_of(node: fx.Node) -> torch.dtype | None:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return value.dtype if isinstance(value, torch.Tensor) else None
 
 
 def _is_call(node: fx.Node, functions: set, methods: set[str] = frozenset()) -> bool:
@@ -59,17 +44,6 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
-
-
-def module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    # Modules reached through a custom __getattr__ (diffusers' ModelMixin) are recorded as
-    # ``L['self'].__dict__['_modules']['blocks'].0``: spell them ``blocks.0`` like the others.
-    path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", str(path))
-    return re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
 
 
 def _sdpa_site(node: fx.Node) -> AttentionSite | None:

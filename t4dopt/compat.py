@@ -1,0 +1,172 @@
+"""Every private torch API t4dopt uses, looked up here, guarded, with what happens without it.
+
+``import t4dopt`` never fails because a torch internal moved: each lookup is made when first
+needed, and a missing one either falls back to a public API or raises `T4DCompatError`
+naming the internal and the torch version. `report()` lists them all with their status.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class T4DCompatError(RuntimeError):
+    """A private torch API t4dopt needs is missing from this torch build."""
+
+
+def _lookup(path: str) -> Any | None:
+    """The object at dotted `path` (modules imported on the way), or None when any part is missing."""
+    parts = path.split(".")
+    value: Any = importlib.import_module(parts[0])
+    for index, part in enumerate(parts[1:], start=2):
+        try:
+            value = getattr(value, part)
+        except (AttributeError, RuntimeError):
+            try:
+                value = importlib.import_module(".".join(parts[:index]))
+            except ImportError:
+                return None
+    return value
+
+
+def missing(what: str) -> T4DCompatError:
+    return T4DCompatError(f"t4dopt needs {what}, which torch {torch.__version__} does not have")
+
+
+def sdpa_functions() -> frozenset:
+    """Every callable dynamo may record for scaled dot-product attention."""
+    private = _lookup("torch._C._nn.scaled_dot_product_attention")
+    return frozenset(f for f in (F.scaled_dot_product_attention, private) if f is not None)
+
+
+@functools.cache
+def cpu_flash_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``(q, k, v, scale) -> (out, logsumexp)`` on CPU: torch's CPU flash kernel, or SDPA plus a log-sum-exp."""
+    flash = _lookup("torch.ops.aten._scaled_dot_product_flash_attention_for_cpu")
+    if flash is not None and hasattr(flash, "default"):
+        kernel = flash.default
+        return lambda q, k, v, scale: kernel(q, k, v, 0.0, False, scale=scale)[:2]
+
+    def fallback(q, k, v, scale):
+        scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), lse.to(torch.float64 if q.dtype == torch.float64
+                                                                             else torch.float32)
+    return fallback
+
+
+def force_dispatch_keys(include: Any, exclude: Any) -> Any:
+    guard = getattr(torch._C, "_ForceDispatchKeyGuard", None)
+    if guard is None:
+        raise missing("torch._C._ForceDispatchKeyGuard (the CUDA backward of t4d::block_sparse_attention)")
+    return guard(include, exclude)
+
+
+def dispatch_key_sets() -> tuple[Any, Any]:
+    """(the thread's included dispatch keys, its excluded keys without autograd's): autograd inside an op kernel."""
+    include = getattr(torch._C, "_dispatch_tls_local_include_set", None)
+    exclude = getattr(torch._C, "_dispatch_tls_local_exclude_set", None)
+    if include is None or exclude is None:
+        raise missing("torch._C._dispatch_tls_local_include_set (the CUDA backward of t4d::block_sparse_attention)")
+    keys = torch._C.DispatchKey
+    return include(), exclude().remove(keys.AutogradFunctionality).remove(keys.ADInplaceOrView)
+
+
+def register_graph_buffer_source(gm: torch.fx.GraphModule, name: str) -> None:
+    """Tell dynamo where a buffer added to its graph module comes from (dynamo's graph modules only)."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:
+        return
+    try:
+        from torch._dynamo.source import ConstantSource
+    except ImportError:
+        return
+    sources[name] = ConstantSource(name)
+
+
+def dynamo_export() -> Callable:
+    export = _lookup("torch._dynamo.export")
+    if export is None:
+        raise missing("torch._dynamo.export (capturing a model as one torch-level graph)")
+    return export
+
+
+def inductor_compile_fx() -> Callable:
+    """Inductor's backend entry (a dynamo graph and its example inputs -> a callable)."""
+    try:
+        from torch._inductor.compile_fx import compile_fx
+    except ImportError as error:
+        raise missing("torch._inductor.compile_fx.compile_fx (target='inductor')") from error
+    return compile_fx
+
+
+def inductor_compile() -> Callable:
+    """Inductor for a plain FX graph outside dynamo (the cache's segments)."""
+    try:
+        from torch._inductor import compile as compile_graph
+    except ImportError as error:
+        raise missing("torch._inductor.compile (target='inductor' with the cache)") from error
+    return compile_graph
+
+
+def treespec_dumps(spec: Any) -> str:
+    from torch.utils import _pytree as pytree
+
+    if not hasattr(pytree, "treespec_dumps"):
+        raise missing("torch.utils._pytree.treespec_dumps (writing bundles)")
+    return pytree.treespec_dumps(spec)
+
+
+def treespec_loads(text: str) -> Any:
+    from torch.utils import _pytree as pytree
+
+    if not hasattr(pytree, "treespec_loads"):
+        raise missing("torch.utils._pytree.treespec_loads (reading bundles)")
+    return pytree.treespec_loads(text)
+
+
+@dataclass(frozen=True)
+class PrivateAPI:
+    """One private torch API: where t4dopt uses it and what happens on a torch without it."""
+
+    name: str
+    used_by: str
+    without: str
+
+    @property
+    def present(self) -> bool:
+        return all(_lookup(path) is not None for path in self.name.split(" + "))
+
+
+PRIVATE_APIS = (
+    PrivateAPI("torch._C._nn.scaled_dot_product_attention", "passes/spellings.py (an SDPA spelling)",
+               "that spelling is not recognised; F.scaled_dot_product_attention still is"),
+    PrivateAPI("torch.ops.aten._scaled_dot_product_flash_attention_for_cpu", "ops/cpu_kernel.py (each dense piece)",
+               "pieces run as a float32 softmax with its log-sum-exp (slower, same result)"),
+    PrivateAPI("torch._C._dispatch_tls_local_include_set + torch._C._dispatch_tls_local_exclude_set"
+               " + torch._C._ForceDispatchKeyGuard", "ops/flex_path.py (CUDA backward)",
+               "the CUDA backward raises T4DCompatError"),
+    PrivateAPI("torch._dynamo.source.ConstantSource", "passes/rewrite.py (the source of buffers added to "
+               "dynamo's graph module, in its _param_name_to_source)", "buffers are added without a source"),
+    PrivateAPI("torch._dynamo.export", "export/capture.py (the torch-level graph export rewrites)",
+               "export raises T4DCompatError"),
+    PrivateAPI("torch._inductor.compile_fx.compile_fx", "lowering.py (target='inductor')",
+               "target='inductor' raises T4DCompatError; target='eager' still works"),
+    PrivateAPI("torch._inductor.compile", "lowering.py (target='inductor' under the cache)",
+               "target='inductor' with a cache raises T4DCompatError"),
+    PrivateAPI("torch.utils._pytree.treespec_dumps + torch.utils._pytree.treespec_loads",
+               "cache/program.py (output structure in bundle manifests)",
+               "bundles cannot be written or read; the compiled cache is unaffected"),
+)
+
+
+def report() -> list[tuple[PrivateAPI, bool]]:
+    """Each private API with whether this torch has it."""
+    return [(api, api.present) for api in PRIVATE_APIS]
