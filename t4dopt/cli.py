@@ -1,4 +1,4 @@
-"""Command line: ``t4dopt demo``, ``t4dopt analyze``, ``t4dopt mask``, ``t4dopt export``."""
+"""Command line: ``t4dopt demo``, ``t4dopt analyze``, ``t4dopt mask``, ``t4dopt export``, ``t4dopt passes``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,13 @@ def _mask(args: argparse.Namespace) -> int:
     path = draw_block_mask(layout, args.out, frames=args.frames,
                            blocks_per_frame=-(-args.tokens_per_frame // args.block_size))
     print(f"{layout}\nwritten to {path}")
+    return 0
+
+
+def _passes(args: argparse.Namespace) -> int:
+    from t4dopt.passes import describe
+
+    describe()
     return 0
 
 
@@ -194,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "aoti: AOTInductor .pt2 package keeping the t4d op")
     export.add_argument("--out", help="output file (default: model.onnx, or model.pt2 for aoti)")
     export.set_defaults(run=_export)
+
+    passes = commands.add_parser("passes", help="list the turbo4d passes in the order they run")
+    passes.set_defaults(run=_passes)
     return parser
 
 

@@ -1,8 +1,9 @@
-"""Plain data the passes hand each other: an attention site, what it mixes, what became of it."""
+"""Plain data the passes hand each other: an attention site, where its sequence came from, the token
+grid, what it mixes, what became of it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import torch.fx as fx
@@ -74,6 +75,29 @@ class AttentionSite:
         return 2.0 * self.batch * self.query_len * self.key_len * (self.head_dim + self.value_shape[-1])
 
 
+@dataclass(frozen=True)
+class SequenceOrigin:
+    """The sequence axis is ``prefix`` concatenated tokens, then the merge of ``factors`` (outer first)."""
+
+    prefix: int
+    factors: tuple[int, ...]
+
+    @property
+    def merged(self) -> bool:
+        return len(self.factors) > 1
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The token grid the sites are read against: from the layout option, or inferred from the graph (``source``)."""
+
+    frames: int | None
+    views: int | None
+    tokens_per_frame: int | None
+    prefix_tokens: int | None
+    source: str
+
+
 @dataclass
 class SiteLayout:
     """What a site mixes, with the token grid it was read against."""
@@ -95,7 +119,6 @@ class SiteDecision:
     reason: str = ""
     block_layout: BlockLayout | None = None
     warn: bool = False
-    notes: list[str] = field(default_factory=list)
     rewritten_output: fx.Node | None = None
     """The node computing the attention after the rewrite, when the rewrite replaced the site's nodes."""
 

@@ -35,6 +35,22 @@ def test_bad_arguments_exit_with_a_message(capsys):
     assert "frames=0" in capsys.readouterr().err
 
 
+def test_passes_command_lists_the_passes_in_the_order_they_run(capsys):
+    from t4dopt.passes import PASSES
+
+    assert main(["passes"]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert [line.split()[:2] for line in lines] == [[f"{i}.", p.__name__] for i, p in enumerate(PASSES, start=1)]
+    names = [line.split()[1] for line in lines]
+    assert names.index("detect_attention") < names.index("classify_layouts") < names.index("decide_sparsity") \
+        < names.index("rewrite_sparse_sites") == len(names) - 1
+    assert all(len(line.split(maxsplit=3)) == 4 for line in lines), "each line ends in the pass's docstring"
+    script = "import t4dopt.passes as p; p.describe()"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == printed
+
+
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "t4dopt.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "demo" in result.stdout

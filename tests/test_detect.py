@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t4dopt.options import LayoutHints
+from t4dopt.options import LayoutHints, Options
+from t4dopt.passes import analyze
 from t4dopt.passes.detect import find_attention
-from t4dopt.passes.layout import infer_layouts
 
 
 def _graph(fn, *inputs):
@@ -24,8 +24,8 @@ def _graph(fn, *inputs):
 
 
 def _kinds(fn, *inputs, **hints):
-    sites = find_attention(_graph(fn, *inputs).graph)
-    return [layout.kind.value for layout in infer_layouts(sites, LayoutHints(**hints))], sites
+    decisions = analyze(_graph(fn, *inputs), Options(layout=LayoutHints(**hints)))
+    return [d.layout.kind.value for d in decisions], [d.site for d in decisions]
 
 
 def test_sdpa_call_forms_are_all_found():

@@ -1,5 +1,9 @@
-"""FX passes of the turbo4d backend, one concern a module: detect, layout, sparsify, rewrite."""
+"""FX passes of the turbo4d backend, one concern a module, run in the order of `PASSES`.
 
-from .manager import analyze, run_passes
+``python -c "import t4dopt.passes as p; p.describe()"`` (or ``t4dopt passes``) prints that order.
+"""
 
-__all__ = ["analyze", "run_passes"]
+from .pipeline import ANALYSIS_PASSES, PASSES, analyze, describe, run_passes
+from .state import PassState
+
+__all__ = ["ANALYSIS_PASSES", "PASSES", "PassState", "analyze", "describe", "run_passes"]

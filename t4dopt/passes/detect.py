@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .state import PassState
 from t4dopt.compat import sdpa_functions
 from t4dopt.fx_utils import CAST_METHODS, dtype_of, module_path, shape_of
 from t4dopt.sites import AttentionSite
@@ -276,3 +277,8 @@ def find_attention(graph: fx.Graph) -> list[AttentionSite]:
         if site is not None:
             sites.append(site)
     return sites
+
+
+def detect_attention(state: PassState) -> None:
+    """Find every attention site: an SDPA call, or hand-written attention."""
+    state.sites = find_attention(state.gm.graph)

@@ -10,20 +10,10 @@ the inner one with the frames folded into its batch (per-frame attention). Anyth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .sequence_trace import SequenceOrigin, factors_match, trace_sequence
+from .sequence_trace import factors_match, trace_sequence
+from .state import PassState
 from t4dopt.options import LayoutHints
-from t4dopt.sites import AttentionSite, SiteKind, SiteLayout
-
-
-@dataclass(frozen=True)
-class _Grid:
-    frames: int | None
-    views: int | None
-    tokens_per_frame: int | None
-    prefix_tokens: int | None
-    source: str
+from t4dopt.sites import AttentionSite, SequenceOrigin, SiteKind, SiteLayout, TokenGrid
 
 
 def _folds_frames_into_batch(site: AttentionSite, frames: int) -> bool:
@@ -38,9 +28,14 @@ def _folds_frames_into_batch(site: AttentionSite, frames: int) -> bool:
     return trace_sequence(site.query, 0).factors[-1] == frames
 
 
-def _infer_grid(hints: LayoutHints, sites: list[AttentionSite], origins: list[SequenceOrigin]) -> _Grid:
+def _grid_of(hints: LayoutHints, sites: list[AttentionSite], origins: list[SequenceOrigin]) -> TokenGrid:
+    """The hinted grid when frames and tokens per frame are given; else the first one the graph shows.
+
+    A self-attention whose sequence merges frames x inner tokens proves the grid only when
+    another site attends over exactly the inner tokens with the frames folded into its batch.
+    """
     if hints.frames and hints.tokens_per_frame:
-        return _Grid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
+        return TokenGrid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
     self_sites = [s for s in sites if s.query_len == s.key_len]
     for site, origin in zip(sites, origins):
         if site.query_len != site.key_len or not origin.merged:
@@ -54,12 +49,12 @@ def _infer_grid(hints: LayoutHints, sites: list[AttentionSite], origins: list[Se
         if outer > 1 and outer != inner and any(
             s.query_len == inner and _folds_frames_into_batch(s, outer) for s in self_sites
         ):
-            return _Grid(outer, hints.views, inner, hints.prefix_tokens,
-                         f"inferred from the graph (frames={outer}, tokens_per_frame={inner})")
-    return _Grid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
+            return TokenGrid(outer, hints.views, inner, hints.prefix_tokens,
+                             f"inferred from the graph (frames={outer}, tokens_per_frame={inner})")
+    return TokenGrid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
 
 
-def _classify(site: AttentionSite, origin: SequenceOrigin, grid: _Grid) -> SiteLayout:
+def _classify(site: AttentionSite, origin: SequenceOrigin, grid: TokenGrid) -> SiteLayout:
     n = site.query_len
     if site.key_len != n:
         return SiteLayout(SiteKind.CROSS, evidence=f"{n} queries attend {site.key_len} keys of another sequence")
@@ -100,8 +95,11 @@ def _classify(site: AttentionSite, origin: SequenceOrigin, grid: _Grid) -> SiteL
                                                  f"prefix_tokens={prefix})")
 
 
-def infer_layouts(sites: list[AttentionSite], hints: LayoutHints) -> list[SiteLayout]:
-    """One `SiteLayout` per site, in the same order."""
-    origins = [trace_sequence(site.query, -2) for site in sites]
-    grid = _infer_grid(hints, sites, origins)
-    return [_classify(site, origin, grid) for site, origin in zip(sites, origins)]
+def infer_grid(state: PassState) -> None:
+    """Settle the token grid (frames x tokens per frame): from the layout option, else from the graph."""
+    state.grid = _grid_of(state.options.layout, state.sites, state.origins)
+
+
+def classify_layouts(state: PassState) -> None:
+    """Decide which axes each site mixes: spatial, view, temporal, spatiotemporal, cross or unknown."""
+    state.layouts = [_classify(site, origin, state.grid) for site, origin in zip(state.sites, state.origins)]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+
+from .state import PassState
 from t4dopt.compat import register_graph_buffer_source
 from t4dopt.fx_utils import device_of
 from t4dopt.sites import SiteDecision
@@ -65,15 +67,12 @@ def _rewrite_site(gm: fx.GraphModule, index: int, decision: SiteDecision, refere
             graph.erase_node(node)
 
 
-def rewrite(gm: fx.GraphModule, decisions: list[SiteDecision], *, reference: bool = False) -> int:
-    """Rewrite the sparse sites of `gm` in place; returns how many were rewritten."""
-    count = 0
-    for index, decision in enumerate(decisions):
-        if decision.action == "sparse":
-            _rewrite_site(gm, index, decision, reference)
-            count += 1
-    if count:
+def rewrite_sparse_sites(state: PassState) -> None:
+    """Replace the sites decided sparse by the t4d block-sparse op (by masked SDPA for the reference)."""
+    gm, sparse = state.gm, [(i, d) for i, d in enumerate(state.decisions) if d.action == "sparse"]
+    for index, decision in sparse:
+        _rewrite_site(gm, index, decision, state.reference)
+    if sparse:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
-    return count

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .state import PassState
 from t4dopt.fx_utils import shape_of
+from t4dopt.sites import SequenceOrigin
 
 MAX_STEPS = 200
 SAME_AXIS_METHODS = {
@@ -32,18 +33,6 @@ SAME_AXIS_FUNCTIONS = {
     # ``out = torch.empty_like(x); out[..., 0::2] = ...`` (rotary embeddings): out has x's axes.
     torch.empty_like, torch.zeros_like,
 }
-
-
-@dataclass(frozen=True)
-class SequenceOrigin:
-    """The sequence axis is ``prefix`` concatenated tokens, then the merge of ``factors`` (outer first)."""
-
-    prefix: int
-    factors: tuple[int, ...]
-
-    @property
-    def merged(self) -> bool:
-        return len(self.factors) > 1
 
 
 def _group_reshape(shape_in: tuple[int, ...], shape_out: tuple[int, ...], out_dim: int) -> list[int] | None:
@@ -173,3 +162,8 @@ def factors_match(factors: tuple[int, ...], outer: int, inner: int) -> bool:
     if not factors or factors[0] != outer:
         return False
     return math.prod(factors[1:]) == inner
+
+
+def trace_sequences(state: PassState) -> None:
+    """Trace each site's query sequence axis up the graph: the axes merged into it, the prefix tokens."""
+    state.origins = [trace_sequence(site.query, -2) for site in state.sites]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from .state import PassState
 from t4dopt import masks
 from t4dopt.block_layout import BlockLayout
 from t4dopt.options import Options, SparseSpec
@@ -63,5 +64,6 @@ def decide(site: AttentionSite, layout: SiteLayout, options: Options) -> SiteDec
     return SiteDecision(site, layout, "sparse", block_layout.description, block_layout=block_layout)
 
 
-def decide_all(sites: list[AttentionSite], layouts: list[SiteLayout], options: Options) -> list[SiteDecision]:
-    return [decide(site, layout, options) for site, layout in zip(sites, layouts)]
+def decide_sparsity(state: PassState) -> None:
+    """Decide per site: block-sparse with a block table, or dense with the reason (and a warning)."""
+    state.decisions = [decide(site, layout, state.options) for site, layout in zip(state.sites, state.layouts)]

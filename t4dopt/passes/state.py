@@ -1,0 +1,32 @@
+"""What the passes share: the graph module, the options, and each pass's results, by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from t4dopt.options import Options
+from t4dopt.sites import AttentionSite, SequenceOrigin, SiteDecision, SiteLayout, TokenGrid
+
+
+@dataclass
+class PassState:
+    """One run of the passes over one graph module; a pass reads earlier results and writes its own.
+
+    ``reference`` makes the rewrite pass emit the dense masked reference (SDPA with the explicit
+    boolean token mask) instead of the ``t4d`` op: what ``verify`` compares against. ``sites``,
+    ``origins``, ``layouts`` and ``decisions`` are parallel lists, one entry per attention site.
+    The rewrite pass records the node that now computes each rewritten site on its decision
+    (``SiteDecision.rewritten_output``). A fresh state is made for every run, so nothing carries
+    over between graphs.
+    """
+
+    gm: fx.GraphModule
+    options: Options
+    reference: bool = False
+    sites: list[AttentionSite] = field(default_factory=list)
+    origins: list[SequenceOrigin] = field(default_factory=list)
+    grid: TokenGrid | None = None
+    layouts: list[SiteLayout] = field(default_factory=list)
+    decisions: list[SiteDecision] = field(default_factory=list)
