@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import t4dopt.export
-from t4dopt.export import runtime
+from t4dopt.export import onnx_session
 from t4dopt.models import CONFIGS, Sculpt4DDiT, make_inputs
 
 _TIME_PACKAGE = """
@@ -91,7 +91,7 @@ def main() -> None:
         for ops, label in (("portable", "ONNX portable, onnxruntime CPU"), ("custom", "ONNX t4d domain, onnxruntime CPU")):
             path = Path(folder) / f"{ops}.onnx"
             t4dopt.export.onnx(model.cpu(), cpu_inputs, path, options=options, ops=ops)
-            session = runtime.session(path)
+            session = onnx_session.session(path)
             feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), cpu_inputs)}
             rows.append((label, _median_ms(lambda: session.run(None, feed), args.repeats, False)))
         model.to(args.device)

@@ -88,7 +88,7 @@ def _reference_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[t
 
 def _export(args: argparse.Namespace) -> int:
     try:
-        from t4dopt.export import export_aoti, export_onnx, runtime
+        from t4dopt.export import export_aoti, export_onnx, onnx_session
         from t4dopt.export.aoti_export import run_in_fresh_process
     except ImportError as error:
         print(f"t4dopt export: {error}; install the onnx extra: pip install 't4dopt[onnx]'", file=sys.stderr)
@@ -126,7 +126,7 @@ def _export(args: argparse.Namespace) -> int:
         description = "t4d custom domain" if result.ops == "custom" else "standard ONNX ops only"
         details = f"{result.onnx_nodes} nodes"
         print("checking: onnxruntime (CPU) against the eager turbo4d model on the same inputs")
-        got = torch.from_numpy(runtime.run(result.path, inputs)[0])
+        got = torch.from_numpy(onnx_session.run(result.path, inputs)[0])
 
     compiled = torch.compile(model, backend="turbo4d", options={**options, "target": "eager"})
     with torch.no_grad():

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 import t4dopt  # noqa: E402
 from support import JointVideoAttention  # noqa: E402
 from t4dopt.cli import main  # noqa: E402
-from t4dopt.export import export_onnx, runtime  # noqa: E402
+from t4dopt.export import export_onnx, onnx_session  # noqa: E402
 from t4dopt.export.portable import PortableTables, portable_attention  # noqa: E402
 from t4dopt.models import Sculpt4DDiT, make_inputs  # noqa: E402
 
@@ -51,7 +51,7 @@ def tiny_exports(tiny, tmp_path_factory):
 
 
 def max_difference(path, args, expected):
-    return float(np.abs(runtime.run(path, args)[0] - expected.numpy()).max())
+    return float(np.abs(onnx_session.run(path, args)[0] - expected.numpy()).max())
 
 
 def test_custom_export_writes_t4d_nodes_with_the_block_table(tiny_exports):

@@ -31,7 +31,8 @@ import torch
 
 from t4dopt.export.capture import capture_for_export
 from t4dopt.options import Options
-from t4dopt.report import SiteReport, count_rewritten
+from t4dopt.export.result import ExportedArtifact
+from t4dopt.report import count_rewritten
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
 
@@ -48,21 +49,11 @@ with torch.no_grad():
 
 
 @dataclass(frozen=True)
-class AotiResult:
-    """What `export_aoti` wrote and what it rewrote on the way."""
+class AotiResult(ExportedArtifact):
+    """What `export_aoti` wrote (a ``.pt2`` package) and what it rewrote on the way."""
 
-    path: Path
-    sites: list[SiteReport]
-    t4d_nodes: int
+    t4d_nodes: int = 0
     """``t4d.block_sparse_attention`` nodes of the exported program's graph."""
-
-    @property
-    def sites_rewritten(self) -> int:
-        return count_rewritten(self.sites)
-
-    @property
-    def file_bytes(self) -> int:
-        return self.path.stat().st_size
 
 
 def count_t4d_nodes(program: torch.export.ExportedProgram) -> int:
@@ -106,7 +97,7 @@ def export_aoti(
     path.parent.mkdir(parents=True, exist_ok=True)
     say("compiling with AOTInductor (C++; this takes a while)")
     torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path))
-    result = AotiResult(path, sites, t4d_nodes)
+    result = AotiResult(path, sites, t4d_nodes=t4d_nodes)
     say(f"wrote {path} ({result.file_bytes / 2**20:.2f} MiB, {t4d_nodes} t4d nodes)")
     return result
 

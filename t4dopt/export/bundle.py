@@ -30,23 +30,16 @@ from t4dopt.errors import T4DUnsupportedError
 from t4dopt.export.capture import capture_for_export, node_values
 from t4dopt.fx_utils import example_value
 from t4dopt.options import CacheSpec, Options, parse_options
-from t4dopt.report import SiteReport, count_rewritten
+from t4dopt.export.result import ExportedArtifact
 
 
 @dataclass(frozen=True)
-class BundleResult:
+class BundleResult(ExportedArtifact):
     """What `export_bundle` wrote: the folder, the attention sites, its segments, cache units and chains."""
 
-    path: Path
-    sites: list[SiteReport]
-    segments: int
-    units: int
-    chains: int
-    file_bytes: int
-
-    @property
-    def sites_rewritten(self) -> int:
-        return count_rewritten(self.sites)
+    segments: int = 0
+    units: int = 0
+    chains: int = 0
 
 
 def _specialise_sizes(gm: fx.GraphModule) -> None:
@@ -139,7 +132,7 @@ def export_bundle(
                   for s in sites],
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    say(f"wrote {folder}: {len(artifacts)} segments, {len(program.units)} cache units, "
-        f"{len(program.chains)} chains, {size / 2**20:.2f} MiB")
-    return BundleResult(folder, sites, len(artifacts), len(program.units), len(program.chains), size)
+    result = BundleResult(folder, sites, segments=len(artifacts), units=len(program.units), chains=len(program.chains))
+    say(f"wrote {folder}: {result.segments} segments, {result.units} cache units, "
+        f"{result.chains} chains, {result.file_bytes / 2**20:.2f} MiB")
+    return result

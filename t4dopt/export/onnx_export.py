@@ -25,7 +25,7 @@ from t4dopt.export import custom_domain
 from t4dopt.export.capture import capture_for_export
 from t4dopt.export.portable import make_portable
 from t4dopt.options import Options
-from t4dopt.report import SiteReport, count_rewritten
+from t4dopt.export.result import ExportedArtifact
 
 OPS = ("custom", "portable")
 OPSET_VERSION = 20
@@ -33,18 +33,12 @@ OPSET_VERSION = 20
 
 
 @dataclass(frozen=True)
-class ExportResult:
+class ExportResult(ExportedArtifact):
     """What `export_onnx` wrote and what it rewrote on the way."""
 
-    path: Path
-    ops: str
-    sites: list[SiteReport]
-    onnx_nodes: int
+    ops: str = "custom"
+    onnx_nodes: int = 0
     """Nodes of the saved graph (functions not expanded)."""
-
-    @property
-    def sites_rewritten(self) -> int:
-        return count_rewritten(self.sites)
 
     @property
     def file_bytes(self) -> int:
@@ -96,6 +90,6 @@ def export_onnx(
     program.save(path)
     onnx_lib.checker.check_model(str(path))
     nodes = len(onnx_lib.load(str(path), load_external_data=False).graph.node)
-    result = ExportResult(path, ops, sites, nodes)
+    result = ExportResult(path, sites, ops=ops, onnx_nodes=nodes)
     say(f"wrote {path} ({result.file_bytes / 2**20:.2f} MiB, {nodes} nodes), onnx.checker passed")
     return result

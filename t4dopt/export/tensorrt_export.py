@@ -30,7 +30,7 @@ from t4dopt.ops.schema import ONNX_DOMAIN, ONNX_OP_TYPE
 from t4dopt.options import Options
 from t4dopt.plugins import tensorrt_plugins as plugins
 from t4dopt.plugins.tensorrt_plugins import require_cuda
-from t4dopt.report import SiteReport, count_rewritten
+from t4dopt.export.result import ExportedArtifact
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                 "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
@@ -38,24 +38,17 @@ TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfl
 
 
 @dataclass(frozen=True)
-class TensorRTResult:
-    """What `export_tensorrt` wrote."""
+class TensorRTResult(ExportedArtifact):
+    """What `export_tensorrt` wrote (a serialized engine); `sites` is None when it was built from an ``.onnx`` file."""
 
-    path: Path
-    onnx_path: Path
+    onnx_path: Path | None = None
     """The custom-domain ONNX the engine was built from."""
-    plugin_nodes: int
+    plugin_nodes: int = 0
     """``t4d::block_sparse_attention`` plugin layers in the engine."""
-    sites: list[SiteReport] | None = None
-    """The attention sites of the model (None when built from an ``.onnx`` file)."""
 
     @property
     def sites_rewritten(self) -> int:
-        return self.plugin_nodes if self.sites is None else count_rewritten(self.sites)
-
-    @property
-    def file_bytes(self) -> int:
-        return self.path.stat().st_size
+        return self.plugin_nodes if self.sites is None else super().sites_rewritten
 
 
 def require_tensorrt() -> Any:
@@ -183,7 +176,7 @@ def export_tensorrt(
         onnx.save(model, os.fspath(plugin_onnx), save_as_external_data=True)  # (models past 2 GiB)
         say(f"building the TensorRT engine ({'fp16' if fp16 else 'fp32'}; this takes a while)")
         engine_path.write_bytes(_build_engine(trt, plugin_onnx, fp16=fp16, workspace_gb=workspace_gb))
-    result = TensorRTResult(engine_path, onnx_path, nodes, sites)
+    result = TensorRTResult(engine_path, sites, onnx_path=onnx_path, plugin_nodes=nodes)
     say(f"wrote {engine_path} ({result.file_bytes / 2**20:.2f} MiB, {nodes} plugin layers)")
     return result
 

@@ -1,1 +1,2 @@
-"""TensorRT plugins and ONNX Runtime custom ops for the ``t4d`` ops (none yet)."""
+"""The ``t4d`` ops outside PyTorch: the TensorRT plugin (`tensorrt_plugins`), its torch-tensorrt converter
+and lowering (`tensorrt_converter`), and the ONNX Runtime custom op (`onnxruntime_ops`)."""
