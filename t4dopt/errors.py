@@ -27,11 +27,16 @@ class T4DWarning(UserWarning):
 
 
 def warn_or_raise(decisions: list[SiteDecision], options: Options) -> None:
-    """Warn about each site left dense for a reason the user can fix; with ``strict=True``, raise."""
+    """Warn about each site left dense for a reason the user can fix (with ``strict=True``, raise), and about each
+    site made sparse on a layout the graph did not confirm (``trust_layout=True``)."""
     for decision in decisions:
         if not decision.warn:
             continue
         where = decision.site.module_path or decision.site.name
+        if decision.action == "sparse":
+            warnings.warn(f"turbo4d: attention {decision.site.name} ({where}) made sparse: {decision.reason}",
+                          T4DWarning, stacklevel=2)
+            continue
         message = f"turbo4d: attention {decision.site.name} ({where}) left dense: {decision.reason}"
         if options.strict:
             raise T4DUnsupportedError(message + " (strict=True)")

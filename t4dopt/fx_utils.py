@@ -8,6 +8,7 @@ and nowhere else, so a change in those habits is mended in one place.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -86,6 +87,24 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     return clean_module_path(list(stack.values())[-1][0])
+
+
+def source_line(node: fx.Node) -> str:
+    """``file.py:123`` of the user code that made `node` (from dynamo's stack trace), else the node's name."""
+    found = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    if not found:
+        return node.name
+    path, line = found[-1]
+    return f"{os.path.basename(path)}:{line}"
+
+
+def op_name(node: fx.Node) -> str:
+    """The name of what a call node calls: the method name, or the function's ``__name__`` ("" for other nodes)."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return ""
 
 
 def is_parameter_input(placeholder: fx.Node) -> bool:

@@ -14,8 +14,8 @@ from t4dopt import masks
 from t4dopt.lowering import TARGETS
 from t4dopt.errors import T4DOptionError
 
-LAYOUT_KEYS = ("frames", "views", "tokens_per_frame", "prefix_tokens", "height", "width")
-TOP_LEVEL_KEYS = ("layout", "sparse", "cache", "target", "strict", "verify")
+LAYOUT_KEYS = ("frames", "views", "tokens_per_frame", "prefix_tokens", "suffix_tokens", "height", "width")
+TOP_LEVEL_KEYS = ("layout", "sparse", "cache", "target", "strict", "verify", "trust_layout")
 CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps", "order")
 CACHE_LEVELS = ("block", "token", "chain")
 DEFAULT_POLICY = "sculpt4d"
@@ -23,14 +23,23 @@ DEFAULT_POLICY = "sculpt4d"
 
 @dataclass(frozen=True)
 class LayoutHints:
-    """What the user told us about the token grid; every field optional."""
+    """What the user told us about the token grid; every field optional.
+
+    Each hint is checked against the graph: one the graph contradicts leaves the site dense, one the
+    graph cannot confirm too unless ``Options.trust_layout`` (see `t4dopt.passes.layout`).
+    """
 
     frames: int | None = None
     views: int | None = None
     tokens_per_frame: int | None = None
     prefix_tokens: int | None = None
+    suffix_tokens: int | None = None
     height: int | None = None
     width: int | None = None
+
+    @property
+    def given(self) -> bool:
+        return any(getattr(self, name) is not None for name in LAYOUT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,8 @@ class Options:
     target: str = "inductor"
     strict: bool = False
     verify: bool = False
+    trust_layout: bool = False
+    """Use the layout option where the graph neither confirms nor contradicts it (a warning names each site)."""
 
 
 def _fail(option: str, value: Any, allowed: str) -> T4DOptionError:
@@ -95,10 +106,13 @@ def _parse_layout(value: Any) -> LayoutHints:
         return value
     _check_dict("layout", value, LAYOUT_KEYS, lambda key: f"layout[{key!r}]")
     for key, item in value.items():
-        minimum = 0 if key == "prefix_tokens" else 1
+        minimum = 0 if key in ("prefix_tokens", "suffix_tokens") else 1
         if item is not None and (isinstance(item, bool) or not isinstance(item, int) or item < minimum):
             raise _fail(f"layout[{key!r}]", item, f"None or an integer >= {minimum}")
     hints = LayoutHints(**value)
+    if (hints.height is None) != (hints.width is None):
+        missing, given = ("width", "height") if hints.width is None else ("height", "width")
+        raise _fail(f"layout[{given!r}]", getattr(hints, given), f"{given} together with {missing} (or neither)")
     if hints.height and hints.width and hints.tokens_per_frame:
         if hints.height * hints.width != hints.tokens_per_frame:
             raise _fail("layout['tokens_per_frame']", hints.tokens_per_frame,
@@ -200,4 +214,5 @@ def parse_options(options: Mapping[str, Any] | Options | None) -> Options:
         target=target,
         strict=_parse_flag("strict", options.get("strict", False)),
         verify=_parse_flag("verify", options.get("verify", False)),
+        trust_layout=_parse_flag("trust_layout", options.get("trust_layout", False)),
     )

@@ -1,5 +1,5 @@
-"""Plain data the passes hand each other: an attention site, where its sequence came from, the token
-grid, what it mixes, what became of it."""
+"""Plain data the passes hand each other: an attention site, where its tokens come from (token maps),
+the token grid, what it mixes, what became of it."""
 
 from __future__ import annotations
 
@@ -76,15 +76,96 @@ class AttentionSite:
 
 
 @dataclass(frozen=True)
-class SequenceOrigin:
-    """The sequence axis is ``prefix`` concatenated tokens, then the merge of ``factors`` (outer first)."""
+class Digit:
+    """One mixed-radix digit of a token index: it takes `size` values and moves the root's coordinate on
+    `axis` by `stride` per value (a patch size, or a slice step).
 
-    prefix: int
-    factors: tuple[int, ...]
+    ``role`` is what a patch embedding met on the way says the axis is: ``"time"`` (the depth of a
+    Conv3d), ``"space"`` (the height and width of a Conv2d / Conv3d / unfold) or ``"batched"`` (folded
+    into the batch of a per-image Conv2d: frames or views); None where nothing said.
+    """
+
+    axis: int
+    size: int
+    stride: int = 1
+    role: str | None = None
+
+
+class Stop(str, Enum):
+    """Why the walk up from a sequence axis ended at a segment's root."""
+
+    INPUT = "input"
+    """a graph input, a parameter or buffer, or a constant (arange, zeros...): the tokens' source."""
+    OPAQUE = "opaque"
+    """an op whose effect on the token axis the walk does not know: the order beyond it is not visible."""
+    REORDER = "reorder"
+    """an op that reorders, repeats or mixes the order of tokens (flip, roll, gather, a tensor index...)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """`length` consecutive tokens of a sequence, read from `root`: token t sits at the coordinates
+    the `digits` give it (t in mixed radix, outer digit first) plus `offsets` ((axis, start) pairs).
+
+    ``reason`` says where and why the walk stopped when it did not reach an input; ``notes`` what
+    the walk learnt on the way (a patch embedding). Two segments are the same tokens when `key`
+    is equal: same root, digits and offsets (the notes do not count).
+    """
+
+    length: int
+    root: fx.Node
+    digits: tuple[Digit, ...]
+    offsets: tuple[tuple[int, int], ...] = ()
+    stop: Stop = Stop.INPUT
+    reason: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
-    def merged(self) -> bool:
-        return len(self.factors) > 1
+    def key(self) -> tuple:
+        return (self.length, self.root, self.digits, self.offsets, self.stop)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(d.size for d in self.digits)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenMap:
+    """Where each position of a sequence axis comes from: consecutive segments (text, video, ...)."""
+
+    segments: tuple[Segment, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    def same_tokens(self, other: TokenMap) -> bool:
+        return [s.key for s in self.segments] == [s.key for s in other.segments]
+
+
+@dataclass(frozen=True)
+class SiteTokens:
+    """The token maps of one site's queries, keys and values (along their sequence axes)."""
+
+    query: TokenMap
+    key: TokenMap
+    value: TokenMap
+
+
+CONFIRMED, UNCONFIRMED, CONTRADICTED = "confirmed", "unconfirmed", "contradicted"
+"""How sure the graph makes a reading of a sequence (`JointReading.status`)."""
+
+
+@dataclass(frozen=True)
+class JointReading:
+    """A site's sequence read as prefix + frames x tokens + suffix (None where it is not joint)."""
+
+    status: str
+    frames: int = 0
+    tokens: int = 0
+    prefix: int = 0
+    suffix: int = 0
+    evidence: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,6 +188,9 @@ class SiteLayout:
     tokens_per_frame: int | None = None
     prefix_tokens: int = 0
     evidence: str = ""
+    suffix_tokens: int = 0
+    trusted: bool = False
+    """Read from the layout option without the graph confirming it (``trust_layout=True``)."""
 
 
 @dataclass

@@ -74,10 +74,10 @@ def test_position_major_sequence_is_left_dense_with_a_warning():
     with pytest.warns(t4dopt.T4DWarning, match="left dense"):
         got = _compile(model, **_options())(x)
     torch.testing.assert_close(got, model(x))
-    with pytest.warns(t4dopt.T4DWarning, match="frame-major"):
+    with pytest.warns(t4dopt.T4DWarning, match="token-major"):
         report = t4dopt.explain(model, x, options=_options())
     assert report.sites[1].kind == "unknown" and report.sites[1].action == "dense"
-    assert "frame-major" in report.sites[1].reason
+    assert "token-major" in report.sites[1].reason
 
 
 def test_strict_turns_a_dense_fallback_into_an_error():
@@ -91,12 +91,14 @@ def test_strict_turns_a_dense_fallback_into_an_error():
     torch.testing.assert_close(got, model(x))
 
 
-def test_without_layout_hints_the_grid_is_inferred_from_the_graph():
+def test_without_layout_hints_tokens_given_as_a_grid_stay_dense():
+    # x arrives as [B, F, P, C] tokens, no patch embedding: the graph cannot tell the frames from the tokens.
     model = JointVideoAttention(DIM, prefix=4).eval()
-    report = t4dopt.explain(model, torch.randn(1, FRAMES, TOKENS, DIM), options={"sparse": "sculpt4d"})
+    with pytest.warns(t4dopt.T4DWarning, match="tokens_per_frame"):
+        report = t4dopt.explain(model, torch.randn(1, FRAMES, TOKENS, DIM), options={"sparse": "sculpt4d"})
     joint = report.sites[1]
-    assert (joint.kind, joint.action) == ("spatiotemporal", "sparse")
-    assert "inferred from the graph" in joint.evidence
+    assert (joint.kind, joint.action) == ("unknown", "dense")
+    assert f"{{'frames': {FRAMES}, 'tokens_per_frame': {TOKENS}}}" in joint.evidence
 
 
 def test_models_without_4d_structure_and_sparse_none_are_unchanged():

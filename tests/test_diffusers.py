@@ -137,20 +137,17 @@ def test_cogvideox_joint_text_video_attention_is_spatiotemporal_with_text_prefix
         assert site.shape == (1, 2, _joint_len(layout), 8)
         assert site.density == pytest.approx(density) and site.density < 1
         # The token order was checked against the graph: text concatenated in front, then frame-major.
-        assert "6 prefix + 5 frames x 64 tokens, frame-major in the graph" in site.evidence
+        assert "6 prefix + 5 frames x 64 tokens" in site.evidence and "Conv2d patch embedding" in site.evidence
     assert 0 < report.flops_saved < 1
 
 
-def test_cogvideox_without_layout_stays_dense_and_warns():
-    # One kind of attention only (joint): nothing in the graph attends over a single frame, so
-    # frames and tokens per frame cannot be told apart from the 5 x 64 merge and are not guessed.
-    model, inputs, _ = cogvideox()
+def test_cogvideox_without_layout_reads_the_grid_from_its_patch_embedding():
+    # The per-frame Conv2d patch embedding folds the 5 frames into its batch and cuts 8 x 8 patches.
+    model, inputs, layout = cogvideox()
     report, warned = _explain(model, inputs, None)
-    assert _kinds(report) == [("unknown", "dense")] * 2
-    assert all("no layout given" in s.evidence and s.density == 1.0 for s in report.sites)
-    assert len(warned) == 2 and "options['layout']" in str(warned[0].message)
-    with pytest.warns(t4dopt.T4DWarning, match="left dense: layout unknown"):
-        t4dopt.explain(model, **inputs, options={"sparse": "sculpt4d"})
+    assert _kinds(report) == [("spatiotemporal", "sparse")] * 2 and not warned
+    assert all("6 prefix + 5 frames x 64 tokens" in s.evidence for s in report.sites)
+    assert report.sites[0].density == pytest.approx(_policy(layout).density)
 
 
 def test_cogvideox_layout_that_contradicts_the_graph_is_not_trusted():
@@ -159,7 +156,7 @@ def test_cogvideox_layout_that_contradicts_the_graph_is_not_trusted():
     wrong = {**layout, "frames": 10, "tokens_per_frame": 32}
     report, warned = _explain(model, inputs, wrong)
     assert _kinds(report) == [("unknown", "dense")] * 2
-    assert "built from axes [5, 64]" in report.sites[0].evidence
+    assert "the graph shows 5 frames x 64 tokens" in report.sites[0].evidence
     assert len(warned) == 2
     # Text placed elsewhere than the graph says (no prefix, 326 = 2 x 163) is not trusted either.
     report, _ = _explain(model, inputs, {"frames": 2, "tokens_per_frame": 163, "prefix_tokens": 0})
@@ -175,10 +172,10 @@ def test_latte_spatial_and_temporal_blocks_stay_dense():
         "transformer_blocks.0.attn1", "transformer_blocks.0.attn2", "temporal_transformer_blocks.0.attn1"]
     assert [s.shape[-2] for s in report.sites] == [16, 16, 3]
     assert all(s.density == 1.0 for s in report.sites) and not warned
-    # Without a layout nothing is joint: the per-frame and per-position sites are not guessed.
+    # Without a layout the patch embedding (a per-image Conv2d) tells the patches of a frame from the frames.
     report, warned = _explain(model, inputs, None)
-    assert _kinds(report) == [("unknown", "dense"), ("cross", "dense"), ("unknown", "dense")]
-    assert len(warned) == 2
+    assert _kinds(report) == [("spatial", "dense"), ("cross", "dense"), ("temporal", "dense")]
+    assert not warned
 
 
 def test_latte_patch_grid_is_not_mistaken_for_frames_x_tokens():
@@ -199,14 +196,14 @@ def test_wan_joint_self_attention_and_cross_attention_to_text():
     joint = report.sites[0]
     assert joint.shape[-2] == _joint_len(layout) == 320
     assert joint.density == pytest.approx(_policy(layout).density) and joint.density < 0.9
-    # The 5 x (8 x 8) merge of the patch embedding is visible through Wan's rotary embedding.
-    assert "frame-major in the graph" in joint.evidence
+    # The 5 x (8 x 8) patches of the Conv3d patch embedding are followed through Wan's rotary embedding.
+    assert "Conv3d patch embedding" in joint.evidence
     assert report.sites[1].shape[-2] == 320 and "attend 7 keys" in report.sites[1].evidence
 
-    # Without a layout: no per-frame attention to corroborate frames x tokens, so unknown, dense, warned.
+    # Without a layout: the Conv3d's depth is time, so the same grid is read from the graph.
     report, warned = _explain(model, inputs, None)
-    assert _kinds(report) == [("unknown", "dense"), ("cross", "dense")] * 2
-    assert len(warned) == 2
+    assert _kinds(report) == [("spatiotemporal", "sparse"), ("cross", "dense")] * 2
+    assert not warned
 
     # Position-major reading (10 x 32) of the same 320 tokens contradicts the graph's 5 x 8 x 8.
     report, _ = _explain(model, inputs, {"frames": 10, "tokens_per_frame": 32})

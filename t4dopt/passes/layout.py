@@ -1,81 +1,245 @@
-"""Decide which axes each attention site mixes: space, views, time, all of them jointly, or another sequence.
+"""Decide which axes each attention site mixes, from the token maps of its queries, keys and values.
 
-The sequence length is read against the layout hints (frames, views, tokens_per_frame,
-prefix_tokens), and the query's sequence axis is traced back through the graph to check the
-token order: joint attention must be frame-major (``frame * tokens_per_frame + token``) after the
-prefix tokens. Where the hints are missing, frames and tokens per frame are taken from the
-graph when a reshape merges two axes into the sequence and another site attends over exactly
-the inner one with the frames folded into its batch (per-frame attention). Anything ambiguous is ``unknown`` and stays dense.
+A site is joint spatio-temporal attention (the one kind made sparse) only when the graph shows:
+
+1. queries, keys and values are one token sequence: their token maps are equal (same roots, same
+   coordinates; `t4dopt.passes.sequence_trace`), not merely of equal length;
+2. one segment of that map is the video in the order the mask assumes: its outer digit is the
+   frames, the digits inside it the tokens of one frame; segments before it are prefix tokens, after it
+   suffix tokens (text, global tokens), read from other tensors;
+3. which digit is the frames, told by the graph or checked against it:
+   - by the graph alone: a Conv3d patch embedding (its depth is time), a per-image Conv2d patch
+     embedding (the frames are folded into its batch), or a 5-D latent cut into patches by
+     reshapes (diffusers' ``[B, C, F, H, W]`` / ``[B, F, C, H, W]``: the first patched axis is
+     time). That is the whole of what "inferred from the graph" means: nothing else in a graph
+     tells time from space (a token-major model and a frame-major one with swapped sizes draw
+     the same graph);
+   - by the layout option, when its sizes meet the graph's axes in exactly one way: the outer
+     axis has ``frames`` entries, the axes inside it ``tokens_per_frame`` (``height`` x ``width``
+     when given), and no other axis could be the frames.
+
+What the graph contradicts (a reordering op, a token-major or otherwise different reading, a
+prefix of another length) stays dense whatever the options. What it cannot confirm (sizes that
+coincide, a sequence that is one axis already packed by the caller, an op the walk does not
+follow) stays dense too, unless ``trust_layout=True``, which takes the layout option at its
+word and says so in a warning. Sites that are not joint are read by their length against the
+grid (one frame: spatial; the frames at one position: temporal; the views: view); those stay dense.
 """
 
 from __future__ import annotations
 
-from .sequence_trace import factors_match, trace_sequence
+import math
+from typing import NamedTuple
+
 from .state import PassState
+from t4dopt.fx_utils import shape_of
 from t4dopt.options import LayoutHints
-from t4dopt.sites import AttentionSite, SequenceOrigin, SiteKind, SiteLayout, TokenGrid
+from t4dopt.sites import CONFIRMED, CONTRADICTED, UNCONFIRMED, JointReading, Segment, SiteKind, SiteLayout, SiteTokens, Stop, TokenGrid, TokenMap
+
+class Reading(NamedTuple):
+    """One segment read as the video: frames x tokens per frame, and how sure the graph makes it."""
+
+    status: str
+    frames: int = 0
+    tokens: int = 0
+    evidence: str = ""
+    packed: bool = False
+    """Unconfirmed because the segment is one axis (packed by the caller, or text): a weak candidate."""
 
 
-def _folds_frames_into_batch(site: AttentionSite, frames: int) -> bool:
-    """Whether the batch axis of `site` ends in an axis of `frames` (``x.reshape(b * f, p, c)``): per-frame attention.
-
-    Sizes alone cannot tell per-frame attention from another site that happens to attend over
-    as many tokens (Latte's temporal attention over F frames when the patch grid is H x F):
-    the frames must be visibly folded into the batch.
-    """
-    if len(site.query_shape) < 3:
-        return False
-    return trace_sequence(site.query, 0).factors[-1] == frames
+def _axes_text(segment: Segment) -> str:
+    return f"axes {list(segment.sizes)} of {segment.root.name}"
 
 
-def _grid_of(hints: LayoutHints, sites: list[AttentionSite], origins: list[SequenceOrigin]) -> TokenGrid:
-    """The hinted grid when frames and tokens per frame are given; else the first one the graph shows.
+def _graph_frames(segment: Segment) -> tuple[int | None, str]:
+    """Which digit is the frames by the graph alone (patch embeddings), and what says so."""
+    roles = [d.role for d in segment.digits]
+    notes = "; ".join(segment.notes)
+    if roles.count("time") == 1 and set(roles) <= {"time", "space"}:
+        return roles.index("time"), notes or "a Conv3d patch embedding"
+    if "time" not in roles and roles.count("batched") == 1 and set(roles) <= {"batched", "space"}:
+        return roles.index("batched"), (notes or "a Conv2d patch embedding") + " (frames folded into its batch)"
+    root_shape = shape_of(segment.root)
+    axes = [d.axis for d in segment.digits]
+    if (segment.stop is Stop.INPUT and segment.root.op == "placeholder" and root_shape is not None
+            and len(root_shape) == 5 and len(axes) == 3 and set(roles) == {None} and axes == sorted(set(axes))
+            and axes[0] >= 1 and any(d.stride > 1 for d in segment.digits)):
+        return 0, (f"patches of the 5-D latent {segment.root.name} {list(root_shape)}, read as diffusers' "
+                   "[B, C, F, H, W] / [B, F, C, H, W] (time first)")
+    return None, ""
 
-    A self-attention whose sequence merges frames x inner tokens proves the grid only when
-    another site attends over exactly the inner tokens with the frames folded into its batch.
-    """
+
+def _frame_shape_problem(rest: tuple[int, ...], hints: LayoutHints) -> str | None:
+    """Why the axes inside a frame do not match height x width (None when they do or none was given)."""
+    if hints.height is None or hints.width is None:
+        return None
+    if rest in ((hints.height * hints.width,), (hints.height, hints.width)):
+        return None
+    return f"a frame is built from axes {list(rest)}, not height={hints.height} x width={hints.width}"
+
+
+def _sizes_from_hints(length: int, hints: LayoutHints) -> tuple[int, int] | None:
+    frames, tokens = hints.frames, hints.tokens_per_frame
+    if frames and tokens:
+        return (frames, tokens) if frames * tokens == length else None
+    if frames and length % frames == 0:
+        return frames, length // frames
+    if tokens and length % tokens == 0:
+        return length // tokens, tokens
+    return None
+
+
+def _hinted(segment: Segment, hints: LayoutHints) -> Reading | None:
+    """The segment read with the layout option's sizes (None when they do not fit its length)."""
+    sizes_hint = _sizes_from_hints(segment.length, hints)
+    if sizes_hint is None:
+        return None
+    frames, tokens = sizes_hint
+    if frames < 2 or tokens < 2:
+        return None
+    sizes = segment.sizes
+    wanted = f"frames={frames} x tokens_per_frame={tokens}"
+    others = [j for j in range(1, len(sizes)) if sizes[j] == frames]
+    if sizes and sizes[0] == frames:
+        problem = _frame_shape_problem(sizes[1:], hints)
+        if problem is not None:
+            return Reading(CONTRADICTED, evidence=problem)
+        if others:
+            return Reading(UNCONFIRMED, frames, tokens,
+                           f"sizes coincide: in {_axes_text(segment)}, axis {others[0]} has {frames} entries too and "
+                           "could as well be the frames")
+        return Reading(CONFIRMED, frames, tokens, f"{_axes_text(segment)} match the layout option's {wanted}")
+    inner = math.prod(sizes[1:])
+    if len(sizes) <= 1 or (tokens % inner == 0 and sizes[0] % frames == 0):
+        if others and len(sizes) > 1:
+            return Reading(CONTRADICTED, evidence=f"{_axes_text(segment)} read as token-major: axis {others[0]} "
+                                                  f"holds {frames} entries, inside the tokens")
+        return Reading(UNCONFIRMED, frames, tokens,
+                       f"the graph shows {segment.length} tokens as {_axes_text(segment)}: the split into {wanted} "
+                       "is not visible", packed=len(sizes) <= 1)
+    return Reading(CONTRADICTED, evidence=f"sequence of {segment.length} tokens is built from axes {list(sizes)}, "
+                                          f"not frame-major {wanted}")
+
+
+def read_segment(segment: Segment, hints: LayoutHints) -> Reading | None:
+    """The segment read as the video (None: it is not a candidate: no patch embedding and no fitting option)."""
+    if segment.stop is Stop.REORDER:
+        hinted = _hinted(segment, hints)
+        index, _ = _graph_frames(segment)
+        if hinted is None and index is None:
+            return None
+        return Reading(CONTRADICTED, evidence=segment.reason)
+    index, how = _graph_frames(segment)
+    if index is not None:
+        sizes = segment.sizes
+        if index != 0:
+            return Reading(CONTRADICTED, evidence=f"the tokens are not frame-major: {how} puts the frames at axis "
+                                                  f"{index} of {_axes_text(segment)}")
+        frames, tokens = sizes[0], math.prod(sizes[1:])
+        if tokens < 2:
+            return None  # the frames at one position: temporal attention, not joint
+        given = [(name, value) for name, value in (("frames", hints.frames), ("tokens_per_frame", hints.tokens_per_frame))
+                 if value is not None]
+        problem = _frame_shape_problem(sizes[1:], hints)
+        if any(value != {"frames": frames, "tokens_per_frame": tokens}[name] for name, value in given) or problem:
+            said = ", ".join(f"{name}={value}" for name, value in given) or problem
+            return Reading(CONTRADICTED, evidence=f"the layout option says {said}; the graph shows {frames} frames x "
+                                                  f"{tokens} tokens ({how})")
+        return Reading(CONFIRMED, frames, tokens, f"{frames} frames x {tokens} tokens from the graph: {how}")
+    hinted = _hinted(segment, hints)
+    if hinted is not None and segment.stop is Stop.OPAQUE and hinted.status == CONFIRMED:
+        return hinted._replace(status=UNCONFIRMED, evidence=f"the order is not visible past {segment.reason}")
+    if hinted is not None and segment.stop is Stop.OPAQUE and hinted.status == UNCONFIRMED:
+        return hinted._replace(evidence=f"{hinted.evidence}; the order is not visible past {segment.reason}")
+    return hinted
+
+
+def _global_problem(video: Segment, others: list[Segment]) -> str | None:
+    for other in others:
+        if other.root is video.root and other.stop is Stop.INPUT:
+            return f"global tokens are read from the video tensor {video.root.name} itself"
+    return None
+
+
+def read_joint(tokens: TokenMap, hints: LayoutHints) -> JointReading | None:
+    """The sequence read as prefix + video (frames x tokens) + suffix, or None when no segment is a candidate."""
+    segments = [s for s in tokens.segments if s.length]
+    readings = [(i, r) for i, s in enumerate(segments) if (r := read_segment(s, hints)) is not None]
+    if not readings:
+        return None
+    confirmed = [(i, r) for i, r in readings if r.status == CONFIRMED]
+    strong = [(i, r) for i, r in readings if not r.packed]
+    if len(confirmed) == 1 and all(r.packed for i, r in readings if i != confirmed[0][0]):
+        chosen = confirmed[0]
+    elif len(readings) == 1:
+        chosen = readings[0]
+    elif len(strong) == 1 and strong[0][1].status != CONFIRMED and all(r.packed for i, r in readings if r is not strong[0][1]):
+        chosen = strong[0]
+    else:
+        lengths = ", ".join(f"{segments[i].length} tokens of {segments[i].root.name}" for i, _ in readings)
+        return JointReading(CONTRADICTED, evidence=f"several segments could be the video ({lengths})")
+    index, reading = chosen
+    if reading.status == CONTRADICTED:
+        return JointReading(CONTRADICTED, evidence=reading.evidence)
+    prefix = sum(s.length for s in segments[:index])
+    suffix = sum(s.length for s in segments[index + 1:])
+    for name, given, found in (("prefix_tokens", hints.prefix_tokens, prefix), ("suffix_tokens", hints.suffix_tokens, suffix)):
+        if given is not None and given != found:
+            where = "in front" if name == "prefix_tokens" else "behind"
+            return JointReading(CONTRADICTED, evidence=f"the layout option says {name}={given}; the graph "
+                                                       f"concatenates {found} {where} the video")
+    problem = _global_problem(segments[index], segments[:index] + segments[index + 1:])
+    if problem is not None:
+        return JointReading(CONTRADICTED, evidence=problem)
+    parts = [f"{prefix} prefix + " if prefix else "", f"{reading.frames} frames x {reading.tokens} tokens",
+             f" + {suffix} suffix" if suffix else ""]
+    return JointReading(reading.status, reading.frames, reading.tokens, prefix, suffix,
+                        f"{''.join(parts)}: {reading.evidence}")
+
+
+def _same_sequence(tokens: SiteTokens) -> str | None:
+    """Why keys or values are not the queries' token sequence (None when they are)."""
+    for name, other in (("keys", tokens.key), ("values", tokens.value)):
+        if not other.same_tokens(tokens.query):
+            query = ", ".join(s.root.name for s in tokens.query.segments)
+            theirs = ", ".join(s.root.name for s in other.segments)
+            return f"{name} are not the queries' tokens (queries from {query}; {name} from {theirs})"
+    return None
+
+
+def _untraced(tokens: SiteTokens) -> str | None:
+    for segment in (s for m in (tokens.query, tokens.key, tokens.value) for s in m.segments):
+        if segment.stop is not Stop.INPUT:
+            return segment.reason
+    return None
+
+
+def read_layouts(state: PassState) -> None:
+    """Read each self-attention's sequence as prefix + frames x tokens + suffix, checked against the graph."""
+    state.readings = []
+    for site, tokens in zip(state.sites, state.tokens):
+        same = site.query_len == site.key_len and _same_sequence(tokens) is None
+        state.readings.append(read_joint(tokens.query, state.options.layout) if same else None)
+
+
+def _grid_of(hints: LayoutHints, readings: list[JointReading | None]) -> TokenGrid:
+    """The hinted grid when frames and tokens per frame are given; else the first one the graph confirms."""
     if hints.frames and hints.tokens_per_frame:
         return TokenGrid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
-    self_sites = [s for s in sites if s.query_len == s.key_len]
-    for site, origin in zip(sites, origins):
-        if site.query_len != site.key_len or not origin.merged:
-            continue
-        outer = origin.factors[0]
-        inner = site.query_len - origin.prefix
-        inner //= outer
-        if hints.frames not in (None, outer) or hints.tokens_per_frame not in (None, inner):
-            continue
-        # frames == tokens_per_frame: the per-frame site could as well be temporal; do not guess.
-        if outer > 1 and outer != inner and any(
-            s.query_len == inner and _folds_frames_into_batch(s, outer) for s in self_sites
-        ):
-            return TokenGrid(outer, hints.views, inner, hints.prefix_tokens,
-                             f"inferred from the graph (frames={outer}, tokens_per_frame={inner})")
+    for reading in readings:
+        if reading is not None and reading.status == CONFIRMED:
+            return TokenGrid(reading.frames, hints.views, reading.tokens, reading.prefix,
+                             f"inferred from the graph (frames={reading.frames}, tokens_per_frame={reading.tokens})")
     return TokenGrid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
 
 
-def _classify(site: AttentionSite, origin: SequenceOrigin, grid: TokenGrid) -> SiteLayout:
-    n = site.query_len
-    if site.key_len != n:
-        return SiteLayout(SiteKind.CROSS, evidence=f"{n} queries attend {site.key_len} keys of another sequence")
+def _other_kinds(n: int, grid: TokenGrid) -> SiteLayout:
+    """A self-attention that is not joint, read by its length against the grid."""
     frames, views, tokens = grid.frames, grid.views, grid.tokens_per_frame
     if not frames and not tokens and not views:
         return SiteLayout(SiteKind.UNKNOWN, evidence="no layout given and none could be inferred from the graph; "
                                                      "pass options['layout'] = {'frames': F, 'tokens_per_frame': P}")
-    prefix = grid.prefix_tokens if grid.prefix_tokens is not None else origin.prefix
     candidates: list[SiteLayout] = []
-    if frames and tokens and frames > 1 and n == prefix + frames * tokens:
-        joint = SiteLayout(SiteKind.SPATIOTEMPORAL, frames, tokens, prefix)
-        if origin.prefix and origin.prefix != prefix:
-            return SiteLayout(SiteKind.UNKNOWN, evidence=f"layout says {prefix} prefix tokens, the graph concatenates "
-                                                         f"{origin.prefix} in front")
-        if origin.merged and not factors_match(origin.factors, frames, tokens):
-            return SiteLayout(SiteKind.UNKNOWN, evidence=f"sequence of {n} tokens is built from axes {list(origin.factors)}, "
-                                                         f"not frame-major frames={frames} x tokens_per_frame={tokens}")
-        joint.evidence = (f"{n} = {prefix} prefix + {frames} frames x {tokens} tokens, "
-                          + ("frame-major in the graph" if origin.merged else "order not visible in the graph")
-                          + f"; {grid.source}")
-        candidates.append(joint)
     if tokens and n == tokens:
         candidates.append(SiteLayout(SiteKind.SPATIAL, frames, tokens, 0, f"{n} tokens of one frame"))
     if frames and frames > 1 and n == frames:
@@ -87,6 +251,7 @@ def _classify(site: AttentionSite, origin: SequenceOrigin, grid: TokenGrid) -> S
     if candidates:
         kinds = " and ".join(c.kind.value for c in candidates)
         return SiteLayout(SiteKind.UNKNOWN, evidence=f"sequence of {n} tokens could be {kinds}")
+    prefix = grid.prefix_tokens or 0
     if views and views > 1 and frames and tokens and n == prefix + views * frames * tokens:
         return SiteLayout(SiteKind.UNKNOWN, evidence="joint attention over views x frames x tokens: "
                                                      "no mask policy covers the view axis")
@@ -95,11 +260,72 @@ def _classify(site: AttentionSite, origin: SequenceOrigin, grid: TokenGrid) -> S
                                                  f"prefix_tokens={prefix})")
 
 
+def _kind_by_roles(tokens: TokenMap) -> SiteLayout | None:
+    """A self-attention that is not joint, read by what a patch embedding said of its axes: the patches of one
+    frame (spatial) or the frames at one patch (temporal)."""
+    if len(tokens.segments) != 1:
+        return None
+    segment = tokens.segments[0]
+    roles = {d.role for d in segment.digits}
+    how = "; ".join(segment.notes)
+    if roles == {"space"}:
+        return SiteLayout(SiteKind.SPATIAL, None, segment.length, 0, f"{segment.length} patches of one frame ({how})")
+    if len(segment.digits) == 1 and roles <= {"time", "batched"}:
+        return SiteLayout(SiteKind.TEMPORAL, segment.length, None, 0, f"{segment.length} frames at one patch ({how})")
+    return None
+
+
+def _suggestion(tokens: TokenMap) -> str:
+    """A layout option to try, from the axes the graph shows (outer axis as the frames)."""
+    video = max(tokens.segments, key=lambda s: s.length)
+    if len(video.sizes) < 2:
+        return "pass options['layout'] = {'frames': F, 'tokens_per_frame': P}"
+    frames, rest = video.sizes[0], math.prod(video.sizes[1:])
+    return (f"if the outer axis of {_axes_text(video)} is time, pass options['layout'] = "
+            f"{{'frames': {frames}, 'tokens_per_frame': {rest}}}")
+
+
+def classify(site, tokens: SiteTokens, reading: JointReading | None, grid: TokenGrid, trust: bool) -> SiteLayout:
+    """What one site mixes (see the module docstring for the rule)."""
+    n = site.query_len
+    if site.key_len != n:
+        return SiteLayout(SiteKind.CROSS, evidence=f"{n} queries attend {site.key_len} keys of another sequence")
+    different = _same_sequence(tokens)
+    if different is not None:
+        untraced = _untraced(tokens)
+        if untraced:
+            return SiteLayout(SiteKind.UNKNOWN, evidence=f"{different}; not shown to be one sequence: {untraced}")
+        return SiteLayout(SiteKind.CROSS, evidence=f"{n} queries attend {n} keys of another sequence: {different}")
+    if reading is not None and reading.status == CONFIRMED or reading is not None and reading.status == UNCONFIRMED and trust:
+        trusted = reading.status == UNCONFIRMED
+        evidence = reading.evidence + ("; not confirmed by the graph, taken on trust (trust_layout=True)" if trusted else "")
+        return SiteLayout(SiteKind.SPATIOTEMPORAL, reading.frames, reading.tokens, reading.prefix, evidence,
+                          suffix_tokens=reading.suffix, trusted=trusted)
+    if reading is not None and reading.status == UNCONFIRMED:
+        return SiteLayout(SiteKind.UNKNOWN, evidence=f"the layout option is not confirmed by the graph: {reading.evidence} "
+                                                     "(trust_layout=True would use it anyway)")
+    if reading is not None:
+        return SiteLayout(SiteKind.UNKNOWN, evidence=reading.evidence)
+    reordered = [s for s in tokens.query.segments if s.stop is Stop.REORDER and s.length == max(
+        x.length for x in tokens.query.segments)]
+    if reordered:
+        return SiteLayout(SiteKind.UNKNOWN, evidence=reordered[0].reason)
+    by_roles = _kind_by_roles(tokens.query)
+    if by_roles is not None:
+        return by_roles
+    layout = _other_kinds(n, grid)
+    if layout.kind is SiteKind.UNKNOWN and not grid.frames and not grid.tokens_per_frame:
+        layout.evidence = f"no layout given and the graph shows no patch embedding that tells the frames; {_suggestion(tokens.query)}"
+    return layout
+
+
 def infer_grid(state: PassState) -> None:
-    """Settle the token grid (frames x tokens per frame): from the layout option, else from the graph."""
-    state.grid = _grid_of(state.options.layout, state.sites, state.origins)
+    """Settle the token grid the other sites are read against: the layout option, else the first the graph shows."""
+    state.grid = _grid_of(state.options.layout, state.readings)
 
 
 def classify_layouts(state: PassState) -> None:
     """Decide which axes each site mixes: spatial, view, temporal, spatiotemporal, cross or unknown."""
-    state.layouts = [_classify(site, origin, state.grid) for site, origin in zip(state.sites, state.origins)]
+    trust = state.options.trust_layout
+    state.layouts = [classify(site, tokens, reading, state.grid, trust)
+                     for site, tokens, reading in zip(state.sites, state.tokens, state.readings)]

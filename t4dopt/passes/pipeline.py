@@ -14,7 +14,7 @@ from typing import TextIO
 import torch.fx as fx
 
 from .detect import detect_attention
-from .layout import classify_layouts, infer_grid
+from .layout import classify_layouts, infer_grid, read_layouts
 from .rewrite import rewrite_sparse_sites
 from .sequence_trace import trace_sequences
 from .sparsify import decide_sparsity
@@ -27,6 +27,7 @@ Pass = Callable[[PassState], None]
 ANALYSIS_PASSES: tuple[Pass, ...] = (
     detect_attention,
     trace_sequences,
+    read_layouts,
     infer_grid,
     classify_layouts,
     decide_sparsity,

@@ -58,9 +58,15 @@ def decide(site: AttentionSite, layout: SiteLayout, options: Options) -> SiteDec
     if layout.kind is not SiteKind.SPATIOTEMPORAL:
         return SiteDecision(site, layout, "dense", f"{layout.kind.value} attention is kept dense")
     problem = _unsupported(site)
+    if problem is None and layout.suffix_tokens:
+        problem = f"{layout.suffix_tokens} global tokens after the video: the mask policies do not place tokens there yet"
     if problem is not None:
         return SiteDecision(site, layout, "dense", f"joint attention left dense: {problem}", warn=True)
     block_layout = block_layout_for(options.sparse, layout)
+    if layout.trusted:
+        return SiteDecision(site, layout, "sparse", f"{block_layout.description}; layout taken on trust "
+                            f"(trust_layout=True), not confirmed by the graph: {layout.evidence}",
+                            block_layout=block_layout, warn=True)
     return SiteDecision(site, layout, "sparse", block_layout.description, block_layout=block_layout)
 
 
