@@ -19,6 +19,8 @@ class SiteKind(str, Enum):
     TEMPORAL = "temporal"
     SPATIOTEMPORAL = "spatiotemporal"
     CROSS = "cross"
+    OTHER = "other"
+    """Self-attention over another sequence than the video (text refiners, registers): nothing to mask."""
     UNKNOWN = "unknown"
 
 
@@ -119,6 +121,9 @@ class Segment:
     stop: Stop = Stop.INPUT
     reason: str = ""
     notes: tuple[str, ...] = ()
+    grids: tuple[tuple[int, ...], ...] = ()
+    """Token grids of positional tables applied to these tokens on the way (a rotary embedding built from
+    ``meshgrid(frames, height, width)``): the sizes of their token axes, outer first."""
 
     @property
     def key(self) -> tuple:
@@ -166,6 +171,8 @@ class JointReading:
     prefix: int = 0
     suffix: int = 0
     evidence: str = ""
+    video: fx.Node | None = None
+    """The tensor the video tokens are read from."""
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,10 @@ def _hinted(segment: Segment, hints: LayoutHints) -> Reading | None:
                            "could as well be the frames")
         return Reading(CONFIRMED, frames, tokens, f"{_axes_text(segment)} match the layout option's {wanted}")
     inner = math.prod(sizes[1:])
+    if len(sizes) <= 1 and segment.stop is Stop.INPUT:
+        grid = _rotary_grid(segment, frames, tokens, hints)
+        if grid is not None:
+            return grid
     if len(sizes) <= 1 or (tokens % inner == 0 and sizes[0] % frames == 0):
         if others and len(sizes) > 1:
             return Reading(CONTRADICTED, evidence=f"{_axes_text(segment)} read as token-major: axis {others[0]} "
@@ -119,6 +123,24 @@ def _hinted(segment: Segment, hints: LayoutHints) -> Reading | None:
                        "is not visible", packed=len(sizes) <= 1)
     return Reading(CONTRADICTED, evidence=f"sequence of {segment.length} tokens is built from axes {list(sizes)}, "
                                           f"not frame-major {wanted}")
+
+
+def _rotary_grid(segment: Segment, frames: int, tokens: int, hints: LayoutHints) -> Reading | None:
+    """A packed sequence (one axis) read with the option's sizes, checked against the token grid of the
+    rotary table the model applies to it (LTX-Video builds it from ``meshgrid(frames, height, width)``)."""
+    for grid in segment.grids:
+        grid = tuple(g for g in grid if g > 1)
+        if grid and grid[0] == frames and math.prod(grid[1:]) == tokens:
+            if frames in grid[1:]:
+                return Reading(UNCONFIRMED, frames, tokens, f"sizes coincide in the rotary grid {list(grid)}: "
+                                                            f"another axis has {frames} entries too")
+            problem = _frame_shape_problem(grid[1:], hints)
+            if problem is not None:
+                return Reading(CONTRADICTED, evidence=f"rotary grid {list(grid)}: {problem}")
+            return Reading(CONFIRMED, frames, tokens, f"the option's frames={frames} x tokens_per_frame={tokens} "
+                                                      f"match the rotary grid {list(grid)} applied to the packed "
+                                                      f"tokens of {segment.root.name}")
+    return None
 
 
 def read_segment(segment: Segment, hints: LayoutHints) -> Reading | None:
@@ -194,7 +216,7 @@ def read_joint(tokens: TokenMap, hints: LayoutHints) -> JointReading | None:
     parts = [f"{prefix} prefix + " if prefix else "", f"{reading.frames} frames x {reading.tokens} tokens",
              f" + {suffix} suffix" if suffix else ""]
     return JointReading(reading.status, reading.frames, reading.tokens, prefix, suffix,
-                        f"{''.join(parts)}: {reading.evidence}")
+                        f"{''.join(parts)}: {reading.evidence}", segments[index].root)
 
 
 def _same_sequence(tokens: SiteTokens) -> str | None:
@@ -285,8 +307,10 @@ def _suggestion(tokens: TokenMap) -> str:
             f"{{'frames': {frames}, 'tokens_per_frame': {rest}}}")
 
 
-def classify(site, tokens: SiteTokens, reading: JointReading | None, grid: TokenGrid, trust: bool) -> SiteLayout:
-    """What one site mixes (see the module docstring for the rule)."""
+def classify(site, tokens: SiteTokens, reading: JointReading | None, grid: TokenGrid, trust: bool,
+             videos: frozenset = frozenset()) -> SiteLayout:
+    """What one site mixes (see the module docstring for the rule); `videos`: the tensors the graph shows
+    video tokens are read from (by the sites read as joint)."""
     n = site.query_len
     if site.key_len != n:
         return SiteLayout(SiteKind.CROSS, evidence=f"{n} queries attend {site.key_len} keys of another sequence")
@@ -313,6 +337,10 @@ def classify(site, tokens: SiteTokens, reading: JointReading | None, grid: Token
     by_roles = _kind_by_roles(tokens.query)
     if by_roles is not None:
         return by_roles
+    roots = {s.root for s in tokens.query.segments}
+    if videos and not roots & videos and all(s.stop is Stop.INPUT for s in tokens.query.segments):
+        names = ", ".join(sorted(r.name for r in roots))
+        return SiteLayout(SiteKind.OTHER, evidence=f"self-attention over {n} tokens of {names}, not the video")
     layout = _other_kinds(n, grid)
     if layout.kind is SiteKind.UNKNOWN and not grid.frames and not grid.tokens_per_frame:
         layout.evidence = f"no layout given and the graph shows no patch embedding that tells the frames; {_suggestion(tokens.query)}"
@@ -327,5 +355,6 @@ def infer_grid(state: PassState) -> None:
 def classify_layouts(state: PassState) -> None:
     """Decide which axes each site mixes: spatial, view, temporal, spatiotemporal, cross or unknown."""
     trust = state.options.trust_layout
-    state.layouts = [classify(site, tokens, reading, state.grid, trust)
+    videos = frozenset(r.video for r in state.readings if r is not None and r.status == CONFIRMED)
+    state.layouts = [classify(site, tokens, reading, state.grid, trust, videos)
                      for site, tokens, reading in zip(state.sites, state.tokens, state.readings)]

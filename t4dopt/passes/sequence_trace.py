@@ -28,6 +28,7 @@ Walks are memoised per graph, so the residual stream of a deep model is walked o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import re
@@ -88,11 +89,15 @@ SDPA_NAMES = frozenset({"scaled_dot_product_attention"})
 
 
 class Cursor(NamedTuple):
-    """Tokens read on `node`: token t sits at the coordinates `digits` give it, plus `offsets`."""
+    """Tokens read on `node`: token t sits at the coordinates `digits` give it, plus `offsets`.
+
+    ``seen_at``: the node that reads `node`, when `node` is changed in place: only the writes before it count.
+    """
 
     node: fx.Node
     digits: tuple[Digit, ...]
     offsets: Offsets
+    seen_at: fx.Node | None = None
 
 
 class _Follow(NamedTuple):
@@ -329,7 +334,8 @@ def _piece(node: fx.Node, cursor: Cursor) -> _Follow | _End:
 
 def _concatenated(node: fx.Node, cursor: Cursor) -> _Follow | _Split | _Join | _End:
     rank = len(shape_of(node))
-    pieces = [p for p in _arg(node, 0, "tensors") if isinstance(p, fx.Node) and len(shape_of(p) or ()) == rank]
+    piece_rank = rank - 1 if op_name(node) == "stack" else rank
+    pieces = [p for p in _arg(node, 0, "tensors") if isinstance(p, fx.Node) and len(shape_of(p) or ()) == piece_rank]
     dim = _arg(node, 1, "dim", 0) % rank
     if op_name(node) == "stack":
         source_of = [a if a < dim else a - 1 for a in range(rank)]
@@ -621,48 +627,94 @@ def _unfold(node: fx.Node, cursor: Cursor) -> _Follow | _End:
     return _Follow(_cursor(source, digits, offsets), f"unfold patch embedding at {source_line(node)}")
 
 
-def _written(target: fx.Node, cursor: Cursor, writes: list[fx.Node]) -> _Follow | _Join | _End:
-    """A tensor made by a factory and filled by ``out[index] = value`` along other axes than the tokens."""
+def _expanded_index(index: Any, rank: int) -> list[Any] | None:
+    """``x[index]``'s index, one entry per axis of x (None when it holds None, tensors or lists)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is None or isinstance(i, (fx.Node, torch.Tensor, list)) for i in index):
+        return None
+    consumed = sum(1 for i in index if i is not Ellipsis)
+    expanded: list[Any] = []
+    for item in index:
+        expanded += [slice(None)] * (rank - consumed) if item is Ellipsis else [item]
+    return expanded + [slice(None)] * (rank - len(expanded))
+
+
+def _written(target: fx.Node, cursor: Cursor, write: fx.Node, fresh: bool) -> _Follow | _Split | _Join | _End:
+    """What `cursor` reads on `target` after the last in-place write before it, ``target[index] = value``.
+
+    A write along other axes than the tokens (rotary embeddings filling ``out[..., 0::2]``) leaves every token
+    where it was: the value joins what was there (nothing, for a fresh ``torch.empty_like``). A write of a run
+    of tokens (``q[:, :, n:] = rope(q[:, :, n:])``) replaces those positions by the value's. `fresh`: `target`
+    is a new tensor (``torch.empty_like``...) and this is its first write: there was nothing before it.
+    """
+    before = cursor._replace(seen_at=write)
+    if write.target is not operator.setitem or write.args[0] is not target:
+        return _End(Stop.OPAQUE, f"changed in place by {_where(write)}")
     shape = shape_of(target)
-    token_axes = _axes(cursor)
-    values = []
-    for write in writes:
-        if write.op != "call_function" or write.target is not operator.setitem or write.args[0] is not target:
-            return _End(Stop.OPAQUE, f"changed in place by {_where(write)}")
-        if not isinstance(write.args[2], fx.Node):
-            continue  # a constant written along other axes than the tokens
-        index = write.args[1] if isinstance(write.args[1], tuple) else (write.args[1],)
-        if any(i is None or isinstance(i, (fx.Node, torch.Tensor, list)) for i in index):
-            return _End(Stop.OPAQUE, f"written in place at {source_line(write)}")
-        consumed = sum(1 for i in index if i is not Ellipsis)
-        expanded: list[Any] = []
-        for item in index:
-            expanded += [slice(None)] * (len(shape) - consumed) if item is Ellipsis else [item]
-        expanded += [slice(None)] * (len(shape) - len(expanded))
-        kept = []  # axes of the written region, as axes of `target`
-        for axis, item in enumerate(expanded):
-            if axis in token_axes and item != slice(None):
-                return _End(Stop.OPAQUE, f"written in place along the tokens at {source_line(write)}")
-            if not isinstance(item, int):
-                kept.append(axis)
-        value_shape = shape_of(write.args[2])
-        if value_shape is None:
-            return _End(Stop.OPAQUE, f"written in place at {source_line(write)}")
-        region = {axis: j for j, axis in enumerate(kept)}
-        shift = len(kept) - len(value_shape)
-        digits = []
-        for d in cursor.digits:
-            axis = region[d.axis] - shift
+    index = _expanded_index(write.args[1], len(shape))
+    value = write.args[2]
+    if index is None or any(not isinstance(i, (int, slice)) for i in index):
+        return _End(Stop.OPAQUE, f"written in place at {source_line(write)}")
+    if not isinstance(value, fx.Node):  # a constant along other axes, or over tokens: no token moves
+        return _Follow(before) if not any(a in _axes(cursor) for a, i in enumerate(index) if i != slice(None)) else \
+            _End(Stop.OPAQUE, f"tokens overwritten by a constant at {source_line(write)}")
+    value_shape = shape_of(value)
+    kept = [axis for axis, item in enumerate(index) if not isinstance(item, int)]
+    region = {axis: j for j, axis in enumerate(kept)}
+    shift = len(kept) - len(value_shape or ())
+    token_axes = _axes(cursor) | {a for a, _ in cursor.offsets}
+    partial = [a for a in token_axes if index[a] != slice(None)]
+    others_full = all(index[a] == slice(None) for a in range(len(shape)) if a not in token_axes)
+
+    def on_value(digits, offsets: dict[int, int]) -> Cursor | None:
+        moved = []
+        for d in digits:
+            axis = region[d.axis] - shift if d.axis in region else -1
             if axis < 0 or value_shape[axis] == 1:
-                break
-            digits.append(Digit(axis, d.size, d.stride, d.role))
+                return None
+            moved.append(Digit(axis, d.size, d.stride, d.role))
+        return _cursor(value, moved, {region[a] - shift: v for a, v in offsets.items()
+                                      if a in region and region[a] - shift >= 0 and value_shape[region[a] - shift] != 1})
+
+    if value_shape is None:
+        return _End(Stop.OPAQUE, f"written in place at {source_line(write)}")
+    if not partial:
+        written = on_value(cursor.digits, {a: v for a, v in cursor.offsets if a in token_axes})
+        if written is None:
+            return _End(Stop.OPAQUE, f"tokens broadcast into place at {source_line(write)}")
+        return _Follow(written) if fresh else _Join((written, before))
+    if len(partial) != 1 or not others_full or not isinstance(index[partial[0]], slice):
+        return _End(Stop.OPAQUE, f"written in place along the tokens at {source_line(write)}")
+    axis = partial[0]
+    start, stop, step = index[axis].indices(shape[axis])
+    on_axis = [d for d in cursor.digits if d.axis == axis]
+    offsets = dict(cursor.offsets)
+    low = offsets.get(axis, 0)
+    high = low + sum(d.stride * (d.size - 1) for d in on_axis) + 1
+    if step != 1:
+        return _End(Stop.OPAQUE, f"written in place along the tokens at {source_line(write)}")
+    if high <= start or low >= stop:
+        return _Follow(before)
+    if start <= low and high <= stop:
+        written = on_value(cursor.digits, {**offsets, axis: low - start})
+        return _Follow(written) if written is not None else _End(Stop.OPAQUE, f"written at {source_line(write)}")
+    outer = cursor.digits[0] if cursor.digits else None
+    if on_axis != [outer] or outer.stride != 1:
+        return _End(Stop.OPAQUE, f"written in place inside the sequence at {source_line(write)}")
+    parts: list[Cursor] = []
+    for lo, hi, inside in ((low, min(high, start), False), (max(low, start), min(high, stop), True),
+                           (max(low, stop), high, False)):
+        if lo >= hi:
+            continue
+        digits = (Digit(axis, hi - lo, 1, outer.role),) + cursor.digits[1:]
+        if inside:
+            written = on_value(digits, {**offsets, axis: lo - start})
+            if written is None:
+                return _End(Stop.OPAQUE, f"written at {source_line(write)}")
+            parts.append(written)
         else:
-            offsets = {region[a] - shift: v for a, v in cursor.offsets
-                       if a in token_axes and a in region and region[a] - shift >= 0}
-            values.append(_cursor(write.args[2], digits, offsets))
-    if not values:
-        return _End(Stop.INPUT, f"constant ({_where(target)})")
-    return _Follow(values[0]) if len(values) == 1 else _Join(tuple(values))
+            parts.append(_cursor(target, digits, {**offsets, axis: lo})._replace(seen_at=write))
+    return _Split(tuple(parts))
 
 
 # --- the walk ---------------------------------------------------------------------------------
@@ -673,22 +725,33 @@ TOKENS, SIDE = 2, 1
 
 
 class _InputKinds:
-    """Which kinds of graph input each node reads through its values (sizes read off a tensor do not count)."""
+    """Which kinds of graph input each node reads through its values: sizes read off a tensor, the dtype of
+    ``x.type_as(y)`` / ``x.to(y)`` and the shape of ``torch.zeros_like(y)`` do not count."""
 
     def __init__(self, graph: fx.Graph):
         self.bits: dict[fx.Node, int] = {}
         for node in graph.nodes:
+            name = op_name(node)
             if node.op == "placeholder":
                 shape = shape_of(node)
                 self.bits[node] = 0 if is_parameter_input(node) or shape is None else (TOKENS if len(shape) >= 3 else SIDE)
-            elif node.op == "get_attr":
+            elif node.op == "get_attr" or name in FACTORIES:
                 self.bits[node] = 0
             else:
+                sources = node.args[:1] if name in SAME_AXES and node.args else node.all_input_nodes
                 bits = 0
-                for source in node.all_input_nodes:
-                    if not is_size(example_value(source)):
+                for source in sources:
+                    if isinstance(source, fx.Node) and not is_size(example_value(source)):
                         bits |= self.bits.get(source, 0)
                 self.bits[node] = bits
+                if _changes_in_place(node) and node.args and isinstance(node.args[0], fx.Node):
+                    self._written(node.args[0], bits)
+
+    def _written(self, target: fx.Node, bits: int) -> None:
+        """What an in-place write reads flows into the tensor it changes (and what that is a view of)."""
+        while isinstance(target, fx.Node):
+            self.bits[target] = self.bits.get(target, 0) | bits
+            target = target.args[0] if op_name(target) in VIEW_LIKE and target.args else None
 
 
 VIEW_LIKE = VIEWS | AXIS_MOVES | SPLITS | {"getitem", "narrow", "select", "unbind", "expand", "detach", "contiguous",
@@ -716,6 +779,21 @@ def _writes(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return writes
 
 
+def _aligned(a: TokenMap, b: TokenMap) -> bool:
+    """Whether two maps read the same positions of two inputs laid out alike (a control video added to the
+    latent video: the same patches of tensors of one shape along the token axes)."""
+    if len(a.segments) != len(b.segments):
+        return False
+    for x, y in zip(a.segments, b.segments):
+        if (x.stop is not Stop.INPUT or y.stop is not Stop.INPUT or x.root.op != "placeholder"
+                or y.root.op != "placeholder" or (x.length, x.digits, x.offsets) != (y.length, y.digits, y.offsets)):
+            return False
+        sx, sy = shape_of(x.root), shape_of(y.root)
+        if sx is None or sy is None or len(sx) != len(sy) or any(sx[d.axis] != sy[d.axis] for d in x.digits):
+            return False
+    return True
+
+
 class TokenWalk:
     """Token maps of the nodes of one graph, memoised."""
 
@@ -724,6 +802,7 @@ class TokenWalk:
         self._kinds = _InputKinds(graph)
         self._writes = _writes(graph)
         self._aliased: dict[fx.Node, list[fx.Node]] = {}
+        self._order = {node: i for i, node in enumerate(graph.nodes)}
         self._steps = 0
 
     def sequence(self, node: fx.Node, axis: int) -> TokenMap:
@@ -756,12 +835,21 @@ class TokenWalk:
             if isinstance(step, _Follow):
                 if step.note:
                     notes.append(step.note)
-                cursor = step.cursor
+                cursor = self._read_by(step.cursor, cursor.node)
                 continue
             if isinstance(step, _Split):
-                result = TokenMap(tuple(s for part in step.parts for s in self._trace(part).segments))
+                parts = [self._read_by(part, cursor.node) for part in step.parts]
+                result = TokenMap(tuple(s for part in parts for s in self._trace(part).segments))
+            elif isinstance(step, _Join) and not step.operands:
+                length = math.prod(d.size for d in cursor.digits)
+                result = TokenMap((Segment(length, cursor.node, cursor.digits, cursor.offsets, Stop.OPAQUE,
+                                           f"{_where(cursor.node)}"),))
+            elif isinstance(step, _Join) and len(step.operands) == 1:
+                cursor = self._read_by(step.operands[0], cursor.node)
+                continue
             elif isinstance(step, _Join):
-                result = self._join(cursor, step)
+                result = self._join(cursor, step._replace(operands=tuple(self._read_by(c, cursor.node)
+                                                                         for c in step.operands)))
             else:
                 length = math.prod(d.size for d in cursor.digits)
                 result = TokenMap((Segment(length, cursor.node, cursor.digits, cursor.offsets, step.stop, step.reason),))
@@ -769,8 +857,27 @@ class TokenWalk:
         for seen, count in reversed(visited):
             added = tuple(notes[count:])
             self._memo[seen] = result if not added else TokenMap(tuple(
-                Segment(s.length, s.root, s.digits, s.offsets, s.stop, s.reason, added + s.notes) for s in result.segments))
+                dataclasses.replace(s, notes=added + s.notes) for s in result.segments))
         return self._memo[visited[0][0]] if visited else result
+
+    def _read_by(self, cursor: Cursor, reader: fx.Node) -> Cursor:
+        """`cursor` as `reader` reads it: later in-place writes to its node do not count (earlier ones do)."""
+        if cursor.seen_at is None and cursor.node is not reader and self._writes_to(cursor.node):
+            return cursor._replace(seen_at=reader)
+        return cursor
+
+    def _with_grids(self, tokens: TokenMap, positional: list[Cursor]) -> TokenMap:
+        """`tokens`, with the token grids of the positional tables joined to them (rotary embeddings)."""
+        if len(tokens.segments) != 1:
+            return tokens
+        grids = []
+        for table in positional:
+            found = self._trace(table).segments
+            if len(found) == 1 and found[0].length == tokens.length:
+                grids += ([found[0].sizes] if len(found[0].digits) >= 2 else []) + list(found[0].grids)
+        segment = tokens.segments[0]
+        new = tuple(g for g in grids if g not in segment.grids)
+        return TokenMap((dataclasses.replace(segment, grids=segment.grids + new),)) if new else tokens
 
     def _join(self, cursor: Cursor, step: _Join) -> TokenMap:
         """Operands reading token inputs must agree (else those reading per-token scalars must); positional ones ride along."""
@@ -779,11 +886,12 @@ class TokenWalk:
             chosen = [c for c, b in zip(step.operands, bits) if b & wanted]
             if chosen:
                 break
-        else:
+        else:  # positional tables only: the first, with the grids of all
             chosen = list(step.operands[:1])
+            return self._with_grids(self._trace(chosen[0]), list(step.operands[1:]))
         maps = [self._trace(c) for c in chosen]
-        if all(m.same_tokens(maps[0]) for m in maps[1:]):
-            return maps[0]
+        if all(m.same_tokens(maps[0]) or _aligned(m, maps[0]) for m in maps[1:]):
+            return self._with_grids(maps[0], [c for c, b in zip(step.operands, bits) if not b])
         roots = ", ".join(sorted({f"{s.root.name}" for m in maps for s in m.segments}))
         length = math.prod(d.size for d in cursor.digits)
         return TokenMap((Segment(length, cursor.node, cursor.digits, cursor.offsets, Stop.REORDER,
@@ -798,11 +906,9 @@ class TokenWalk:
         name = op_name(node)
         if shape_of(node) is None:
             return _End(Stop.OPAQUE, f"{_where(node)}: shape not static")
-        writes = self._writes_to(node)
+        writes = [w for w in self._writes_to(node) if cursor.seen_at is None or self._order[w] < self._order[cursor.seen_at]]
         if writes:
-            if name in FACTORIES:
-                return _written(node, cursor, writes)
-            return _End(Stop.OPAQUE, f"changed in place by {_where(writes[0])}")
+            return _written(node, cursor, writes[-1], fresh=name in FACTORIES and len(writes) == 1)
         if name in FACTORIES:
             return _End(Stop.INPUT, f"constant ({_where(node)})")
         parent = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -863,7 +969,22 @@ def site_tokens(walk: TokenWalk, site) -> SiteTokens:
                       walk.sequence(site.value, -2))
 
 
+def _unknown(site, error: Exception) -> SiteTokens:
+    """Token maps saying the walk failed (the site stays dense, with the error as the reason)."""
+    def unknown(node, axis):
+        shape = shape_of(node)
+        return TokenMap((Segment(shape[axis], node, (Digit(axis % len(shape), shape[axis]),), (), Stop.OPAQUE,
+                                 f"the walk up from {node.name} failed: {error!r}"),))
+    return SiteTokens(unknown(site.query, -2), unknown(site.key, -1 if site.key_transposed else -2),
+                      unknown(site.value, -2))
+
+
 def trace_sequences(state: PassState) -> None:
     """Trace where each token of every site's queries, keys and values comes from (token maps)."""
     walk = TokenWalk(state.gm.graph)
-    state.tokens = [site_tokens(walk, site) for site in state.sites]
+    state.tokens = []
+    for site in state.sites:
+        try:
+            state.tokens.append(site_tokens(walk, site))
+        except Exception as error:  # a graph the walk cannot read must leave the site dense, not fail the compile
+            state.tokens.append(_unknown(site, error))
