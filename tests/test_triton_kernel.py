@@ -166,6 +166,27 @@ def test_the_op_caches_the_plan_per_table():
     assert table.triton_plan(device, block_m=32).block_m == 32
 
 
+@pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU target, outside the interpreter")
+def test_kernel_with_and_without_a_key_bias_compiles_for_hopper_without_a_gpu():
+    """The compiled (not interpreted) kernel in both forms: a type error in HAS_BIAS code shows here."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "KeyBias": "*fp32",
+                **{name: "*i32" for name in ("tiles", "full_starts", "partial_starts", "partial_ends")}}
+    constants = ("HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "BLOCK_N", "PRECISION", "HAS_BIAS")
+    signature = {name: pointers.get(name, "constexpr" if name in constants else "fp32" if name == "qk_scale" else "i32")
+                 for name in triton_kernel._forward_kernel.arg_names}
+    sizes = []
+    for has_bias in (False, True):
+        source = triton.compiler.ASTSource(triton_kernel._forward_kernel, signature, constexprs=dict(
+            HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", HAS_BIAS=has_bias))
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
+        sizes.append(len(compiled.asm["ptx"]))
+        assert ".target sm_90" in compiled.asm["ptx"]
+    assert sizes[1] > sizes[0]   # the bias loads and the guarded softmax are compiled in only with HAS_BIAS
+
+
 # --------------------------------------------------------------------------------- kernel choice
 
 def test_supports_says_why_not():

@@ -75,13 +75,16 @@ def effective(key_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if keeps_every_key(key_mask) else key_mask
 
 
-def as_bias(key_mask: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive bias [batch, N] in `dtype`, contiguous: 0 / -inf for a bool mask, the values otherwise."""
+def as_bias(key_mask: torch.Tensor, batch: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """The additive bias in `dtype`: 0 / -inf for a bool mask, the values otherwise.
+
+    [batch, N] and contiguous, or with `batch` None the mask's own [B or 1, N] (for code that broadcasts).
+    """
     if key_mask.dtype == torch.bool:
         bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill(~key_mask, -torch.inf)
     else:
         bias = key_mask.to(dtype)
-    return bias.expand(batch, key_mask.shape[1]).contiguous()
+    return bias if batch is None else bias.expand(batch, key_mask.shape[1]).contiguous()
 
 
 def refuse_gradient(key_mask: torch.Tensor | None) -> None:
