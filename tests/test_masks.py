@@ -18,9 +18,9 @@ IntRule = Callable[[int, int, int, int], bool]
 Coord = tuple[int | None, int]
 
 FRAMES = (1, 2, 5, 16)
-# (prefix_tokens, suffix_tokens): none, before the video, after it (one partial block, two whole
-# blocks), and both.
-GLOBALS = ((0, 0), (7, 0), (32, 0), (0, 5), (0, 32), (7, 21))
+# (prefix_tokens, suffix_tokens): none, before the video (one partial block, two whole blocks),
+# after it (one partial block), and both (a whole and a partial suffix block).
+GLOBALS = ((0, 0), (7, 0), (32, 0), (0, 5), (7, 21))
 # (tokens_per_frame, block_size): a partial last block per frame, and an exact multiple.
 SHAPES = ((40, 16), (48, 16))
 
