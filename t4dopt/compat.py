@@ -48,17 +48,22 @@ def sdpa_functions() -> frozenset:
 
 @functools.cache
 def cpu_flash_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """``(q, k, v, scale) -> (out, logsumexp)`` on CPU: torch's CPU flash kernel, or SDPA plus a log-sum-exp."""
+    """``(q, k, v, scale, attn_mask=None) -> (out, logsumexp)`` on CPU: torch's CPU flash kernel, or SDPA
+    plus a log-sum-exp. `attn_mask` is additive and broadcasts to [B, H, Nq, Nk]."""
     flash = _lookup("torch.ops.aten._scaled_dot_product_flash_attention_for_cpu")
     if flash is not None and hasattr(flash, "default"):
         kernel = flash.default
-        return lambda q, k, v, scale: kernel(q, k, v, 0.0, False, scale=scale)[:2]
+        return lambda q, k, v, scale, attn_mask=None: kernel(q, k, v, 0.0, False, attn_mask=attn_mask,
+                                                              scale=scale)[:2]
 
-    def fallback(q, k, v, scale):
-        scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+    def fallback(q, k, v, scale, attn_mask=None):
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+        if attn_mask is not None:
+            scores = scores + attn_mask
+            attn_mask = attn_mask.to(q.dtype)
         lse = torch.logsumexp(scores, dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, scale=scale), lse.to(torch.float64 if q.dtype == torch.float64
-                                                                             else torch.float32)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale), lse
     return fallback
 
 

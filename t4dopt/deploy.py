@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from t4dopt.cache.lowered import SegmentRunners
 from t4dopt.cache.program import Program
 from t4dopt.cache.runtime import CacheRuntime
 from t4dopt.cache.stats import table
@@ -113,6 +114,6 @@ def load(bundle: str | os.PathLike) -> DeployedModel:
     if len(manifest["artifacts"]) != len(program.segments):
         raise BundleError(f"{folder / MANIFEST}: {len(manifest['artifacts'])} artifacts for "
                           f"{len(program.segments)} segments")
-    runners = [(_load_program(folder, files.get("plain")), _load_program(folder, files.get("full")),
-                _load_program(folder, files.get("pruned"))) for files in manifest["artifacts"]]
+    runners = [SegmentRunners(_load_program(folder, files.get("plain")), _load_program(folder, files.get("full")),
+                              _load_program(folder, files.get("pruned"))) for files in manifest["artifacts"]]
     return DeployedModel(folder, manifest, CacheRuntime(program, runners, spec, set()))

@@ -5,9 +5,15 @@ A policy is a rule on block coordinates: query block (frame i, block u) attends 
 at once and returns a `BlockLayout`; nothing here knows about kernels or graphs.
 
 Token order is the one video DiTs use for joint attention: ``prefix_tokens`` first (text or
-global tokens), then frame after frame, ``tokens_per_frame`` tokens each. Each frame is cut into
-``ceil(tokens_per_frame / block_size)`` blocks (the last one partial when the division is not
-exact); prefix tokens form blocks of their own that attend, and are attended by, everything.
+global tokens, as CogVideoX puts its text), then frame after frame, ``tokens_per_frame`` tokens
+each, then ``suffix_tokens`` (text after the video, as HunyuanVideo, Mochi, Framepack and
+MotifVideo join ``[video, text]``). Each frame is cut into ``ceil(tokens_per_frame / block_size)``
+blocks (the last one partial when the division is not exact); prefix and suffix tokens form
+blocks of their own that attend, and are attended by, everything.
+
+Besides the policies (approximations of dense attention, chosen with ``sparse``), `frame_causal`
+builds the structured mask a model may pass itself (block-causal over frames, for diffusion
+forcing), to intersect with a policy: ``policy_layout & frame_causal(...)``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from t4dopt.block_layout import BlockLayout
+from t4dopt.block_layout import BlockLayout, TokenGrid
 
 BlockRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -31,11 +37,13 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> int:
     return value
 
 
-def _block_starts(frames: int, tokens_per_frame: int, block_size: int, prefix_tokens: int) -> torch.Tensor:
-    prefix = list(range(0, prefix_tokens, block_size))
-    frame = list(range(0, tokens_per_frame, block_size))
-    starts = prefix + [prefix_tokens + f * tokens_per_frame + s for f in range(frames) for s in frame]
-    return torch.tensor(starts + [prefix_tokens + frames * tokens_per_frame], dtype=torch.int64)
+def _block_starts(grid: TokenGrid, block_size: int) -> torch.Tensor:
+    prefix = list(range(0, grid.prefix_tokens, block_size))
+    frame = list(range(0, grid.tokens_per_frame, block_size))
+    video_end = grid.prefix_tokens + grid.frames * grid.tokens_per_frame
+    video = [grid.prefix_tokens + f * grid.tokens_per_frame + s for f in range(grid.frames) for s in frame]
+    suffix = [video_end + s for s in range(0, grid.suffix_tokens, block_size)]
+    return torch.tensor(prefix + video + suffix + [grid.seq_len], dtype=torch.int64)
 
 
 def _evaluate(rule: BlockRule, frames: int, blocks_per_frame: int) -> torch.Tensor:
@@ -66,26 +74,30 @@ def from_rule(
     *,
     block_size: int = 128,
     prefix_tokens: int = 0,
+    suffix_tokens: int = 0,
     description: str = "custom",
 ) -> BlockLayout:
     """Layout from a rule ``rule(query_frame, query_block, key_frame, key_block) -> bool``.
 
     The rule is called once with broadcastable int64 tensors (columns for the query, rows for
     the key) and should return a bool tensor; a rule that only handles Python ints is called
-    pair by pair instead.
+    pair by pair instead. The rule covers the video blocks; prefix and suffix blocks attend,
+    and are attended by, every block.
     """
     _check_positive("frames", frames)
     _check_positive("tokens_per_frame", tokens_per_frame)
     _check_positive("block_size", block_size)
     _check_positive("prefix_tokens", prefix_tokens, minimum=0)
+    _check_positive("suffix_tokens", suffix_tokens, minimum=0)
+    grid = TokenGrid(frames, tokens_per_frame, prefix_tokens, suffix_tokens)
     blocks_per_frame = math.ceil(tokens_per_frame / block_size)
     video = _evaluate(rule, frames, blocks_per_frame)
     prefix_blocks = math.ceil(prefix_tokens / block_size)
-    total = prefix_blocks + video.shape[0]
+    video_end = prefix_blocks + video.shape[0]
+    total = video_end + math.ceil(suffix_tokens / block_size)
     dense = torch.ones(total, total, dtype=torch.bool)
-    dense[prefix_blocks:, prefix_blocks:] = video
-    starts = _block_starts(frames, tokens_per_frame, block_size, prefix_tokens)
-    return BlockLayout.from_dense(dense, starts, block_size, description)
+    dense[prefix_blocks:video_end, prefix_blocks:video_end] = video
+    return BlockLayout.from_dense(dense, _block_starts(grid, block_size), block_size, description, grid)
 
 
 def sculpt4d(
@@ -96,6 +108,7 @@ def sculpt4d(
     strides: Sequence[int] = SCULPT4D_STRIDES,
     anchor_frames: int = 1,
     prefix_tokens: int = 0,
+    suffix_tokens: int = 0,
 ) -> BlockLayout:
     """Sculpt4D: first-frame anchor plus a time-decaying strided diagonal.
 
@@ -114,7 +127,7 @@ def sculpt4d(
 
     name = "sculpt4d" if anchor_frames else "sculpt4d-no-anchor"
     return from_rule(rule, frames, tokens_per_frame, block_size=block_size,
-                     prefix_tokens=prefix_tokens,
+                     prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
                      description=f"{name}(strides={list(strides)}, anchor_frames={anchor_frames})")
 
 
@@ -125,10 +138,11 @@ def sculpt4d_no_anchor(
     block_size: int = 128,
     strides: Sequence[int] = SCULPT4D_STRIDES,
     prefix_tokens: int = 0,
+    suffix_tokens: int = 0,
 ) -> BlockLayout:
     """Sculpt4D's ablation without the first-frame anchor."""
     return sculpt4d(frames, tokens_per_frame, block_size=block_size, strides=strides,
-                    anchor_frames=0, prefix_tokens=prefix_tokens)
+                    anchor_frames=0, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens)
 
 
 def fixed_stride(
@@ -139,6 +153,7 @@ def fixed_stride(
     stride: int = 4,
     anchor_frames: int = 1,
     prefix_tokens: int = 0,
+    suffix_tokens: int = 0,
 ) -> BlockLayout:
     """Sculpt4D's fixed-stride ablation: dense within a frame, one stride for every other frame."""
     _check_positive("stride", stride)
@@ -148,7 +163,7 @@ def fixed_stride(
         return (kf < anchor_frames) | (qf == kf) | ((qb - kb) % stride == 0)
 
     return from_rule(rule, frames, tokens_per_frame, block_size=block_size,
-                     prefix_tokens=prefix_tokens,
+                     prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
                      description=f"fixed-stride(stride={stride}, anchor_frames={anchor_frames})")
 
 
@@ -158,6 +173,7 @@ def temporal_only(
     *,
     block_size: int = 128,
     prefix_tokens: int = 0,
+    suffix_tokens: int = 0,
 ) -> BlockLayout:
     """Each block attends only the block at the same position in every frame."""
 
@@ -165,7 +181,7 @@ def temporal_only(
         return qb == kb
 
     return from_rule(rule, frames, tokens_per_frame, block_size=block_size,
-                     prefix_tokens=prefix_tokens, description="temporal-only")
+                     prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens, description="temporal-only")
 
 
 def window(
@@ -175,6 +191,7 @@ def window(
     block_size: int = 128,
     window: int = 1,
     prefix_tokens: int = 0,
+    suffix_tokens: int = 0,
 ) -> BlockLayout:
     """Dense attention to the frames within temporal distance ``window``."""
     _check_positive("window", window, minimum=0)
@@ -183,7 +200,8 @@ def window(
         return (qf - kf).abs() <= window
 
     return from_rule(rule, frames, tokens_per_frame, block_size=block_size,
-                     prefix_tokens=prefix_tokens, description=f"window(window={window})")
+                     prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
+                     description=f"window(window={window})")
 
 
 def radial(
@@ -192,6 +210,7 @@ def radial(
     *,
     block_size: int = 128,
     prefix_tokens: int = 0,
+    suffix_tokens: int = 0,
 ) -> BlockLayout:
     """Radial Attention's decaying bands, for comparison.
 
@@ -208,7 +227,31 @@ def radial(
         return (distance <= 1) | ((qb - kb).abs() < width)
 
     return from_rule(rule, frames, tokens_per_frame, block_size=block_size,
-                     prefix_tokens=prefix_tokens, description="radial")
+                     prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens, description="radial")
+
+
+def frame_causal(
+    frames: int,
+    tokens_per_frame: int,
+    *,
+    block_size: int = 128,
+    frames_per_block: int = 1,
+    prefix_tokens: int = 0,
+    suffix_tokens: int = 0,
+) -> BlockLayout:
+    """Block-causal over frames: frame i attends frame j iff ``j // frames_per_block <= i // frames_per_block``.
+
+    Not a policy but the structured mask diffusion-forcing models pass themselves (SkyReels-V2's
+    ``num_frame_per_block``), to intersect with a policy: ``layout & frame_causal(...)``.
+    """
+    _check_positive("frames_per_block", frames_per_block)
+
+    def rule(qf, qb, kf, kb):
+        return torch.div(kf, frames_per_block, rounding_mode="floor") <= torch.div(qf, frames_per_block,
+                                                                                  rounding_mode="floor")
+
+    return from_rule(rule, frames, tokens_per_frame, block_size=block_size, prefix_tokens=prefix_tokens,
+                     suffix_tokens=suffix_tokens, description=f"frame-causal(frames_per_block={frames_per_block})")
 
 
 POLICIES: dict[str, Callable[..., BlockLayout]] = {
@@ -221,11 +264,16 @@ POLICIES: dict[str, Callable[..., BlockLayout]] = {
 }
 
 
+GRID_PARAMETERS = ("prefix_tokens", "suffix_tokens")
+"""Keyword parameters of every policy that describe the token grid, not the policy."""
+
+
 def policy_parameters(policy: str) -> tuple[str, ...]:
-    """The keyword parameters a named policy accepts (besides frames, tokens_per_frame, prefix_tokens)."""
+    """The keyword parameters a named policy accepts (besides the token grid: frames, tokens_per_frame,
+    prefix_tokens, suffix_tokens)."""
     signature = inspect.signature(POLICIES[policy])
     return tuple(name for name, p in signature.parameters.items()
-                 if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "prefix_tokens")
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in GRID_PARAMETERS)
 
 
 def build(
@@ -234,11 +282,14 @@ def build(
     tokens_per_frame: int,
     *,
     prefix_tokens: int = 0,
+    suffix_tokens: int = 0,
     **params,
 ) -> BlockLayout:
     """Layout for a named policy (with its parameters) or a user rule on block coordinates."""
     if callable(policy):
-        return from_rule(policy, frames, tokens_per_frame, prefix_tokens=prefix_tokens, **params)
+        return from_rule(policy, frames, tokens_per_frame, prefix_tokens=prefix_tokens,
+                         suffix_tokens=suffix_tokens, **params)
     if policy not in POLICIES:
         raise ValueError(f"sparse policy {policy!r} is unknown; allowed: {sorted(POLICIES)} or a callable")
-    return POLICIES[policy](frames, tokens_per_frame, prefix_tokens=prefix_tokens, **params)
+    return POLICIES[policy](frames, tokens_per_frame, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
+                            **params)

@@ -15,6 +15,8 @@ from t4dopt.lowering import TARGETS
 from t4dopt.errors import T4DOptionError
 
 LAYOUT_KEYS = ("frames", "views", "tokens_per_frame", "prefix_tokens", "suffix_tokens", "height", "width")
+GLOBAL_TOKEN_KEYS = ("prefix_tokens", "suffix_tokens")
+"""Layout keys that may be 0: global tokens before and after the video."""
 TOP_LEVEL_KEYS = ("layout", "sparse", "cache", "target", "strict", "verify", "trust_layout")
 CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps", "order")
 CACHE_LEVELS = ("block", "token", "chain")
@@ -25,6 +27,7 @@ DEFAULT_POLICY = "sculpt4d"
 class LayoutHints:
     """What the user told us about the token grid; every field optional.
 
+    Token order: ``prefix_tokens`` global tokens, the frames, then ``suffix_tokens`` global tokens.
     Each hint is checked against the graph: one the graph contradicts leaves the site dense, one the
     graph cannot confirm too unless ``Options.trust_layout`` (see `t4dopt.passes.layout`).
     """
@@ -106,7 +109,7 @@ def _parse_layout(value: Any) -> LayoutHints:
         return value
     _check_dict("layout", value, LAYOUT_KEYS, lambda key: f"layout[{key!r}]")
     for key, item in value.items():
-        minimum = 0 if key in ("prefix_tokens", "suffix_tokens") else 1
+        minimum = 0 if key in GLOBAL_TOKEN_KEYS else 1
         if item is not None and (isinstance(item, bool) or not isinstance(item, int) or item < minimum):
             raise _fail(f"layout[{key!r}]", item, f"None or an integer >= {minimum}")
     hints = LayoutHints(**value)

@@ -13,17 +13,28 @@ def dense_masked_attention(
     v: torch.Tensor,
     token_mask: torch.Tensor,
     scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale, over the keys `token_mask` keeps) v, computed in float64.
+    """softmax(q k^T * scale + bias, over the keys `token_mask` keeps) v, computed in float64.
 
-    q, k: [..., N, D]; v: [..., N, Dv]; token_mask: bool [N, N] (query, key). Rows that keep no
-    key come out as zeros (as in FlexAttention). Differentiable; returns float64.
+    q, k: [..., N, D]; v: [..., N, Dv]; token_mask: bool [N, N] (query, key), or anything that
+    broadcasts to the scores. `key_mask` [B, N] (q being [B, H, N, D]): bool (True keeps the
+    key) or additive (added to the scaled scores; -inf removes the key). Rows that keep no key
+    come out as zeros (as in FlexAttention). Differentiable; returns float64.
     """
     q, k, v = (x.to(torch.float64) for x in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mask = token_mask.to(device=q.device, dtype=torch.bool)
-    has_keys = mask.any(dim=-1, keepdim=True)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        key_mask = key_mask.to(q.device)
+        if key_mask.dtype == torch.bool:
+            keep = key_mask
+        else:
+            keep = key_mask != -math.inf
+            scores = scores + key_mask.to(torch.float64).masked_fill(~keep, 0.0)[:, None, None, :]
+        mask = mask & keep[:, None, None, :]
+    has_keys = mask.any(dim=-1, keepdim=True)
     # Rows without keys keep all scores (no -inf-only rows, so no NaN) and are zeroed afterwards.
     scores = scores.masked_fill(~(mask | ~has_keys), -math.inf)
     probs = torch.softmax(scores, dim=-1) * has_keys

@@ -83,6 +83,39 @@ def dense_reference(model: JointVideoAttention, x: torch.Tensor, token_mask: tor
     return out[:, model.prefix:].reshape(b, f, p, c)
 
 
+class OpAttention(nn.Module):
+    """Attention through ``t4d::block_sparse_attention`` itself (a graph the passes leave as it is): the
+    layout's table as buffers and an optional key mask argument, as a rewrite with those would write it."""
+
+    def __init__(self, layout, dim=32, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.block_size = heads, layout.block_size
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        for name, tensor in zip(("kv_counts", "kv_indices", "block_starts"), layout.tensors()):
+            self.register_buffer(name, tensor)
+
+    def _heads(self, x):
+        b, n, c = x.shape
+        return self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x, key_mask=None):
+        q, k, v = self._heads(x)
+        # (the overload, as the rewrite pass writes it: export code looks for that target)
+        out = torch.ops.t4d.block_sparse_attention.default(q, k, v, self.kv_counts, self.kv_indices,
+                                                            self.block_starts, self.block_size, None, key_mask)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+    def reference(self, x, token_mask, key_mask=None):
+        """The same model with `dense_masked_attention` (float64) in place of the op."""
+        from reference import dense_masked_attention
+
+        q, k, v = self._heads(x)
+        out = dense_masked_attention(q, k, v, token_mask, key_mask=key_mask).to(x.dtype)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+
 def cause_chain(error: BaseException) -> list[type]:
     """Types along an exception's causes: dynamo wraps a backend's exception in BackendCompilerFailed."""
     chain = []

@@ -115,6 +115,15 @@ def _edit(folder, change):
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+def test_manifests_of_earlier_versions_still_load(inputs, bundle, tmp_path):
+    """Earlier versions wrote a ``token`` flag per segment (unused); their bundles load and run the same."""
+    noise, cond = inputs
+    folder = _copy(bundle, tmp_path)
+    _edit(folder, lambda m: [s.update(token=bool(files.get("full")))
+                             for s, files in zip(m["program"]["segments"], m["artifacts"])])
+    assert torch.equal(deploy.load(folder).sample(noise, cond), deploy.load(bundle).sample(noise, cond))
+
+
 def test_missing_folder_fails_clearly(tmp_path):
     with pytest.raises(deploy.BundleError, match="no bundle folder"):
         deploy.load(tmp_path / "nowhere")

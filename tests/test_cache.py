@@ -146,7 +146,7 @@ def test_calls_computed_in_full_are_exactly_the_uncached_model(scm, calls_run_as
     model = compiled(scm, {"threshold": 10.0, "warmup": STEPS})
     assert torch.equal(sample(model, seed=2), uncached)
     assert all(u.computed == u.calls == STEPS for u in t4dopt.cache_report(scm).units)
-    assert all((r.step_graphs is None) == (calls_run_as == "segments") for r in runtimes_of(scm))
+    assert all((r.executor.step_graphs is None) == (calls_run_as == "segments") for r in runtimes_of(scm))
 
 
 def compiled_runtime(model: nn.Module, cache: dict, seed: int):
@@ -172,23 +172,24 @@ def test_uniform_calls_run_as_one_graph_and_match_segments(scm):
     """Fixed-stride reuse: computed calls run the tapped graph, reused calls the rebuilt graph, no segment runs."""
     cache = {"threshold": 10.0, "max_reuse": 3, "steps": STEPS}
     segmented, runtime = compiled_runtime(scm, cache, 16)
-    runtime.step_graphs = None
+    runtime.executor.step_graphs = None
     expected = sample(segmented, 16)
     torch._dynamo.reset()
     model, runtime = compiled_runtime(scm, cache, 16)
-    graphs = runtime.step_graphs
+    graphs = runtime.executor.step_graphs
     computed, reused = CountingCalls(graphs.computed), {}
 
     def reused_for(orders):
         return reused.setdefault(orders, CountingCalls(graphs.reused(orders)))
 
-    runtime.step_graphs = dataclasses.replace(graphs, computed=computed, reused=reused_for)
-    runtime.run_plain = [CountingCalls(run) for run in runtime.run_plain]
+    runtime.executor.step_graphs = dataclasses.replace(graphs, computed=computed, reused=reused_for)
+    segments = runtime.executor.segments
+    segments.runners = [runners._replace(plain=CountingCalls(runners.plain)) for runners in segments.runners]
     got = sample(model, 16)
     report = t4dopt.cache_report(scm).units
     assert computed.calls == report[0].computed and computed.calls < STEPS
     assert sum(r.calls for r in reused.values()) == STEPS - computed.calls
-    assert all(run.calls == 0 for run in runtime.run_plain)
+    assert all(runners.plain.calls == 0 for runners in segments.runners)
     assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -200,7 +201,7 @@ def test_mixed_calls_through_segments_match_segments_alone(scm, calls_run_as):
         torch._dynamo.reset()
         model, runtime = compiled_runtime(scm, cache, 17)
         if path == "segments":
-            runtime.step_graphs = None
+            runtime.executor.step_graphs = None
         results[path] = sample(model, 17)
     modes = t4dopt.cache_report(scm).units
     assert sum(u.computed for u in modes) < STEPS * len(modes)
@@ -278,12 +279,12 @@ def test_reused_graph_drops_every_sublayer_and_what_only_they_use(scm):
     x, cond = scm_inputs(0)
     gm, plan = plan_of(scm, x, torch.ones(1), cond)
     program = prepare(gm, analyze(gm, parse_options({"layout": LAYOUT})), CacheSpec()).program
-    graph = reused_graph(gm, plan, program.runs(), [1] * len(program.runs())).graph
+    graph = reused_graph(gm, plan, program.spans(), [1] * len(program.spans())).module.graph
     targets = [node.target for node in graph.nodes if node.op == "call_function"]
     assert F.scaled_dot_product_attention not in targets
     # Left: the patch embedding and the final layer; the timestep MLP and modulation fed only the sublayers.
     assert sum(target in (F.linear, torch._C._nn.linear) for target in targets) == 2
-    assert [node.target for node in graph.nodes if node.op == "call_function"].count(rebuilt) == len(program.runs())
+    assert [node.target for node in graph.nodes if node.op == "call_function"].count(rebuilt) == len(program.spans())
 
 
 def test_refresh_rows_recomputes_the_most_moved_rows_exactly():

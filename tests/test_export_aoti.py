@@ -52,6 +52,24 @@ def test_package_runs_in_a_fresh_process_and_matches_eager(tiny_package):
     assert float((got - expected).abs().max()) <= TOLERANCE
 
 
+def test_suffix_tokens_and_a_key_mask_through_a_package(tmp_path):
+    """[video, text] with a text-padding mask through AOTInductor's proxy executor (the op's optional
+    key_mask argument), run in a fresh process, against the float64 reference."""
+    from support import OpAttention
+    from t4dopt import masks
+
+    layout = masks.sculpt4d(3, 24, block_size=16, suffix_tokens=9)
+    model = OpAttention(layout).eval()
+    x = torch.randn(2, layout.seq_len, 32)
+    keep = torch.arange(layout.seq_len) < torch.tensor([[layout.seq_len], [layout.seq_len - 6]])
+    result = aoti(model, (x, keep), tmp_path / "masked.pt2")
+    assert result.t4d_nodes == 1
+    got = run_in_fresh_process(result.path, (x, keep))
+    with torch.no_grad():
+        expected = model.reference(x, layout.token_mask(), keep)
+    assert float((got - expected).abs().max()) <= TOLERANCE
+
+
 def test_export_command_offers_aoti_with_a_pt2_default():
     args = build_parser().parse_args(["export", "--format", "aoti"])
     assert args.format == "aoti" and args.out is None

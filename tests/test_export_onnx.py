@@ -12,9 +12,10 @@ pytest.importorskip("onnxscript")
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
 import t4dopt  # noqa: E402
-from support import JointVideoAttention  # noqa: E402
+from reference import dense_masked_attention  # noqa: E402
+from support import JointVideoAttention, OpAttention  # noqa: E402
 from t4dopt.cli import main  # noqa: E402
-from t4dopt.export import export_onnx, onnx_session  # noqa: E402
+from t4dopt.export import custom_domain, export_onnx, onnx_session  # noqa: E402
 from t4dopt.export.portable import PortableTables, portable_attention  # noqa: E402
 from t4dopt.models import Sculpt4DDiT, make_inputs  # noqa: E402
 
@@ -111,32 +112,111 @@ def test_prefix_tokens_export_matches_eager(ops, tmp_path):
     assert max_difference(result.path, (x,), eager_turbo4d(model, (x,), PREFIX_OPTIONS)) <= TOLERANCE
 
 
+SUFFIX_LAYOUT = t4dopt.masks.sculpt4d(3, 24, block_size=16, suffix_tokens=9)
+"""[video, text] as HunyuanVideo joins it: 3 frames of 24 tokens, then 9 text tokens (a partial block)."""
+
+
+def text_padding(layout, valid_text):
+    """bool [B, N]: the video and the first valid_text[b] text tokens kept."""
+    video = layout.seq_len - layout.grid.suffix_tokens
+    return torch.arange(layout.seq_len).unsqueeze(0) < torch.tensor([[video + t] for t in valid_text])
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "text-padding"])
+@pytest.mark.parametrize("ops", ["custom", "portable"])
+def test_suffix_tokens_and_key_masks_in_onnxruntime(ops, masked, tmp_path):
+    """Text after the video, with and without a padding mask, through both ONNX forms, against float64."""
+    if ops == "custom":
+        needs_extensions()
+    model = OpAttention(SUFFIX_LAYOUT).eval()
+    x = torch.randn(2, SUFFIX_LAYOUT.seq_len, 32)
+    keep = text_padding(SUFFIX_LAYOUT, [9, 2])
+    args = (x, keep) if masked else (x,)
+    result = export_onnx(model, args, tmp_path / "suffix.onnx", ops=ops)
+    onnx.checker.check_model(str(result.path), full_check=True)
+    graph = onnx.load(str(result.path)).graph
+    expected_types = {"custom": {("t4d", "MaskedBlockSparseAttention" if masked else "BlockSparseAttention")},
+                      "portable": set()}[ops]
+    assert {(n.domain, n.op_type) for n in graph.node if n.domain} == expected_types
+    with torch.no_grad():
+        expected = model.reference(x, SUFFIX_LAYOUT.token_mask(), keep if masked else None)
+    got = onnx_session.run(result.path, args)[0]
+    assert float(np.abs(got - expected.numpy()).max()) <= TOLERANCE
+
+
+def test_layout_attribute_names_the_token_grid_with_suffix_tokens(tmp_path):
+    model = OpAttention(SUFFIX_LAYOUT).eval()
+    result = export_onnx(model, (torch.randn(1, SUFFIX_LAYOUT.seq_len, 32),), tmp_path / "suffix.onnx")
+    from onnxscript import ir
+
+    program = ir.load(str(result.path))
+    custom_domain.annotate_layouts(program, [t4dopt.masks.window(3, 24, block_size=16), SUFFIX_LAYOUT])
+    node = next(n for n in program.graph.all_nodes() if n.domain == "t4d")
+    assert node.attributes["layout"].value == SUFFIX_LAYOUT.describe()
+    assert "suffix_tokens=9" in SUFFIX_LAYOUT.describe() and "frames=3, tokens_per_frame=24" in SUFFIX_LAYOUT.describe()
+    custom_domain.annotate_layouts(program, [])
+    assert node.attributes["layout"].value == "custom"
+
+
 def empty_row_layout():
     """Prefix of 3 tokens, partial blocks, and frame 0 keeping no key block at all."""
     return t4dopt.masks.from_rule(lambda qf, qb, kf, kb: (qf > 0) & (kf == qf) & ((qb - kb) % 2 == 0),
                                   3, 20, block_size=8, prefix_tokens=0)
 
 
-@pytest.mark.parametrize("layout", [t4dopt.masks.sculpt4d(4, 40, block_size=16, prefix_tokens=5), empty_row_layout()],
-                         ids=["prefix-partial", "empty-rows"])
-def test_portable_attention_equals_the_op(layout):
+PORTABLE_LAYOUTS = [t4dopt.masks.sculpt4d(4, 40, block_size=16, prefix_tokens=5), empty_row_layout(),
+                    t4dopt.masks.sculpt4d(3, 40, block_size=16, prefix_tokens=5, suffix_tokens=21)]
+PORTABLE_IDS = ["prefix-partial", "empty-rows", "prefix-suffix"]
+
+
+def key_masks_for(layout):
+    """None; a bool mask removing keys (whole blocks' worth in batch entry 1); an additive one with a bias;
+    one keeping only the last 3 keys in batch entry 1 (rows that do not see them keep no key)."""
+    generator = torch.Generator().manual_seed(2)
+    keep = torch.rand(2, layout.seq_len, generator=generator) > 0.3
+    keep[1, : layout.seq_len // 2] = False
+    bias = torch.randn(2, layout.seq_len, generator=generator).masked_fill(~keep, -torch.inf)
+    tail = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    tail[1, :-3] = False
+    return {"none": None, "bool": keep, "additive": bias, "tail": tail}
+
+
+MASK_KINDS = ["none", "bool", "additive", "tail"]
+
+
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("layout", PORTABLE_LAYOUTS, ids=PORTABLE_IDS)
+def test_portable_attention_equals_the_reference(layout, mask_kind):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, layout.seq_len, 8) for _ in range(3))
+    mask = key_masks_for(layout)[mask_kind]
     tables = PortableTables.from_layout(layout)
+    bias = None if mask is None else t4dopt.ops.key_mask.as_bias(mask, 2, torch.float32)
     got = portable_attention(q, k, v, tables.pad_index, tables.kv_blocks, tables.key_bias, tables.slot_bias,
-                             tables.output_index, tables.row_keep, 0.3)
-    torch.testing.assert_close(got, t4dopt.block_sparse_attention(q, k, v, layout, scale=0.3), atol=1e-5, rtol=1e-5)
+                             tables.output_index, tables.row_keep, 0.3, bias)
+    expected = dense_masked_attention(q, k, v, layout.token_mask(), 0.3, key_mask=mask)
+    assert not got.isnan().any()
+    if mask_kind == "tail" and layout is PORTABLE_LAYOUTS[1]:
+        empty = ~(layout.token_mask() & mask[:, None, :]).any(dim=-1)   # [B, N]: rows left with no key
+        assert empty[1].sum() > empty[0].sum() and bool((got[1][:, empty[1]] == 0).all())
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, t4dopt.block_sparse_attention(q, k, v, layout, scale=0.3, key_mask=mask),
+                               atol=1e-5, rtol=1e-5)
 
 
-def test_onnxruntime_plugin_compute_equals_the_op():
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("layout", PORTABLE_LAYOUTS, ids=PORTABLE_IDS)
+def test_onnxruntime_plugin_compute_equals_the_reference(layout, mask_kind):
     needs_extensions()
     from t4dopt.plugins.onnxruntime_ops import block_sparse_attention
 
-    layout = empty_row_layout()
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, layout.seq_len, 8) for _ in range(3))
-    got = block_sparse_attention(q.numpy(), k.numpy(), v.numpy(), *(t.numpy() for t in layout.tensors()), 0.3)
-    np.testing.assert_allclose(got, t4dopt.block_sparse_attention(q, k, v, layout, scale=0.3).numpy(), atol=1e-5)
+    q, k, v = (torch.randn(2, 2, layout.seq_len, 8) for _ in range(3))
+    mask = key_masks_for(layout)[mask_kind]
+    bias = None if mask is None else t4dopt.ops.key_mask.as_bias(mask, 2, torch.float32).numpy()
+    got = block_sparse_attention(q.numpy(), k.numpy(), v.numpy(), *(t.numpy() for t in layout.tensors()), 0.3, bias)
+    expected = dense_masked_attention(q, k, v, layout.token_mask(), 0.3, key_mask=mask)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
 
 
 def test_onnxruntime_plugin_spells_the_domain_as_the_exporter_does():
@@ -144,7 +224,8 @@ def test_onnxruntime_plugin_spells_the_domain_as_the_exporter_does():
     from t4dopt.ops import schema
     from t4dopt.plugins import onnxruntime_ops
 
-    assert (onnxruntime_ops.ONNX_DOMAIN, onnxruntime_ops.ONNX_OP_TYPE) == (schema.ONNX_DOMAIN, schema.ONNX_OP_TYPE)
+    assert (onnxruntime_ops.ONNX_DOMAIN, onnxruntime_ops.ONNX_OP_TYPE, onnxruntime_ops.ONNX_MASKED_OP_TYPE) == (
+        schema.ONNX_DOMAIN, schema.ONNX_OP_TYPE, schema.ONNX_MASKED_OP_TYPE)
 
 
 def test_bad_ops_value_names_the_option_and_the_allowed_values(tmp_path):

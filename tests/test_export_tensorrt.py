@@ -59,8 +59,9 @@ def _attributes(node):
 
 # ------------------------------------------------------------------------ tables and ONNX rewrite
 
-def test_packed_tables_are_the_plan_the_op_runs():
-    layout = masks.sculpt4d(4, 40, block_size=16, prefix_tokens=7)
+@pytest.mark.parametrize("prefix, suffix", [(7, 0), (0, 21), (7, 21)])
+def test_packed_tables_are_the_plan_the_op_runs(prefix, suffix):
+    layout = masks.sculpt4d(4, 40, block_size=16, prefix_tokens=prefix, suffix_tokens=suffix)
     tables = plugins.pack_tables(*layout.tensors("cpu"))
     expected = op_tables.decode(*layout.tensors("cpu")).triton_plan(torch.device("cpu"))
     plan = tables.plan()
@@ -103,6 +104,55 @@ def test_onnx_rewrite_round_trips_the_custom_nodes(custom_onnx):
     # The tables the t4d nodes read are gone; nothing unread is left behind.
     used = {name for node in model.graph.node for name in node.input}
     assert set(rewritten) <= used
+
+
+SUFFIX_LAYOUT = masks.sculpt4d(3, 24, block_size=16, suffix_tokens=9)
+
+
+def _op_attention_onnx(tmp_path, masked):
+    from support import OpAttention
+    from t4dopt.export import custom_domain
+
+    x = torch.randn(2, SUFFIX_LAYOUT.seq_len, 32)
+    keep = torch.ones(2, SUFFIX_LAYOUT.seq_len, dtype=torch.bool)
+    keep[1, -4:] = False
+    args = (x, keep) if masked else (x,)
+    path = export_onnx(OpAttention(SUFFIX_LAYOUT).eval(), args, tmp_path / "op.onnx").path
+    from onnxscript import ir
+
+    program = ir.load(str(path))   # (the model calls the op itself: describe its layout as a site's would be)
+    custom_domain.annotate_layouts(program, [SUFFIX_LAYOUT])
+    return ir.serde.serialize_model(program)
+
+
+def test_onnx_rewrite_keeps_the_layout_with_suffix_tokens(tmp_path):
+    model = _op_attention_onnx(tmp_path, masked=False)
+    assert to_plugin_nodes(model) == 1
+    node = next(n for n in model.graph.node if n.op_type == plugins.PLUGIN_NAME)
+    layout = _attributes(node)["layout"].decode()
+    assert layout == SUFFIX_LAYOUT.describe() and "suffix_tokens=9" in layout
+    expected = plugins.pack_tables(*SUFFIX_LAYOUT.tensors("cpu"))
+    assert (_attributes(node)["block_m"], _attributes(node)["block_n"]) == (expected.block_m, expected.block_n)
+
+
+def test_onnx_rewrite_refuses_key_masks_naming_the_limitation(tmp_path):
+    model = _op_attention_onnx(tmp_path, masked=True)
+    before = onnx.helper.printable_graph(model.graph)
+    with pytest.raises(ValueError, match=r"MaskedBlockSparseAttention.*key mask.*TensorRT plugin does not take"):
+        to_plugin_nodes(model)
+    assert onnx.helper.printable_graph(model.graph) == before
+
+
+def test_converter_leaves_key_masked_nodes_in_pytorch():
+    from support import OpAttention
+    from t4dopt.export.capture import capture_for_export
+
+    x = torch.randn(2, SUFFIX_LAYOUT.seq_len, 32)
+    keep = torch.ones(2, SUFFIX_LAYOUT.seq_len, dtype=torch.bool)
+    for args, reason in (((x,), None), ((x, keep), "it takes a key mask, which the plugin does not")):
+        gm, *_ = capture_for_export(OpAttention(SUFFIX_LAYOUT).eval(), args, None, lambda line: None)
+        node = next(n for n in gm.graph.nodes if n.target is tensorrt_converter.T4D_OP)
+        assert tensorrt_converter.node_supported(node) == reason
 
 
 def test_onnx_rewrite_selects_the_jit_implementation(custom_onnx):
@@ -182,8 +232,9 @@ def test_aot_kernel_compiles_to_ptx_for_hopper_without_a_gpu():
 
 def _check_interpreted() -> None:
     """The plugin kernel (`launch_kernel`, its JIT implementation) against the op; run under TRITON_INTERPRET=1."""
-    for dtype, head_dim, value_dim in ((torch.float32, 32, 16), (torch.float16, 16, 16)):
-        layout = masks.sculpt4d(3, 40, block_size=16, prefix_tokens=7)
+    for dtype, head_dim, value_dim, suffix in ((torch.float32, 32, 16, 0), (torch.float16, 16, 16, 0),
+                                               (torch.float32, 16, 16, 21)):
+        layout = masks.sculpt4d(3, 40, block_size=16, prefix_tokens=7, suffix_tokens=suffix)
         q, k, v = random_qkv(layout, batch=2, heads=2, head_dim=head_dim, value_dim=value_dim, dtype=dtype)
         tables = plugins.pack_tables(*layout.tensors("cpu"))
         out = torch.empty(*q.shape[:3], value_dim, dtype=dtype)

@@ -1,7 +1,8 @@
 """Mask policies against a reference written directly from each rule, token by token.
 
-The reference maps every token to (frame, block in frame), or marks it as a prefix token, with
-plain loops, and evaluates the rules on Python ints; it shares no code with `t4dopt.masks`.
+The reference maps every token to (frame, block in frame), or marks it as a global token (before
+or after the video), with plain loops, and evaluates the rules on Python ints; it shares no code
+with `t4dopt.masks`.
 """
 
 import re
@@ -11,32 +12,39 @@ import pytest
 import torch
 
 from t4dopt import masks
-from t4dopt.block_layout import BlockLayout
+from t4dopt.block_layout import BlockLayout, TokenGrid
 
 IntRule = Callable[[int, int, int, int], bool]
 Coord = tuple[int | None, int]
 
 FRAMES = (1, 2, 5, 16)
-PREFIXES = (0, 7, 32)
+# (prefix_tokens, suffix_tokens): none, before the video (one partial block, two whole blocks),
+# after it (one partial block), and both (a whole and a partial suffix block).
+GLOBALS = ((0, 0), (7, 0), (32, 0), (0, 5), (7, 21))
 # (tokens_per_frame, block_size): a partial last block per frame, and an exact multiple.
 SHAPES = ((40, 16), (48, 16))
 
 
-def token_coords(frames: int, tokens_per_frame: int, block_size: int, prefix: int) -> list[Coord]:
-    """(frame, block in frame) of every token; prefix tokens get frame None and their prefix block."""
+def token_coords(frames: int, tokens_per_frame: int, block_size: int, prefix: int, suffix: int = 0) -> list[Coord]:
+    """(frame, block in frame) of every token; global tokens get frame None (-1 before the video,
+    -2 after it, in the block position) and their block among the global tokens on their side."""
     coords: list[Coord] = []
-    for token in range(prefix + frames * tokens_per_frame):
+    video_end = prefix + frames * tokens_per_frame
+    for token in range(video_end + suffix):
         if token < prefix:
             coords.append((None, token // block_size))
+        elif token >= video_end:
+            coords.append((None, -1 - (token - video_end) // block_size))
         else:
             frame, offset = divmod(token - prefix, tokens_per_frame)
             coords.append((frame, offset // block_size))
     return coords
 
 
-def reference_mask(rule: IntRule, frames: int, tokens_per_frame: int, block_size: int, prefix: int) -> torch.Tensor:
-    """bool [seq, seq]: token q attends token k; prefix tokens attend and are attended by all."""
-    coords = token_coords(frames, tokens_per_frame, block_size, prefix)
+def reference_mask(rule: IntRule, frames: int, tokens_per_frame: int, block_size: int, prefix: int,
+                   suffix: int = 0) -> torch.Tensor:
+    """bool [seq, seq]: token q attends token k; global tokens attend and are attended by all."""
+    coords = token_coords(frames, tokens_per_frame, block_size, prefix, suffix)
     rows: dict[Coord, list[bool]] = {}
     mask = []
     for query in coords:
@@ -49,8 +57,9 @@ def reference_mask(rule: IntRule, frames: int, tokens_per_frame: int, block_size
     return torch.tensor(mask, dtype=torch.bool)
 
 
-def reference_block_starts(frames: int, tokens_per_frame: int, block_size: int, prefix: int) -> list[int]:
-    coords = token_coords(frames, tokens_per_frame, block_size, prefix)
+def reference_block_starts(frames: int, tokens_per_frame: int, block_size: int, prefix: int,
+                           suffix: int = 0) -> list[int]:
+    coords = token_coords(frames, tokens_per_frame, block_size, prefix, suffix)
     starts = [t for t in range(len(coords)) if t == 0 or coords[t] != coords[t - 1]]
     return starts + [len(coords)]
 
@@ -108,25 +117,116 @@ CASES = [
 ]
 
 
-def build(policy, frames, tokens_per_frame, block_size, prefix, params) -> BlockLayout:
-    return masks.build(policy, frames, tokens_per_frame, prefix_tokens=prefix, block_size=block_size, **params)
+def build(policy, frames, tokens_per_frame, block_size, prefix, params, suffix=0) -> BlockLayout:
+    return masks.build(policy, frames, tokens_per_frame, prefix_tokens=prefix, suffix_tokens=suffix,
+                       block_size=block_size, **params)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"tpf{s[0]}-bs{s[1]}")
-@pytest.mark.parametrize("prefix", PREFIXES, ids=lambda p: f"prefix{p}")
+@pytest.mark.parametrize("prefix, suffix", GLOBALS, ids=[f"prefix{p}-suffix{s}" for p, s in GLOBALS])
 @pytest.mark.parametrize("frames", FRAMES, ids=lambda f: f"F{f}")
 @pytest.mark.parametrize("name, policy, params, make_rule", CASES, ids=[c[0] for c in CASES])
-def test_token_mask_matches_reference(name, policy, params, make_rule, frames, prefix, shape):
+def test_token_mask_matches_reference(name, policy, params, make_rule, frames, prefix, suffix, shape):
     tokens_per_frame, block_size = shape
     blocks_per_frame = -(-tokens_per_frame // block_size)
-    layout = build(policy, frames, tokens_per_frame, block_size, prefix, params)
-    expected = reference_mask(make_rule(blocks_per_frame), frames, tokens_per_frame, block_size, prefix)
+    layout = build(policy, frames, tokens_per_frame, block_size, prefix, params, suffix)
+    expected = reference_mask(make_rule(blocks_per_frame), frames, tokens_per_frame, block_size, prefix, suffix)
     mask = layout.token_mask()
     assert mask.shape == expected.shape
     mismatches = (mask != expected).nonzero()
     assert mismatches.numel() == 0, f"{name}: {len(mismatches)} token pairs differ, first {mismatches[:5].tolist()}"
-    assert layout.block_starts.tolist() == reference_block_starts(frames, tokens_per_frame, block_size, prefix)
+    assert layout.block_starts.tolist() == reference_block_starts(frames, tokens_per_frame, block_size, prefix,
+                                                                  suffix)
     assert layout.density == pytest.approx(mask.double().mean().item(), rel=1e-12)
+    assert layout.grid == TokenGrid(frames, tokens_per_frame, prefix, suffix)
+
+
+def test_global_tokens_against_a_mask_written_out():
+    # window=0 over 2 frames of 2 tokens (blocks of 2): each frame attends itself only. One prefix
+    # token (0), frame 0 (1, 2), frame 1 (3, 4), three suffix tokens (5, 6 | 7: a block of 2 and a
+    # partial one of 1).
+    layout = masks.window(2, 2, block_size=2, window=0, prefix_tokens=1, suffix_tokens=3)
+    expected = torch.tensor([
+        # 0  1  2  3  4  5  6  7
+        [1, 1, 1, 1, 1, 1, 1, 1],  # prefix
+        [1, 1, 1, 0, 0, 1, 1, 1],  # frame 0
+        [1, 1, 1, 0, 0, 1, 1, 1],
+        [1, 0, 0, 1, 1, 1, 1, 1],  # frame 1
+        [1, 0, 0, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 1, 1, 1],  # suffix
+        [1, 1, 1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert layout.block_starts.tolist() == [0, 1, 3, 5, 7, 8]
+    assert torch.equal(layout.token_mask(), expected)
+    assert layout.describe() == ("window(window=0); frames=2, tokens_per_frame=2, prefix_tokens=1, "
+                                 "suffix_tokens=3, block_size=2")
+
+
+@pytest.mark.parametrize("frames_per_block", [1, 2, 3])
+@pytest.mark.parametrize("prefix, suffix", [(0, 0), (7, 0), (0, 5), (7, 21)])
+def test_frame_causal_matches_reference(frames_per_block, prefix, suffix):
+    layout = masks.frame_causal(5, 40, block_size=16, frames_per_block=frames_per_block, prefix_tokens=prefix,
+                                suffix_tokens=suffix)
+    rule = lambda i, u, j, v: j // frames_per_block <= i // frames_per_block  # noqa: E731
+    assert torch.equal(layout.token_mask(), reference_mask(rule, 5, 40, 16, prefix, suffix))
+    assert f"frames_per_block={frames_per_block}" in layout.description
+
+
+def test_frame_causal_rejects_bad_block():
+    with pytest.raises(ValueError, match=re.escape("frames_per_block=0")):
+        masks.frame_causal(4, 40, frames_per_block=0)
+
+
+@pytest.mark.parametrize("policy", sorted(masks.POLICIES))
+def test_policy_intersected_with_frame_causal_is_exact(policy):
+    # SkyReels-V2's diffusion forcing: block-causal over groups of 2 frames, as the model builds it.
+    frames, tokens, block_size, prefix, suffix = 6, 40, 16, 7, 5
+    layout = masks.build(policy, frames, tokens, block_size=block_size, prefix_tokens=prefix, suffix_tokens=suffix)
+    causal = masks.frame_causal(frames, tokens, block_size=block_size, frames_per_block=2, prefix_tokens=prefix,
+                                suffix_tokens=suffix)
+    both = layout & causal
+    frame = torch.tensor([-1] * prefix + [f for f in range(frames) for _ in range(tokens)] + [-1] * suffix)
+    video = frame >= 0
+    model_mask = (frame.view(1, -1) // 2 <= frame.view(-1, 1) // 2) | ~video.view(1, -1) | ~video.view(-1, 1)
+    assert torch.equal(both.token_mask(), layout.token_mask() & model_mask)
+    assert both.grid == layout.grid and " & frame-causal" in both.description
+    # The model's own token mask, lifted to blocks, gives the same intersection.
+    lifted = BlockLayout.from_token_mask(model_mask[None, None], layout.block_starts, block_size)
+    assert torch.equal((layout & lifted).to_dense(), both.to_dense())
+
+
+def test_from_token_mask_takes_additive_masks_and_refuses_what_is_not_block_aligned():
+    layout = masks.window(3, 8, block_size=4, window=0, suffix_tokens=3)
+    mask = layout.token_mask()
+    additive = torch.zeros(mask.shape).masked_fill(~mask, -torch.inf)
+    assert torch.equal(BlockLayout.from_token_mask(additive, layout.block_starts, 4).to_dense(), layout.to_dense())
+    ragged = mask.clone()
+    ragged[5, 0] = not ragged[5, 0]
+    with pytest.raises(ValueError, match=r"not block-aligned: query block 1 .* key block 0"):
+        BlockLayout.from_token_mask(ragged, layout.block_starts, 4)
+    with pytest.raises(ValueError, match="bias, not a block mask"):
+        BlockLayout.from_token_mask(additive - 1.0, layout.block_starts, 4)
+    with pytest.raises(ValueError, match=r"not \[N, N\]"):
+        BlockLayout.from_token_mask(mask[:-1], layout.block_starts, 4)
+
+
+def test_intersection_needs_the_same_blocks_and_grid():
+    a = masks.sculpt4d(3, 40, block_size=16, suffix_tokens=5)
+    with pytest.raises(ValueError, match="different blocks"):
+        a & masks.sculpt4d(3, 40, block_size=8, suffix_tokens=5)
+    # Same blocks (5 + 3 x 40 = 3 x 40 + 5 tokens in blocks of 5 and 40), other grid.
+    b = masks.window(3, 40, block_size=40, prefix_tokens=5)
+    c = masks.window(3, 40, block_size=40, suffix_tokens=5)
+    assert b.seq_len == c.seq_len
+    with pytest.raises(ValueError):
+        b & c
+
+
+def test_grid_must_cover_the_blocks():
+    layout = masks.sculpt4d(2, 40, block_size=16)
+    with pytest.raises(ValueError, match="has 85 tokens, the blocks cover 80"):
+        BlockLayout.from_dense(layout.to_dense(), layout.block_starts, 16, grid=TokenGrid(2, 40, 0, 5))
 
 
 @pytest.mark.parametrize("frames, expected", [(8, 0.581), (16, 0.352), (32, 0.215), (64, 0.141)])
@@ -139,9 +239,9 @@ def test_sculpt4d_no_anchor_known_density():
 
 
 @pytest.mark.parametrize("policy", sorted(masks.POLICIES))
-@pytest.mark.parametrize("prefix", PREFIXES)
-def test_kv_indices_consistent_with_dense(policy, prefix):
-    layout = masks.build(policy, 5, 40, prefix_tokens=prefix, block_size=16)
+@pytest.mark.parametrize("prefix, suffix", GLOBALS)
+def test_kv_indices_consistent_with_dense(policy, prefix, suffix):
+    layout = masks.build(policy, 5, 40, prefix_tokens=prefix, suffix_tokens=suffix, block_size=16)
     dense = layout.to_dense()
     assert layout.kv_counts.tolist() == dense.sum(dim=1).tolist()
     assert layout.kv_indices.shape[0] == layout.num_blocks
@@ -154,9 +254,10 @@ def test_kv_indices_consistent_with_dense(policy, prefix):
 
 
 @pytest.mark.parametrize("strides", [masks.SCULPT4D_STRIDES, (1, 3, 2)])
-@pytest.mark.parametrize("prefix", (0, 7))
-def test_sculpt4d_without_anchor_is_symmetric_in_time(strides, prefix):
-    layout = masks.sculpt4d(9, 40, block_size=8, strides=strides, anchor_frames=0, prefix_tokens=prefix)
+@pytest.mark.parametrize("prefix, suffix", [(0, 0), (7, 0), (0, 11), (7, 11)])
+def test_sculpt4d_without_anchor_is_symmetric_in_time(strides, prefix, suffix):
+    layout = masks.sculpt4d(9, 40, block_size=8, strides=strides, anchor_frames=0, prefix_tokens=prefix,
+                            suffix_tokens=suffix)
     dense = layout.to_dense()
     assert torch.equal(dense, dense.T)
     mask = layout.token_mask()
@@ -169,16 +270,17 @@ def test_sculpt4d_anchor_breaks_symmetry():
 
 
 @pytest.mark.parametrize("tokens_per_frame, block_size", [(40, 16), (40, 8), (40, 64), (100, 32)])
-@pytest.mark.parametrize("prefix", PREFIXES)
-def test_block_size_respected(tokens_per_frame, block_size, prefix):
+@pytest.mark.parametrize("prefix, suffix", GLOBALS)
+def test_block_size_respected(tokens_per_frame, block_size, prefix, suffix):
     frames = 3
-    layout = masks.sculpt4d(frames, tokens_per_frame, block_size=block_size, prefix_tokens=prefix)
+    layout = masks.sculpt4d(frames, tokens_per_frame, block_size=block_size, prefix_tokens=prefix,
+                            suffix_tokens=suffix)
     blocks_per_frame = -(-tokens_per_frame // block_size)
     assert layout.block_size == block_size
-    assert layout.num_blocks == -(-prefix // block_size) + frames * blocks_per_frame
-    assert int(layout.block_lengths.max()) == min(block_size, max(tokens_per_frame, prefix))
+    assert layout.num_blocks == -(-prefix // block_size) + frames * blocks_per_frame + -(-suffix // block_size)
+    assert int(layout.block_lengths.max()) == min(block_size, max(tokens_per_frame, prefix, suffix))
     assert int(layout.block_lengths.min()) >= 1
-    assert layout.seq_len == prefix + frames * tokens_per_frame
+    assert layout.seq_len == prefix + frames * tokens_per_frame + suffix
 
 
 def test_strides_and_anchor_respected():
@@ -215,6 +317,8 @@ def test_description_names_policy_and_parameters():
         ("sculpt4d", {"strides": (1, -2)}, "strides=(1, -2)"),
         ("sculpt4d", {"anchor_frames": -1}, "anchor_frames=-1"),
         ("sculpt4d", {"prefix_tokens": -1}, "prefix_tokens=-1"),
+        ("sculpt4d", {"suffix_tokens": -1}, "suffix_tokens=-1"),
+        ("radial", {"suffix_tokens": 2.5}, "suffix_tokens=2.5"),
         ("fixed-stride", {"stride": 0}, "stride=0"),
         ("fixed-stride", {"anchor_frames": -1}, "anchor_frames=-1"),
         ("window", {"window": -1}, "window=-1"),

@@ -45,6 +45,15 @@ def test_every_policy_matches_the_dense_reference(policy, frames, plan_shape):
     _check(layout)
 
 
+@pytest.mark.parametrize("policy", sorted(masks.POLICIES))
+@pytest.mark.parametrize("prefix, suffix", [(0, 5), (0, 40), (7, 21)], ids=["suffix5", "suffix40", "both"])
+def test_global_tokens_after_the_video_match_the_dense_reference(policy, prefix, suffix, plan_shape):
+    # Text after the video (HunyuanVideo, Mochi: [video, text]): a partial suffix block, whole
+    # suffix blocks, and global tokens on both sides.
+    layout = masks.build(policy, 3, 40, prefix_tokens=prefix, suffix_tokens=suffix, block_size=16)
+    _check(layout)
+
+
 def test_a_user_rule_with_rows_that_keep_nothing():
     # Query block 0 of every frame keeps no key block: its rows come out as zeros.
     def rule(qf, qb, kf, kb):
@@ -84,8 +93,9 @@ def test_stridedrandom_qkv():
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_gradients_match_the_reference(dtype, tolerance, plan_shape):
-    layout = masks.sculpt4d(5, 40, block_size=16, prefix_tokens=7)
+@pytest.mark.parametrize("suffix", [0, 13])
+def test_gradients_match_the_reference(dtype, tolerance, suffix, plan_shape):
+    layout = masks.sculpt4d(5, 40, block_size=16, prefix_tokens=7, suffix_tokens=suffix)
     q, k, v = (x.requires_grad_() for x in random_qkv(layout, dtype=dtype, value_dim=24))
     grad = torch.randn(q.shape[:-1] + (24,), dtype=dtype)
     block_sparse_attention(q, k, v, layout, scale=0.3).backward(grad)
@@ -96,17 +106,86 @@ def test_gradients_match_the_reference(dtype, tolerance, plan_shape):
         torch.testing.assert_close(ours.grad.double(), expected.grad, atol=tolerance, rtol=tolerance)
 
 
-def _op_args(layout, requires_grad=False):
-    q, k, v = (x.requires_grad_(requires_grad) for x in random_qkv(layout, batch=1, heads=2))
-    return (q, k, v, *layout.tensors("cpu"), layout.block_size, None)
+def _permuted_qkv(layout, batch=2, heads=2, head_dim=16, value_dim=None, requires_grad=False):
+    """q, k, v as a model makes them: ``qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)`` (not contiguous)."""
+    generator = torch.Generator().manual_seed(3)
+    n = layout.seq_len
+    x = torch.randn(batch, n, 3, heads, head_dim, generator=generator)
+    q, k, v = x.permute(2, 0, 3, 1, 4)
+    if value_dim is not None:
+        v = v[..., :value_dim]
+    assert not q.is_contiguous()
+    return tuple(t.detach().requires_grad_(requires_grad) for t in (q, k, v))
 
 
-def test_opcheck():
+def _padding_mask(batch, seq_len, valid):
+    """bool [batch, seq_len]: the first valid[b] keys of batch element b kept (a text-padding mask)."""
+    return torch.arange(seq_len).unsqueeze(0) < torch.tensor(valid).unsqueeze(1)
+
+
+OPCHECK_CASES = {
+    "contiguous": dict(permuted=False, value_dim=None, key_mask=None),
+    "permuted": dict(permuted=True, value_dim=None, key_mask=None),
+    "narrow-v": dict(permuted=True, value_dim=8, key_mask=None),
+    "bool-key-mask": dict(permuted=True, value_dim=None, key_mask="bool"),
+    "additive-key-mask": dict(permuted=True, value_dim=8, key_mask="additive"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_opcheck_forward_and_backward(case):
+    """Fakes against the kernels (strides included), autograd, and the registrations, on the inputs models give."""
+    spec = OPCHECK_CASES[case]
+    layout = masks.sculpt4d(3, 40, block_size=16, prefix_tokens=7, suffix_tokens=5)
+    if spec["permuted"]:
+        q, k, v = _permuted_qkv(layout, value_dim=spec["value_dim"])
+    else:
+        q, k, v = random_qkv(layout, batch=2, heads=2)
+    mask = None
+    if spec["key_mask"] is not None:
+        mask = _padding_mask(2, layout.seq_len, [layout.seq_len, layout.seq_len - 3])
+        if spec["key_mask"] == "additive":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, -math.inf)
+    table = (*layout.tensors("cpu"), layout.block_size, None, mask)
+    forward = torch.ops.t4d.block_sparse_attention.default
+    for requires_grad in (True, False):
+        torch.library.opcheck(forward, tuple(x.detach().requires_grad_(requires_grad) for x in (q, k, v)) + table)
+    grad = torch.randn(q.shape[:-1] + (v.shape[-1],)).transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(torch.ops.t4d.block_sparse_attention_backward.default, (grad, q, k, v, *table))
+
+
+def test_fakes_return_the_strides_the_kernels_return():
     layout = masks.sculpt4d(3, 40, block_size=16, prefix_tokens=7)
-    torch.library.opcheck(torch.ops.t4d.block_sparse_attention.default, _op_args(layout, requires_grad=True))
-    torch.library.opcheck(torch.ops.t4d.block_sparse_attention.default, _op_args(layout))
-    q, k, v, *table = _op_args(layout)
-    torch.library.opcheck(torch.ops.t4d.block_sparse_attention_backward.default, (torch.randn_like(q), q, k, v, *table))
+    q, k, v = _permuted_qkv(layout, value_dim=8)
+    out = block_sparse_attention(q, k, v, layout)
+    grads = torch.ops.t4d.block_sparse_attention_backward(torch.randn_like(out), q, k, v, *layout.tensors(),
+                                                          layout.block_size, None)
+    assert out.is_contiguous() and all(g.is_contiguous() for g in grads)
+
+
+@pytest.mark.inductor
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_inductor_backward_of_permuted_qkv():
+    """Issue 14 item 3: q, k, v from ``qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)``, ``.sum().backward()``
+    under Inductor; the backward's fake kept q's strides and Inductor's stride assertion failed. One compile."""
+    layout = masks.sculpt4d(3, 40, block_size=16, prefix_tokens=7, suffix_tokens=5)
+    torch.manual_seed(0)
+    qkv = torch.nn.Linear(32, 3 * 32)
+    x = torch.randn(2, layout.seq_len, 32)
+
+    def attention(x):
+        b, n, _ = x.shape
+        q, k, v = qkv(x).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return block_sparse_attention(q, k, v, layout)
+
+    compiled = torch.compile(attention, backend="inductor", fullgraph=True)
+    x_compiled = x.clone().requires_grad_()
+    compiled(x_compiled).sum().backward()
+    x_eager = x.clone().requires_grad_()
+    b, n, _ = x.shape
+    q, k, v = qkv(x_eager).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    dense_masked_attention(q, k, v, layout.token_mask()).sum().backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_fake_tensor_output_metadata():
@@ -200,9 +279,9 @@ def test_work_is_exactly_the_kept_pairs(monkeypatch, plan_shape):
     """Count what the kernel hands to the dense attention kernel: the kept token pairs, no more."""
     computed = []
 
-    def counting_attend(q, k, v, scale):
+    def counting_attend(q, k, v, scale, bias=None):
         computed.append(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
-        return original(q, k, v, scale)
+        return original(q, k, v, scale, bias)
 
     original = cpu_kernel._attend
     monkeypatch.setattr(cpu_kernel, "_attend", counting_attend)
@@ -271,7 +350,10 @@ def _expand_block_mask(block_mask, seq_len):
     masks.sculpt4d(3, 200, block_size=128, prefix_tokens=77),
     masks.sculpt4d(5, 96, block_size=64, prefix_tokens=10),
     masks.radial(4, 300, block_size=32),
-], ids=["equal-128", "equal-256", "partial-prefix-128", "small-blocks-64", "radial-32"])
+    masks.sculpt4d(3, 256, block_size=128, suffix_tokens=77),
+    masks.window(4, 200, block_size=64, prefix_tokens=10, suffix_tokens=150),
+], ids=["equal-128", "equal-256", "partial-prefix-128", "small-blocks-64", "radial-32", "suffix-128",
+        "prefix-suffix-64"])
 def test_flex_block_mask_reproduces_the_token_mask(layout):
     block_mask = flex_path.build_block_mask(layout.to_dense(), layout.block_starts, layout.block_size,
                                             torch.device("cpu"))
@@ -305,6 +387,184 @@ def test_flex_path_through_flex_attention_compiled_for_cpu():
     out = flex_path.forward(q, k, v, block_mask, 0.3)
     torch.testing.assert_close(out.double(), dense_masked_attention(q, k, v, layout.token_mask(), 0.3),
                                atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- key masks
+
+def _check_masked(layout, key_mask, *, dtype=torch.float32, scale=None, device="cpu", **shape):
+    q, k, v = random_qkv(layout, dtype=dtype, device=device, **shape)
+    out = block_sparse_attention(q, k, v, layout, scale=scale, key_mask=key_mask.to(device))
+    expected = dense_masked_attention(q, k, v, layout.token_mask(), scale, key_mask=key_mask)
+    assert out.dtype == dtype and out.shape == expected.shape and not out.isnan().any()
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
+    return out
+
+
+def _text_padding(layout, valid_text):
+    """HunyuanVideo's mask: video tokens, then text of which the first valid_text[b] tokens are real."""
+    text = layout.grid.suffix_tokens
+    video = layout.seq_len - text
+    return _padding_mask(len(valid_text), layout.seq_len, [video + t for t in valid_text])
+
+
+@pytest.mark.parametrize("policy", sorted(masks.POLICIES))
+def test_text_padding_key_mask_matches_the_reference(policy, plan_shape):
+    # [video, text] with 21 text tokens, of which 21 and 4 are real in the two batch entries.
+    layout = masks.build(policy, 3, 40, suffix_tokens=21, block_size=16)
+    _check_masked(layout, _text_padding(layout, [21, 4]))
+
+
+@pytest.mark.parametrize("form", ["bool", "additive", "bias"])
+@pytest.mark.parametrize("prefix, suffix", [(7, 0), (0, 13), (7, 13)])
+def test_key_masks_of_every_form(form, prefix, suffix, plan_shape):
+    layout = masks.sculpt4d(4, 40, block_size=16, prefix_tokens=prefix, suffix_tokens=suffix)
+    generator = torch.Generator().manual_seed(1)
+    keep = torch.rand(2, layout.seq_len, generator=generator) > 0.3
+    if form == "bool":
+        mask = keep
+    else:
+        values = torch.randn(2, layout.seq_len, generator=generator) if form == "bias" else torch.zeros(keep.shape)
+        mask = values.masked_fill(~keep, -math.inf)
+    _check_masked(layout, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_key_mask_dtypes(dtype):
+    layout = masks.sculpt4d(3, 40, block_size=16, suffix_tokens=9)
+    _check_masked(layout, _text_padding(layout, [9, 2]), dtype=dtype)
+
+
+def test_rows_whose_keys_are_all_masked_are_zeros_as_in_sdpa(plan_shape):
+    """A query block keeping only key blocks the mask removes entirely: zeros (not NaN), as torch 2.13's SDPA."""
+    layout = masks.temporal_only(3, 32, block_size=16)   # block 0 of a frame attends block 0 of every frame
+    keep = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    first_blocks = torch.cat([torch.arange(f * 32, f * 32 + 16) for f in range(3)])
+    keep[1, first_blocks] = False
+    out = _check_masked(layout, keep)
+    empty_rows = first_blocks
+    assert bool((out[1, :, empty_rows] == 0).all()) and bool((out[0, :, empty_rows] != 0).any())
+    q, k, v = random_qkv(layout)
+    combined = layout.token_mask() & keep[:, None, None, :]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=combined)
+    torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=0)
+    # A hand-written softmax over the same mask gives NaN on those rows: what "zeros" replaces.
+    scores = (q @ k.transpose(-1, -2) / 4).masked_fill(~combined, -math.inf)
+    assert scores.softmax(dim=-1)[1, :, empty_rows].isnan().all()
+
+
+def test_gradients_with_a_key_mask_match_the_reference(plan_shape):
+    layout = masks.temporal_only(3, 32, block_size=16, suffix_tokens=7)
+    keep = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    keep[1, torch.cat([torch.arange(f * 32, f * 32 + 16) for f in range(3)])] = False   # rows left with no key
+    keep[0, -3:] = False
+    mask = torch.zeros(keep.shape).masked_fill(~keep, -math.inf)
+    q, k, v = (x.requires_grad_() for x in random_qkv(layout, value_dim=24))
+    grad = torch.randn(q.shape[:-1] + (24,))
+    block_sparse_attention(q, k, v, layout, scale=0.3, key_mask=mask).backward(grad)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    dense_masked_attention(*leaves, layout.token_mask(), 0.3, key_mask=mask).backward(grad.double())
+    for ours, expected in zip((q, k, v), leaves):
+        assert not ours.grad.isnan().any()
+        torch.testing.assert_close(ours.grad.double(), expected.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mask", [torch.ones(2, 125, dtype=torch.bool), torch.zeros(2, 125),
+                                  torch.ones(1, 125, dtype=torch.bool)], ids=["bool", "additive", "broadcast"])
+def test_a_key_mask_that_keeps_every_key_runs_the_unmasked_path(mask, monkeypatch):
+    layout = masks.sculpt4d(3, 40, block_size=16, suffix_tokens=5)
+    seen = []
+    original = cpu_kernel.forward
+    monkeypatch.setattr(cpu_kernel, "forward", lambda *args: seen.append(args[5] if len(args) > 5 else None)
+                        or original(*args))
+    q, k, v = random_qkv(layout)
+    with_mask = block_sparse_attention(q, k, v, layout, key_mask=mask)
+    assert seen == [None]
+    assert torch.equal(with_mask, block_sparse_attention(q, k, v, layout))
+    mask = mask.clone()
+    mask[0, 3] = False if mask.dtype == torch.bool else -math.inf
+    block_sparse_attention(q, k, v, layout, key_mask=mask)
+    assert seen[-1] is not None and seen[-1].shape == (2, layout.seq_len)
+
+
+def test_the_wrapper_takes_sdpas_key_padding_shape():
+    layout = masks.sculpt4d(3, 40, block_size=16, suffix_tokens=9)
+    mask = _text_padding(layout, [9, 3])
+    q, k, v = random_qkv(layout)
+    expected = block_sparse_attention(q, k, v, layout, key_mask=mask)
+    assert torch.equal(block_sparse_attention(q, k, v, layout, key_mask=mask[:, None, None, :]), expected)
+
+
+def test_key_mask_errors():
+    layout = masks.sculpt4d(2, 40, block_size=16)
+    q, k, v = random_qkv(layout)
+    tables_ = (*layout.tensors(), 16, None)
+    with pytest.raises(ValueError, match=r"key_mask must be \[B, N\]"):
+        torch.ops.t4d.block_sparse_attention(q, k, v, *tables_, torch.ones(2, 79, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_mask must be \[B, N\]"):
+        torch.ops.t4d.block_sparse_attention(q, k, v, *tables_, torch.ones(3, 80, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool .* or floating point"):
+        torch.ops.t4d.block_sparse_attention(q, k, v, *tables_, torch.ones(2, 80, dtype=torch.int64))
+    bias = torch.zeros(2, 80, requires_grad=True)
+    with pytest.raises(ValueError, match="key_mask requires grad"):
+        block_sparse_attention(q.requires_grad_(), k, v, layout, key_mask=bias)
+
+
+@pytest.mark.parametrize("frames_per_block", [1, 2])
+def test_structured_mask_intersected_with_the_policy(frames_per_block, plan_shape):
+    """Diffusion forcing (block-causal over frames) and text padding at once, against both masks applied densely."""
+    frames, tokens = 4, 40
+    layout = masks.sculpt4d(frames, tokens, block_size=16, suffix_tokens=11)
+    causal = masks.frame_causal(frames, tokens, block_size=16, frames_per_block=frames_per_block, suffix_tokens=11)
+    both = layout & causal
+    q, k, v = random_qkv(layout)
+    key_mask = _text_padding(layout, [11, 5])
+    out = block_sparse_attention(q, k, v, both, key_mask=key_mask)
+    frame = torch.tensor([f for f in range(frames) for _ in range(tokens)] + [-1] * 11)
+    video = frame >= 0
+    model_mask = (frame.view(1, -1) // frames_per_block <= frame.view(-1, 1) // frames_per_block) \
+        | ~video.view(1, -1) | ~video.view(-1, 1)
+    expected = dense_masked_attention(q, k, v, layout.token_mask() & model_mask, key_mask=key_mask)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    assert both.density < layout.density
+
+
+def test_compiled_with_aot_eager_and_a_key_mask():
+    layout = masks.sculpt4d(3, 40, block_size=16, suffix_tokens=9)
+    mask = _text_padding(layout, [9, 4])
+
+    def fn(q, k, v, mask):
+        return block_sparse_attention(q, k, v, layout, key_mask=mask).sum(dim=-1)
+
+    q, k, v = (x.requires_grad_() for x in random_qkv(layout))
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v, mask)
+    out.square().sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    expected = fn(q, k, v, mask)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    for got, x in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got, x.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.inductor
+def test_flex_path_with_a_key_mask_through_flex_attention_compiled_for_cpu():
+    """The CUDA path's score_mod and BlockMask in FlexAttention itself (CPU), rows left with no key included."""
+    layout = masks.temporal_only(3, 256, block_size=128, suffix_tokens=77)
+    first_blocks = torch.cat([torch.arange(f * 256, f * 256 + 128) for f in range(3)])
+    keep = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    keep[1, first_blocks] = False   # the first block of each frame attends those of every frame and the text,
+    keep[1, -77:] = False           # ... and the text is all padding: no key left for those rows
+    keep[0, -30:] = False
+    q, k, v = random_qkv(layout, batch=2, heads=2, head_dim=32)
+    block_mask = flex_path.build_block_mask(layout.to_dense(), layout.block_starts, 128, torch.device("cpu"))
+    bias = torch.zeros(keep.shape).masked_fill(~keep, -math.inf)
+    out = flex_path.forward(q, k, v, block_mask, 0.3, bias)
+    assert out.is_contiguous() and not out.isnan().any()
+    expected = dense_masked_attention(q, k, v, layout.token_mask(), 0.3, key_mask=keep)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    assert bool((out[1, :, first_blocks] == 0).all()) and bool((out[0, :, first_blocks] != 0).any())
 
 
 # ----------------------------------------------------------------------------- CUDA (FlexAttention)

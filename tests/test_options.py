@@ -19,6 +19,9 @@ from t4dopt.options import parse_options
         ({"layout": {"frames": 0}}, ["layout['frames']", "0", ">= 1"]),
         ({"layout": {"frames": 2.5}}, ["layout['frames']", "2.5"]),
         ({"layout": {"prefix_tokens": -1}}, ["layout['prefix_tokens']", "-1", ">= 0"]),
+        ({"layout": {"suffix_tokens": -3}}, ["layout['suffix_tokens']", "-3", ">= 0"]),
+        ({"layout": {"suffix_tokens": True}}, ["layout['suffix_tokens']", "True", "integer"]),
+        ({"layout": {"suffix_tokens": 1.5}}, ["layout['suffix_tokens']", "1.5"]),
         ({"layout": {"height": 4, "width": 4, "tokens_per_frame": 15}}, ["tokens_per_frame", "15", "16"]),
         ({"layout": [16, 4096]}, ["layout", "dict"]),
         ({"sparse": "sculpt5d"}, ["sparse['policy']", "sculpt5d", "sculpt4d"]),
@@ -58,6 +61,9 @@ def test_good_options_are_normalised():
     options = parse_options({"layout": {"frames": 4, "height": 8, "width": 6}, "sparse": {"block_size": 16},
                              "target": "eager", "strict": True, "verify": True})
     assert options.layout.tokens_per_frame == 48
+    assert options.layout.suffix_tokens is None
+    with_text = parse_options({"layout": {"frames": 4, "tokens_per_frame": 6, "prefix_tokens": 0, "suffix_tokens": 7}})
+    assert (with_text.layout.prefix_tokens, with_text.layout.suffix_tokens) == (0, 7)
     assert options.sparse.policy == "sculpt4d" and dict(options.sparse.params) == {"block_size": 16}
     assert (options.target, options.strict, options.verify) == ("eager", True, True)
     assert parse_options(None).sparse is None

@@ -21,3 +21,16 @@ def test_cache_example_runs():
     exec(compile(example, "README cache example", "exec"), namespace)
     report = namespace["t4dopt"].cache_report(namespace["model"])
     assert report.units and namespace["sample"].shape == namespace["noise"].shape
+
+
+def test_contributing_names_files_and_tests_that_exist():
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    table = text.split("## Adding one thing", 1)[1].split("\n## ", 1)[0]
+    paths = set(re.findall(r"`((?:t4dopt|tests)/[\w/]+\.py)`", table))
+    assert len(paths) >= 8
+    for path in paths:
+        assert (ROOT / path).is_file(), path
+    for test in re.findall(r"`(test_\w+)`", table):
+        assert any(f"def {test}(" in p.read_text() for p in (ROOT / "tests").glob("test_*.py")), test
+    for name in re.findall(r"`([A-Z_]{4,})`", table):
+        assert any(name in p.read_text() for p in [*(ROOT / "t4dopt").rglob("*.py"), *(ROOT / "tests").glob("*.py")]), name

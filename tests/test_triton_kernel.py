@@ -65,19 +65,30 @@ def _plan(layout, block_m=None, block_n=None, device="cpu"):
                                     block_n=block_n or default_n, device=device)
 
 
-def _reference_lse(q, k, layout, scale):
+def _reference_lse(q, k, layout, scale, key_bias=None):
     scores = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
+    if key_bias is not None:
+        scores = scores + key_bias.double()[:, None, None, :]
     return torch.logsumexp(scores.masked_fill(~layout.token_mask().to(q.device), -math.inf), dim=-1)
 
 
-def _check(layout, q, k, v, *, scale=None, block_m=None, block_n=None):
+def _check(layout, q, k, v, *, scale=None, block_m=None, block_n=None, key_bias=None):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse = triton_kernel.forward(q, k, v, _plan(layout, block_m, block_n, q.device), scale)
-    expected = dense_masked_attention(q, k, v, layout.token_mask(), scale)
+    out, lse = triton_kernel.forward(q, k, v, _plan(layout, block_m, block_n, q.device), scale, key_bias=key_bias)
+    expected = dense_masked_attention(q, k, v, layout.token_mask(), scale, key_mask=key_bias)
     assert out.dtype == q.dtype and out.shape == expected.shape
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[q.dtype], rtol=0)
-    torch.testing.assert_close(lse.double(), _reference_lse(q, k, layout, scale), atol=TOLERANCE[q.dtype], rtol=0)
+    torch.testing.assert_close(lse.double(), _reference_lse(q, k, layout, scale, key_bias), atol=TOLERANCE[q.dtype],
+                               rtol=0)
     return out, lse
+
+
+def _key_bias(layout, batch, form="additive", seed=1):
+    """float32 [batch, N]: -inf on about a third of the keys; 0 (additive) or random values (bias) elsewhere."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(batch, layout.seq_len, generator=generator) > 0.3
+    values = torch.randn(batch, layout.seq_len, generator=generator) if form == "bias" else torch.zeros(keep.shape)
+    return values.masked_fill(~keep, -math.inf)
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -98,9 +109,11 @@ def _plan_token_mask(plan):
 
 @pytest.mark.parametrize("policy", sorted(masks.POLICIES))
 @pytest.mark.parametrize("block_m, block_n", [(None, None), (16, 64), (64, 16)])
-def test_plan_computes_exactly_the_kept_pairs(policy, block_m, block_n):
-    # Blocks of 32: every frame ends in a partial block of 8, the prefix is a block of 21.
-    layout = masks.build(policy, 4, 72, prefix_tokens=21, block_size=32)
+@pytest.mark.parametrize("suffix", [0, 45])
+def test_plan_computes_exactly_the_kept_pairs(policy, block_m, block_n, suffix):
+    # Blocks of 32: every frame ends in a partial block of 8, the prefix is a block of 21, the
+    # suffix (text after the video) a block of 32 and one of 13.
+    layout = masks.build(policy, 4, 72, prefix_tokens=21, suffix_tokens=suffix, block_size=32)
     plan = _plan(layout, block_m, block_n)
     assert torch.equal(_plan_token_mask(plan), layout.token_mask())
     lengths = plan.tiles[:, 1] - plan.tiles[:, 0]
@@ -153,6 +166,27 @@ def test_the_op_caches_the_plan_per_table():
     assert table.triton_plan(device, block_m=32).block_m == 32
 
 
+@pytest.mark.skipif(INTERPRETED, reason="compiles for a GPU target, outside the interpreter")
+def test_kernel_with_and_without_a_key_bias_compiles_for_hopper_without_a_gpu():
+    """The compiled (not interpreted) kernel in both forms: a type error in HAS_BIAS code shows here."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "KeyBias": "*fp32",
+                **{name: "*i32" for name in ("tiles", "full_starts", "partial_starts", "partial_ends")}}
+    constants = ("HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "BLOCK_N", "PRECISION", "HAS_BIAS")
+    signature = {name: pointers.get(name, "constexpr" if name in constants else "fp32" if name == "qk_scale" else "i32")
+                 for name in triton_kernel._forward_kernel.arg_names}
+    sizes = []
+    for has_bias in (False, True):
+        source = triton.compiler.ASTSource(triton_kernel._forward_kernel, signature, constexprs=dict(
+            HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", HAS_BIAS=has_bias))
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
+        sizes.append(len(compiled.asm["ptx"]))
+        assert ".target sm_90" in compiled.asm["ptx"]
+    assert sizes[1] > sizes[0]   # the bias loads and the guarded softmax are compiled in only with HAS_BIAS
+
+
 # --------------------------------------------------------------------------------- kernel choice
 
 def test_supports_says_why_not():
@@ -203,11 +237,42 @@ def test_kernel_in_the_triton_interpreter():
 
 @interpreted
 @pytest.mark.parametrize("policy", sorted(masks.POLICIES))
-def test_interpreted_every_policy(policy):
+@pytest.mark.parametrize("prefix, suffix", [(0, 21), (7, 21)], ids=["suffix", "both"])
+def test_interpreted_every_policy(policy, prefix, suffix):
     # 40 tokens per frame with blocks of 16: every frame ends in a partial block of 8;
-    # 7 prefix tokens form a block of their own.
-    layout = masks.build(policy, 3, 40, prefix_tokens=7, block_size=16)
+    # 7 prefix tokens form a block of their own, 21 suffix tokens a block of 16 and one of 5.
+    layout = masks.build(policy, 3, 40, prefix_tokens=prefix, suffix_tokens=suffix, block_size=16)
     _check(layout, *_inputs(layout))
+
+
+@interpreted
+@pytest.mark.parametrize("form", ["additive", "bias"])
+@pytest.mark.parametrize("block_m, block_n", [(None, None), (16, 32), (32, 16)])
+def test_interpreted_key_bias(form, block_m, block_n):
+    # Blocks of 64 with a suffix: full and partial chunks, several tiles per block, all with the bias.
+    layout = masks.sculpt4d(3, 100, block_size=64, prefix_tokens=20, suffix_tokens=30)
+    q, k, v = _inputs(layout, batch=2, head_dim=16)
+    _check(layout, q, k, v, block_m=block_m, block_n=block_n, key_bias=_key_bias(layout, 2, form))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_interpreted_key_bias_half_precision(dtype):
+    layout = masks.sculpt4d(4, 40, block_size=16, suffix_tokens=11)
+    _check(layout, *_inputs(layout, head_dim=32, dtype=dtype), key_bias=_key_bias(layout, 2))
+
+
+@interpreted
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # their log-sum-exp: log(0) = -inf
+def test_interpreted_rows_whose_keys_are_all_masked():
+    layout = masks.temporal_only(3, 32, block_size=16, suffix_tokens=16)
+    bias = torch.zeros(2, layout.seq_len)
+    first_blocks = torch.cat([torch.arange(f * 32, f * 32 + 16) for f in range(3)])
+    bias[1, first_blocks] = -math.inf
+    bias[1, -16:] = -math.inf
+    out, lse = _check(layout, *_inputs(layout), key_bias=bias)
+    assert bool((out[1, :, first_blocks] == 0).all()) and bool((lse[1, :, first_blocks] == -math.inf).all())
+    assert bool(torch.isfinite(lse[0]).all())
 
 
 @interpreted
@@ -340,6 +405,21 @@ def _captured_joint_attention():
     return gm, copy.deepcopy(gm), args
 
 
+def _captured_masked_attention():
+    """A graph calling the op with a suffix layout and a text-padding key mask (an input of the graph)."""
+    import copy
+
+    from support import OpAttention
+    from t4dopt.export.capture import capture_for_export
+
+    layout = masks.sculpt4d(3, 24, block_size=16, suffix_tokens=9)
+    model = OpAttention(layout, dim=32, heads=2).eval()
+    x = torch.randn(2, layout.seq_len, 32)
+    keep = torch.arange(layout.seq_len) < torch.tensor([[layout.seq_len], [layout.seq_len - 5]])
+    gm, args, _, _ = capture_for_export(model, (x, keep), None, lambda line: None)
+    return gm, copy.deepcopy(gm), args
+
+
 @pytest.mark.skipif(INTERPRETED, reason="outside the interpreter the CPU sites have no Triton kernel")
 def test_plan_sites_leaves_sites_the_kernel_cannot_run():
     from t4dopt.export.planned_sites import plan_sites
@@ -349,11 +429,41 @@ def test_plan_sites_leaves_sites_the_kernel_cannot_run():
 
 
 @interpreted
-def test_interpreted_planned_triton_op_equals_the_op():
+@pytest.mark.parametrize("capture", [_captured_joint_attention, _captured_masked_attention],
+                         ids=["joint", "suffix-key-mask"])
+def test_interpreted_planned_triton_op_equals_the_op(capture):
     from t4dopt.export.planned_sites import plan_sites
 
-    gm, original, args = _captured_joint_attention()
+    gm, original, args = capture()
     assert plan_sites(gm, args) == 1
     assert not any(n.target is torch.ops.t4d.block_sparse_attention.default for n in gm.graph.nodes)
     with torch.no_grad():
         assert torch.allclose(gm(*args), original(*args), atol=1e-5)
+
+
+def _opcheck_planned(device, masked, test_utils=None):
+    """opcheck of ``t4d::block_sparse_attention_planned`` on q, k, v permuted as models make them."""
+    layout = masks.sculpt4d(3, 40, block_size=16, prefix_tokens=7, suffix_tokens=5)
+    x = torch.randn(2, layout.seq_len, 3, 2, 16, device=device)
+    q, k, v = x.permute(2, 0, 3, 1, 4)
+    plan = _plan(layout, device=device)
+    bias = _key_bias(layout, 2).to(device) if masked else None
+    kwargs = {} if test_utils is None else {"test_utils": test_utils}
+    torch.library.opcheck(torch.ops.t4d.block_sparse_attention_planned.default,
+                          (q, k, v, plan.tiles, plan.full_starts, plan.partial_starts, plan.partial_ends,
+                           plan.block_m, plan.block_n, 0.25, bias), **kwargs)
+
+
+@interpreted
+@pytest.mark.parametrize("masked", [False, True])
+def test_interpreted_opcheck_of_the_planned_op(masked):
+    # The interpreter runs a triton_op's kernel even on fake tensors (it copies their storage), so
+    # the fake and AOT checks need CUDA (`test_cuda_opcheck_of_the_planned_op`).
+    _opcheck_planned("cpu", masked, ("test_schema", "test_autograd_registration"))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("masked", [False, True])
+def test_cuda_opcheck_of_the_planned_op(masked):
+    _opcheck_planned("cuda", masked)

@@ -1,14 +1,23 @@
 """The runtime's own tensor arithmetic, as small graphs lowered like the segments (one fused kernel each).
 
-Run eagerly, each reuse or store would be several separate small ops per sublayer and call;
+Run eagerly, each reuse or save would be several separate small ops per sublayer and call;
 lowered by Inductor they are one kernel each. Step counts enter as 0-d tensors picked from a
 table on the device, so neither a new value nor a host-to-device copy is needed per call.
+
+Two operations, and what travels in and out of them by name:
+
+- a **save**, after a computation: the residual ``exit - entry`` to keep, by `SaveKind` also
+  its change per step and the entry's drift (`SaveInputs` in, `SaveResult` out);
+- a **reuse**: a new entry plus saved residuals, each an `Addend` extrapolated to its order,
+  and the entry's drift (`Rebuilt` out).
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -24,7 +33,7 @@ def relative_drift(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
 
 def rebuilt(entry: torch.Tensor, residual: torch.Tensor, slope: torch.Tensor | None = None,
             steps: torch.Tensor | None = None) -> torch.Tensor:
-    """A reused sublayer's (or run's) exit: its new entry plus the stored residual, extrapolated by ``slope * steps``."""
+    """A reused sublayer's (or span's) exit: its new entry plus the saved residual, extrapolated by ``slope * steps``."""
     if slope is None:
         return entry + residual
     return entry + residual + slope * steps.type_as(slope)
@@ -34,70 +43,149 @@ def drift(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor]:
     return (relative_drift(now, before),)
 
 
-def store(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def save(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual to keep after a computation, and how far the entry moved since the last one."""
     return exit_value - entry, relative_drift(entry, before)
 
 
-def store_slope(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Tensor, previous: torch.Tensor,
-                inverse_gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As `store`, plus the residual's change per step since the `previous` one, `1 / inverse_gap` steps ago."""
+def save_slope(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Tensor, previous: torch.Tensor,
+               inverse_gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `save`, plus the residual's change per step since the `previous` one, `1 / inverse_gap` steps ago."""
     residual = exit_value - entry
     return residual, (residual - previous) * inverse_gap.to(residual.dtype), relative_drift(entry, before)
 
 
-TERM_NAMES = (("residual",), ("residual", "slope", "steps"))
-"""The arguments of a reused term by its extrapolation order (the arguments of `rebuilt` after the entry)."""
+class SaveInputs(NamedTuple):
+    """What a save may take after ``(exit, entry)``; each `SaveKind` takes the fields it names."""
+
+    before: torch.Tensor | None = None
+    """The entry at the last computation."""
+    previous: torch.Tensor | None = None
+    """The residual saved then."""
+    inverse_gap: torch.Tensor | None = None
+    """1 / the steps since then, as a 0-d tensor."""
+
+
+class SaveResult(NamedTuple):
+    """What a save returns; fields its `SaveKind` does not produce are None."""
+
+    residual: torch.Tensor
+    slope: torch.Tensor | None = None
+    drift: torch.Tensor | None = None
+
+
+class SaveKind(StrEnum):
+    """Which save follows a computation."""
+
+    FIRST = "first"
+    """Nothing saved before: the residual only."""
+    RESIDUAL = "residual"
+    """The residual and the entry's drift (``order=0``)."""
+    SLOPE = "slope"
+    """Also the residual's change per step (``order=1``)."""
+
+    @property
+    def function(self) -> Callable:
+        return save_slope if self is SaveKind.SLOPE else save
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """The `SaveInputs` fields it takes after ``(exit, entry)``."""
+        return _SAVE_ARGUMENTS[self]
+
+    @property
+    def results(self) -> tuple[str, ...]:
+        """The `SaveResult` fields it returns, in the order its graph returns them."""
+        return _SAVE_RESULTS[self]
+
+    def inputs(self, given: SaveInputs) -> list[torch.Tensor]:
+        """The arguments it takes after ``(exit, entry)``, from `given`."""
+        return [getattr(given, name) for name in self.arguments]
+
+
+_SAVE_ARGUMENTS = {SaveKind.FIRST: (), SaveKind.RESIDUAL: ("before",),
+                   SaveKind.SLOPE: ("before", "previous", "inverse_gap")}
+_SAVE_RESULTS = {SaveKind.FIRST: ("residual",), SaveKind.RESIDUAL: ("residual", "drift"),
+                 SaveKind.SLOPE: ("residual", "slope", "drift")}
+
+
+def add_save(graph: fx.Graph, kind: SaveKind, exit_value: fx.Node, entry: fx.Node,
+             arguments: list[fx.Node]) -> list[fx.Node]:
+    """Append one save of `kind` to `graph`; its result nodes (`SaveKind.results`)."""
+    # A first save has no earlier entry: its drift is taken against the entry itself and dropped.
+    value = graph.call_function(kind.function, (exit_value, entry, *(arguments or [entry])))
+    return [graph.call_function(operator.getitem, (value, i)) for i in range(len(kind.results))]
+
+
+def read_saves(kinds: Sequence[SaveKind], flat: Sequence[torch.Tensor]) -> list[SaveResult]:
+    """The results of saves of `kinds`, one after another in `flat`, each as a `SaveResult`."""
+    results, start = [], 0
+    for kind in kinds:
+        end = start + len(kind.results)
+        results.append(SaveResult(**dict(zip(kind.results, flat[start:end]))))
+        start = end
+    return results
+
+
+class Addend(NamedTuple):
+    """A saved residual to add on reuse, and how to extrapolate it (the arguments of `rebuilt` after the entry)."""
+
+    residual: torch.Tensor
+    slope: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
+
+    @property
+    def order(self) -> int:
+        return 1 if self.slope is not None else 0
+
+    def arguments(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in ADDEND_FIELDS[self.order]]
+
+
+ADDEND_FIELDS = (("residual",), ("residual", "slope", "steps"))
+"""The `Addend` fields a reuse of each extrapolation order takes (its graph's inputs per addend)."""
+
+
+class Rebuilt(NamedTuple):
+    """What a reuse returns: the rebuilt exit, and the drift of the new entry from the saved one."""
+
+    exit: torch.Tensor
+    drift: torch.Tensor
 
 
 def reuse_graph(orders: tuple[int, ...]) -> fx.GraphModule:
-    """``(entry, before, *term 0, *term 1, ...) -> (entry + sum of terms, drift of entry)``.
+    """``(entry, before, *addend 0, *addend 1, ...) -> (entry + sum of addends, drift of entry)`` (a `Rebuilt`).
 
-    A reused sublayer adds its stored residual to its new entry, and consecutive reused
-    sublayers only add residuals, so one or a run of them is one sum: term i is
-    ``TERM_NAMES[orders[i]]``, its residual extrapolated to that order (`rebuilt`).
+    A reused sublayer adds its saved residual to its new entry, and consecutive reused
+    sublayers only add residuals, so one or a span of them is one sum: addend i takes
+    ``ADDEND_FIELDS[orders[i]]``, its residual extrapolated to that order (`rebuilt`).
     """
     graph = fx.Graph()
     entry, before = graph.placeholder("entry"), graph.placeholder("before")
-    terms = []
+    addends = []
     for index, order in enumerate(orders):
-        terms.append([graph.placeholder(f"{name}{index}") for name in TERM_NAMES[order]])
+        addends.append([graph.placeholder(f"{name}{index}") for name in ADDEND_FIELDS[order]])
     total = entry
-    for term in terms:
-        total = graph.call_function(rebuilt, (total, *term))
+    for addend in addends:
+        total = graph.call_function(rebuilt, (total, *addend))
     graph.output((total, graph.call_function(relative_drift, (entry, before))))
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
-STORE_KINDS = {"first": (store, (), 1), "plain": (store, ("before",), 2),
-               "slope": (store_slope, ("before", "previous", "inverse_gap"), 3)}
-"""Per kind of store: its function, what it takes after ``(exit, entry)`` and how many results:
-``first`` (no earlier entry: the residual), ``plain`` (residual, drift) and ``slope``
-(residual, slope, drift)."""
-
-
-def add_store(graph: fx.Graph, kind: str, exit_value: fx.Node, entry: fx.Node,
-              arguments: list[fx.Node]) -> list[fx.Node]:
-    """Append one store of `kind` to `graph`; its result nodes."""
-    function, _, returned = STORE_KINDS[kind]
-    value = graph.call_function(function, (exit_value, entry, *(arguments or [entry])))
-    return [graph.call_function(operator.getitem, (value, i)) for i in range(returned)]
-
-
-def store_graph(kinds: tuple[str, ...]) -> fx.GraphModule:
-    """Every store of a call in one graph: the arguments of each kind in turn -> all their results in turn."""
+def save_graph(kinds: tuple[SaveKind, ...]) -> fx.GraphModule:
+    """Every save of a call in one graph: ``(exit, entry, *arguments)`` of each in turn -> their results (`read_saves`)."""
     graph = fx.Graph()
     results = []
     for index, kind in enumerate(kinds):
         exit_value, entry = graph.placeholder(f"exit{index}"), graph.placeholder(f"entry{index}")
-        arguments = [graph.placeholder(f"{name}{index}") for name in STORE_KINDS[kind][1]]
-        results += add_store(graph, kind, exit_value, entry, arguments)
+        arguments = [graph.placeholder(f"{name}{index}") for name in kind.arguments]
+        results += add_save(graph, kind, exit_value, entry, arguments)
     graph.output(tuple(results))
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
 def total_graph(count: int) -> fx.GraphModule:
-    """``(*tensors) -> (their sum,)``: the residuals (or slopes) of a run of reused sublayers, summed once."""
+    """``(*tensors) -> (their sum,)``: the residuals (or slopes) of a span of reused sublayers, summed once."""
     graph = fx.Graph()
     values = [graph.placeholder(f"term{i}") for i in range(count)]
     total = values[0]
@@ -107,6 +195,15 @@ def total_graph(count: int) -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
+class Save(NamedTuple):
+    """One save to run: its kind, the computation's exit and entry, and what else it takes."""
+
+    kind: SaveKind
+    exit: torch.Tensor
+    entry: torch.Tensor
+    inputs: SaveInputs
+
+
 class Arithmetic:
     """The graphs above, each built and lowered by `make(gm)` on first use (and per input signature).
 
@@ -114,7 +211,7 @@ class Arithmetic:
     """
 
     def __init__(self, make: Callable[[fx.GraphModule], Callable], limit: int):
-        self.drift = make(fx.symbolic_trace(drift))
+        self._drift = make(fx.symbolic_trace(drift))
         self.limit = limit
         self._make = make
         self._graphs: dict[tuple, Callable] = {}
@@ -134,17 +231,25 @@ class Arithmetic:
             self._tables[like.device] = (counts.to(like.device), (1 / counts.clamp_min(1)).to(like.device))
         return self._tables[like.device]
 
-    def reuse(self, orders: tuple[int, ...]) -> Callable:
-        """The lowered `reuse_graph` for terms of these extrapolation orders."""
-        return self._graph(("reuse", orders), lambda: reuse_graph(orders))
+    def drift(self, now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """`relative_drift`, lowered."""
+        return self._drift(now, before)[0]
 
-    def stores(self, kinds: tuple[str, ...]) -> Callable:
-        """The lowered `store_graph` for these kinds of store."""
-        return self._graph(("store", kinds), lambda: store_graph(kinds))
+    def reuse(self, entry: torch.Tensor, before: torch.Tensor, addends: Sequence[Addend]) -> Rebuilt:
+        """`entry` plus every addend, and the drift of `entry` from `before`, in one lowered `reuse_graph`."""
+        orders = tuple(addend.order for addend in addends)
+        graph = self._graph(("reuse", orders), lambda: reuse_graph(orders))
+        return Rebuilt(*graph(entry, before, *(a for addend in addends for a in addend.arguments())))
 
-    def total(self, count: int) -> Callable:
-        """The lowered `total_graph` of `count` tensors."""
-        return self._graph(("total", count), lambda: total_graph(count))
+    def save(self, saves: Sequence[Save]) -> list[SaveResult]:
+        """Every save in `saves`, in one lowered `save_graph`."""
+        kinds = tuple(s.kind for s in saves)
+        graph = self._graph(("save", kinds), lambda: save_graph(kinds))
+        return read_saves(kinds, graph(*(a for s in saves for a in (s.exit, s.entry, *s.kind.inputs(s.inputs)))))
+
+    def total(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The sum of `tensors`, in one lowered `total_graph`."""
+        return self._graph(("total", len(tensors)), lambda: total_graph(len(tensors)))(*tensors)[0]
 
     def steps(self, count: int, like: torch.Tensor) -> torch.Tensor:
         return self._table(like, count)[0][count]

@@ -1,4 +1,4 @@
-"""Turn a rewritten graph into a `CacheRuntime`: regions, segments, the timestep input."""
+"""Turn a rewritten graph into a `CacheRuntime`: regions, segments, the timestep input, the whole-call graphs."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from t4dopt.cache.registry import register
-from t4dopt.cache.program import Program, program_of
-from t4dopt.cache.runtime import CacheRuntime, LazyLowered, StepGraphs
-from t4dopt.lowering import Lower
-from t4dopt.options import CacheSpec
+from t4dopt.cache.arithmetic import SaveKind
 from t4dopt.cache.graph.regions import RegionPlan, find_regions, find_timestep, functional_residuals
 from t4dopt.cache.graph.segments import Segment, split
 from t4dopt.cache.graph.step_graphs import reused_graph, tapped_graph
+from t4dopt.cache.lowered import ComputedGraph, LazyLowered, ReusedGraph, SegmentRunners, StepGraphs, TokenTaps
+from t4dopt.cache.program import Program, program_of
+from t4dopt.cache.registry import register
+from t4dopt.cache.runtime import CacheRuntime
+from t4dopt.lowering import Lower
+from t4dopt.options import CacheSpec
 from t4dopt.sites import SiteDecision
 
 
@@ -53,25 +55,29 @@ def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: 
     for unit in prepared.plan.units if "token" in spec.levels else []:
         if unit.token_site is not None:
             site = unit.token_site
-            token_taps[unit.index] = (site.site.query.name, (site.rewritten_output or site.site.output).name)
+            token_taps[unit.index] = TokenTaps(site.site.query.name, (site.rewritten_output or site.site.output).name)
     taps = list(dict.fromkeys([unit.entry for unit in program.units]
                               + [name for pair in token_taps.values() for name in pair]))
-    runs = program.runs()
-    computed: dict[str, LazyLowered] = {}
-    reused: dict[tuple[int, ...], LazyLowered | None] = {}
+    spans = program.spans()
+    computed: dict[SaveKind, ComputedGraph] = {}
+    reused: dict[tuple[int, ...], ReusedGraph] = {}
 
-    def computed_for(kind: str) -> LazyLowered:
+    def computed_for(kind: SaveKind) -> ComputedGraph:
         if kind not in computed:
-            computed[kind] = LazyLowered(tapped_graph(gm, taps, program.stored_values(), kind), lower)
+            whole = tapped_graph(gm, taps, program.saved_values(), kind)
+            computed[kind] = ComputedGraph(LazyLowered(whole.module, lower), whole.outputs)
         return computed[kind]
 
-    def reused_for(orders: tuple[int, ...]) -> LazyLowered | None:
+    def reused_for(orders: tuple[int, ...]) -> ReusedGraph:
         if orders not in reused:
-            graph = reused_graph(gm, prepared.plan, runs, orders)
-            reused[orders] = LazyLowered(graph, lower) if graph is not None else None
+            whole = reused_graph(gm, prepared.plan, spans, orders)
+            reused[orders] = ReusedGraph(LazyLowered(whole.module, lower), whole.outputs)
         return reused[orders]
 
-    return StepGraphs(LazyLowered(tapped_graph(gm, []), lower), computed_for, taps, token_taps, reused_for)
+    # Whether every span can be rebuilt does not depend on the orders: try once, with order 0 throughout.
+    rebuildable = reused_graph(gm, prepared.plan, spans, [0] * len(spans)) is not None
+    return StepGraphs(LazyLowered(tapped_graph(gm, []).module, lower), computed_for,
+                      reused_for if rebuildable else None, token_taps)
 
 
 def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[SiteDecision], spec: CacheSpec,
@@ -84,7 +90,7 @@ def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list
     def lazy(module: fx.GraphModule | None) -> LazyLowered | None:
         return LazyLowered(module, lower) if module is not None else None
 
-    runners = [(lazy(s.gm), lazy(s.token_full), lazy(s.token_pruned)) for s in prepared.segments]
+    runners = [SegmentRunners(lazy(s.gm), lazy(s.token_full), lazy(s.token_pruned)) for s in prepared.segments]
     parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
     runtime = CacheRuntime(prepared.program, runners, spec, parameter_ids, lower, step_graphs(gm, prepared, spec, lower))
     register(runtime)

@@ -18,37 +18,23 @@ reuses in a row are computed.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from enum import StrEnum
 
+from t4dopt.cache.schedule import Position
+from t4dopt.cache.state import DriftState
 from t4dopt.options import CacheSpec
 
-COMPUTE, REUSE, PRUNE, BYPASS = "computed", "reused", "pruned", "bypassed"
-MODES = (COMPUTE, REUSE, PRUNE, BYPASS)
+
+class Mode(StrEnum):
+    """What a unit does in one call; the values are the names reports count them under."""
+
+    COMPUTE = "computed"
+    REUSE = "reused"
+    PRUNE = "pruned"
+    BYPASS = "bypassed"
+
+
 TOKEN_THRESHOLD_FACTOR = 2.0
-
-
-@dataclass
-class DriftState:
-    """What the policy knows of one unit or chain within one generation."""
-
-    rate: float | None = None
-    since: int = 0
-    reuses: int = 0
-    stored: bool = False
-
-    def predicted(self) -> float:
-        """Drift expected at this call: the last measured rate times the steps since the last compute."""
-        return math.inf if self.rate is None else self.rate * self.since
-
-    def usable(self, spec: CacheSpec) -> bool:
-        return self.stored and self.reuses < spec.max_reuse
-
-    def measured(self, drift: float, distance: int) -> None:
-        self.rate = drift / max(distance, 1)
-
-    def computed(self) -> None:
-        self.since, self.reuses, self.stored = 0, 0, True
 
 
 def forced(spec: CacheSpec, step: int) -> bool:
@@ -56,10 +42,19 @@ def forced(spec: CacheSpec, step: int) -> bool:
     return step < spec.warmup or (spec.steps is not None and step >= spec.steps - spec.final)
 
 
+def progress_of(spec: CacheSpec, position: Position) -> float:
+    """How far through the schedule a call is, 0 to 1: from the step count, else the timestep, else 0.5."""
+    if spec.steps:
+        return min(position.step / max(spec.steps - 1, 1), 1.0)
+    if position.timestep is not None and position.first_timestep and position.timestep <= position.first_timestep:
+        return 1.0 - position.timestep / position.first_timestep
+    return 0.5
+
+
 def choose(spec: CacheSpec, step: int, progress: float, units: list[DriftState], chains: list[DriftState],
-           chain_units: list[tuple[int, ...]], prunable: list[bool]) -> list[str]:
+           chain_units: list[tuple[int, ...]], prunable: list[bool]) -> list[Mode]:
     """One mode per unit for this call."""
-    modes = [COMPUTE] * len(units)
+    modes = [Mode.COMPUTE] * len(units)
     if forced(spec, step):
         return modes
     if "chain" in spec.levels:
@@ -67,13 +62,13 @@ def choose(spec: CacheSpec, step: int, progress: float, units: list[DriftState],
         for state, members in zip(chains, chain_units):
             if state.usable(spec) and state.predicted() < chain_threshold:
                 for index in members:
-                    modes[index] = BYPASS
+                    modes[index] = Mode.BYPASS
     for index, state in enumerate(units):
-        if modes[index] == BYPASS or not state.usable(spec):
+        if modes[index] is Mode.BYPASS or not state.usable(spec):
             continue
         drift = state.predicted()
         if "block" in spec.levels and drift < spec.threshold:
-            modes[index] = REUSE
+            modes[index] = Mode.REUSE
         elif "token" in spec.levels and prunable[index] and drift < TOKEN_THRESHOLD_FACTOR * spec.threshold:
-            modes[index] = PRUNE
+            modes[index] = Mode.PRUNE
     return modes

@@ -2,13 +2,15 @@
 
 A `Program` names every value by its node in the original graph, so the same runtime runs
 segments lowered in this process and segments loaded from a deployment bundle, whose
-manifest stores the program as JSON.
+manifest stores the program as JSON (`to_json`; `from_json` also reads the manifests of
+earlier versions, whose segments carried a ``token`` flag that nothing read).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 
 import torch.fx as fx
 from torch.utils import _pytree as pytree
@@ -17,12 +19,14 @@ from t4dopt.compat import treespec_dumps, treespec_loads
 from t4dopt.cache.graph.regions import RegionPlan, is_in_place
 from t4dopt.cache.graph.segments import Segment, token_rows
 
+
 @dataclass(frozen=True)
 class SegmentSpec:
+    """A segment by the values it takes and returns; `unit` is the unit it computes, None outside units."""
+
     inputs: list[str]
     outputs: list[str]
     unit: int | None = None
-    token: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,24 @@ class UnitSpec:
     token_share: float | None = None
 
 
+class UnitSpan(NamedTuple):
+    """Adjacent units ``first..last`` (each one's exit the next one's entry), by unit index."""
+
+    first: int
+    last: int
+
+
+class SavedValue(NamedTuple):
+    """The entry and exit (by value name) of what a computation saves: a unit, or a whole chain."""
+
+    entry: str
+    exit: str
+
+
 @dataclass(frozen=True)
 class Program:
+    """The graph as the runtime runs it: its inputs, outputs, segments, units and chains."""
+
     placeholders: list[str]
     output_leaves: list[Any]
     output_spec: str
@@ -54,20 +74,25 @@ class Program:
         leaves = [env[leaf["value"]] if isinstance(leaf, dict) else leaf for leaf in self.output_leaves]
         return pytree.tree_unflatten(leaves, treespec_loads(self.output_spec))
 
-    def runs(self) -> list[tuple[int, int]]:
-        """Maximal runs of adjacent units (each one's exit the next one's entry) as (first, last) unit indices."""
-        runs: list[tuple[int, int]] = []
+    def spans(self) -> list[UnitSpan]:
+        """The maximal spans of adjacent units, in order; every unit is in one."""
+        spans: list[UnitSpan] = []
         for index, unit in enumerate(self.units):
-            if runs and self.units[runs[-1][1]].exit == unit.entry:
-                runs[-1] = (runs[-1][0], index)
+            if spans and self.units[spans[-1].last].exit == unit.entry:
+                spans[-1] = spans[-1]._replace(last=index)
             else:
-                runs.append((index, index))
-        return runs
+                spans.append(UnitSpan(index, index))
+        return spans
 
-    def stored_values(self) -> list[tuple[str, str]]:
-        """(entry, exit) of what a call computing everything stores: each unit, then each chain."""
-        return ([(unit.entry, unit.exit) for unit in self.units]
-                + [(self.units[chain[0]].entry, self.units[chain[-1]].exit) for chain in self.chains])
+    def saved_values(self) -> list[SavedValue]:
+        """What a call computing everything saves: each unit, then each chain."""
+        return ([SavedValue(unit.entry, unit.exit) for unit in self.units]
+                + [SavedValue(self.units[chain[0]].entry, self.units[chain[-1]].exit) for chain in self.chains])
+
+    @cached_property
+    def chain_of(self) -> dict[int, int]:
+        """The chain each unit in a chain belongs to, by unit index."""
+        return {unit: chain for chain, members in enumerate(self.chains) for unit in members}
 
     def output_values(self, flat: list[Any]) -> Any:
         """The graph's output structure from the values of its tensor leaves, in order."""
@@ -84,7 +109,7 @@ class Program:
             output_leaves=list(data["output_leaves"]),
             output_spec=data["output_spec"],
             timestep=data["timestep"],
-            segments=[SegmentSpec(**s) for s in data["segments"]],
+            segments=[SegmentSpec(list(s["inputs"]), list(s["outputs"]), s.get("unit")) for s in data["segments"]],
             units=[UnitSpec(**u) for u in data["units"]],
             chains=[tuple(c) for c in data["chains"]],
             mutates=bool(data.get("mutates", True)),
@@ -100,8 +125,7 @@ def program_of(gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], ti
         output_leaves=[{"value": leaf.name} if isinstance(leaf, fx.Node) else leaf for leaf in leaves],
         output_spec=treespec_dumps(spec),
         timestep=timestep.name if timestep is not None else None,
-        segments=[SegmentSpec([n.name for n in s.inputs], [n.name for n in s.outputs], s.unit, s.token_full is not None)
-                  for s in segments],
+        segments=[SegmentSpec([n.name for n in s.inputs], [n.name for n in s.outputs], s.unit) for s in segments],
         units=[UnitSpec(u.name, u.kind, u.entry.name, u.exit.name, f,
                         token_rows(u, token_ratio) / u.token_site.site.query_shape[0] if u.token_site else None)
                for u, f in zip(plan.units, flops)],

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from t4dopt.cache.policy import BYPASS, COMPUTE, MODES, PRUNE, REUSE
+from t4dopt.cache.policy import Mode
 
 
 @dataclass(frozen=True)
 class UnitReport:
-    """One cache unit (an attention sublayer) over one generation.
+    """One cache unit (an attention sublayer) over one generation; a count per `Mode`, named by its value.
 
     ``flops_saved`` counts the attention FLOPs (QK^T and PV) not spent: the whole site when
     reused or bypassed, the rows not recomputed when pruned.
@@ -33,12 +33,13 @@ class CacheStats:
         """`pruned_share`: per unit, the share of its attention rows a pruned call recomputes."""
         self.names, self.kinds, self.flops, self.pruned_share = names, kinds, flops, pruned_share
         self.current = self._empty()
-        self.last: list[dict[str, int]] | None = None
+        self.last: list[dict[Mode, int]] | None = None
 
-    def _empty(self) -> list[dict[str, int]]:
-        return [dict.fromkeys(MODES, 0) for _ in self.names]
+    def _empty(self) -> list[dict[Mode, int]]:
+        return [dict.fromkeys(Mode, 0) for _ in self.names]
 
-    def record(self, modes: list[str]) -> None:
+    def count(self, modes: list[Mode]) -> None:
+        """Count one call: each unit's mode."""
         for counts, mode in zip(self.current, modes):
             counts[mode] += 1
 
@@ -54,8 +55,9 @@ class CacheStats:
         rows = []
         for name, kind, flops, share, c in zip(self.names, self.kinds, self.flops, self.pruned_share, counts):
             calls = sum(c.values())
-            saved = flops * (c[REUSE] + c[BYPASS]) + flops * (1.0 - share) * c[PRUNE]
-            rows.append(UnitReport(name, kind, calls, c[COMPUTE], c[REUSE], c[PRUNE], c[BYPASS], flops * calls, saved))
+            saved = flops * (c[Mode.REUSE] + c[Mode.BYPASS]) + flops * (1.0 - share) * c[Mode.PRUNE]
+            rows.append(UnitReport(name, kind, calls, flops_dense=flops * calls, flops_saved=saved,
+                                   **{mode.value: c[mode] for mode in Mode}))
         return rows
 
 

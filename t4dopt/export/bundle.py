@@ -25,6 +25,7 @@ import torch.fx as fx
 
 import t4dopt
 from t4dopt.cache.build import prepare
+from t4dopt.cache.graph.segments import token_outputs
 from t4dopt.deploy import BUNDLE_FORMAT, MANIFEST
 from t4dopt.errors import T4DUnsupportedError
 from t4dopt.export.capture import capture_for_export, node_values
@@ -114,8 +115,8 @@ def export_bundle(
         if segment.token_full is not None:
             files["full"] = _save(segment.token_full, inputs, folder / f"segment{index:03d}.full.pt2")
             with torch.no_grad():
-                *_, reference, rows = segment.token_full(*inputs)
-            files["pruned"] = _save(segment.token_pruned, inputs + (reference, rows),
+                _, rows = token_outputs(segment.token_full(*inputs))
+            files["pruned"] = _save(segment.token_pruned, inputs + tuple(rows),
                                     folder / f"segment{index:03d}.pruned.pt2")
         artifacts.append(files)
     program = prepared.program

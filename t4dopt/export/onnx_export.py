@@ -3,7 +3,8 @@
 1. Capture the model as one torch-level FX graph and rewrite it with the turbo4d passes
    (`capture`), exactly as ``backend="turbo4d"`` would.
 2. ``ops="custom"``: export through torch.onnx's dynamo exporter with an onnxscript translation
-   of ``torch.ops.t4d.block_sparse_attention`` to ``t4d.BlockSparseAttention`` (`custom_domain`).
+   of ``torch.ops.t4d.block_sparse_attention`` to ``t4d.BlockSparseAttention`` (with a key mask:
+   ``t4d.MaskedBlockSparseAttention``; `custom_domain`).
    ``ops="portable"``: first swap each t4d op for gathers, matmuls and a masked softmax over
    the kept blocks (`portable`), so the file holds standard ONNX ops only.
 3. Save (external data past 2 GiB) and check the file with onnx.checker.
@@ -83,7 +84,7 @@ def export_onnx(
         program = torch.onnx.export(gm, args, dynamo=True, opset_version=OPSET_VERSION,
                                     custom_translation_table=translations, verbose=False)
     if ops == "custom":
-        custom_domain.annotate_layouts(program.model, decisions)
+        custom_domain.annotate_layouts(program.model, [d.block_layout for d in decisions if d.action == "sparse"])
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

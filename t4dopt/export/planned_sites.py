@@ -3,7 +3,8 @@
 `plan_sites` replaces each ``t4d.block_sparse_attention`` call whose block table is a buffer and
 whose inputs our Triton kernel runs by ``t4d.block_sparse_attention_planned``
 (`t4dopt.ops.triton_op`), with the kernel's plan as buffers, so AOTInductor compiles the kernel
-into the package.
+into the package. A key mask becomes the float32 key bias the planned op takes, computed in the
+graph (`t4dopt.ops.key_mask.as_bias`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from t4dopt.export.capture import node_values
-from t4dopt.ops import tables, triton_kernel
+from t4dopt.ops import key_mask, tables, triton_kernel
 from t4dopt.ops.schema import OpArguments, resolve_scale
 from t4dopt.ops.triton_op import block_sparse_attention_planned  # noqa: F401  (registers the op)
 
@@ -43,8 +44,11 @@ def plan_sites(gm: fx.GraphModule, args: tuple) -> int:
                 gm.register_buffer(target, getattr(plan, name))
                 buffers.append(gm.graph.get_attr(target))
             contiguous = [gm.graph.call_method("contiguous", (x,)) for x in (call.q, call.k, call.v)]
+            bias = None
+            if call.key_mask is not None:
+                bias = gm.graph.call_function(key_mask.as_bias, (call.key_mask, query.shape[0], torch.float32))
             planned = gm.graph.call_function(torch.ops.t4d.block_sparse_attention_planned.default,
-                                             (*contiguous, *buffers, plan.block_m, plan.block_n, scale))
+                                             (*contiguous, *buffers, plan.block_m, plan.block_n, scale, bias))
         node.replace_all_uses_with(planned)
         gm.graph.erase_node(node)
         count += 1

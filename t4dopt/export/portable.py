@@ -9,6 +9,10 @@ over its kept keys only: ``blocks x slot x max_kv x slot`` scores rather than ``
 
 `make_portable` swaps each ``t4d.block_sparse_attention`` node of a rewritten FX graph for
 `portable_attention`, which torch.onnx turns into Gather, MatMul, Add, Softmax and Reshape.
+
+A key mask (`t4dopt.ops.key_mask`) is gathered like the keys and added to the scores; there the
+masked slots are -inf rather than the lowest finite value, and rows left with no key (whose
+Softmax is NaN) are replaced by zeros with a Where.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.fx as fx
 
 from t4dopt.block_layout import BlockLayout
 from t4dopt.fx_utils import example_tensor
+from t4dopt.ops import key_mask as key_masks
 from t4dopt.ops.schema import OpArguments, resolve_scale
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
@@ -88,8 +93,12 @@ def portable_attention(
     output_index: torch.Tensor,
     row_keep: torch.Tensor | None,
     scale: float,
+    key_mask_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``t4d.block_sparse_attention`` on q, k, v [B, H, N, D] from `PortableTables`, in gathers and matmuls."""
+    """``t4d.block_sparse_attention`` on q, k, v [B, H, N, D] from `PortableTables`, in gathers and matmuls.
+
+    `key_mask_bias` [B or 1, N] in q's dtype: the key mask as an additive bias (`key_mask.as_bias`).
+    """
     b, h, _, d = q.shape
     blocks, slot = key_bias.shape
     max_kv = slot_bias.shape[1]
@@ -100,10 +109,23 @@ def portable_attention(
 
     queries = q.index_select(2, pad_index).reshape(b, h, blocks, slot, d) * scale
     bias = (key_bias.index_select(0, kv_blocks).reshape(blocks, max_kv, slot) + slot_bias)
-    scores = queries @ kept_blocks(k).transpose(-1, -2) + bias.reshape(blocks, 1, max_kv * slot)
-    out = torch.softmax(scores, dim=-1) @ kept_blocks(v)
-    if row_keep is not None:
-        out = out * row_keep
+    bias = bias.reshape(blocks, 1, max_kv * slot)
+    scores = queries @ kept_blocks(k).transpose(-1, -2)
+    if key_mask_bias is None:
+        out = torch.softmax(scores + bias, dim=-1) @ kept_blocks(v)
+        if row_keep is not None:
+            out = out * row_keep
+    else:
+        masks = key_mask_bias.shape[0]
+        gathered = key_mask_bias.index_select(1, pad_index).reshape(masks, blocks, slot)
+        gathered = gathered.index_select(1, kv_blocks).reshape(masks, 1, blocks, 1, max_kv * slot)
+        kept = bias == 0  # [blocks, 1, max_kv * slot]: the slots of the kept key blocks' tokens
+        scores = (scores + gathered).masked_fill(~kept, -torch.inf)
+        out = torch.softmax(scores, dim=-1) @ kept_blocks(v)
+        alive = (kept & (gathered > -torch.inf)).any(dim=-1, keepdim=True)  # [B, 1, blocks, 1, 1]
+        if row_keep is not None:
+            alive = alive & (row_keep > 0)
+        out = torch.where(alive, out, torch.zeros((), dtype=out.dtype))
     return out.reshape(b, h, blocks * slot, -1).index_select(2, output_index)
 
 
@@ -150,7 +172,11 @@ def make_portable(gm: fx.GraphModule) -> int:
                 tables = PortableTables.from_layout(BlockLayout(*table, block_size=call.block_size), example.dtype)
                 registered[key] = _register_tables(gm, f"_t4d_portable{len(registered)}", tables, example.device)
             scale = resolve_scale(call.scale, example.shape[-1])
-            replacement = graph.call_function(portable_attention, (call.q, call.k, call.v, *registered[key], scale))
+            mask = None
+            if call.key_mask is not None:
+                mask = graph.call_function(key_masks.as_bias, (call.key_mask, None, example.dtype))
+            replacement = graph.call_function(portable_attention,
+                                              (call.q, call.k, call.v, *registered[key], scale, mask))
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
     graph.eliminate_dead_code()

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from t4dopt.ops.schema import ONNX_DOMAIN, ONNX_OP_TYPE
+from t4dopt.ops.schema import ONNX_DOMAIN, ONNX_MASKED_OP_TYPE, ONNX_OP_TYPE
 from t4dopt.options import Options
 from t4dopt.plugins import tensorrt_plugins as plugins
 from t4dopt.plugins.tensorrt_plugins import require_cuda
@@ -71,12 +71,18 @@ def to_plugin_nodes(model: Any, *, aot: bool = True) -> int:
     """Rewrite `model` (an ``onnx.ModelProto``, in place) for TensorRT; returns the nodes rewritten.
 
     Each ``t4d.BlockSparseAttention`` node must take its block table from initializers (as
-    `export_onnx` writes it). Initializers no node reads any more are dropped.
+    `export_onnx` writes it). Initializers no node reads any more are dropped. The plugin takes
+    no key mask: a ``t4d.MaskedBlockSparseAttention`` node is refused (before anything is changed).
     """
     import onnx
     from onnx import numpy_helper
 
     graph = model.graph
+    masked = [node.name for node in graph.node if node.domain == ONNX_DOMAIN and node.op_type == ONNX_MASKED_OP_TYPE]
+    if masked:
+        raise ValueError(f"t4dopt.export.tensorrt: {len(masked)} t4d.{ONNX_MASKED_OP_TYPE} nodes ({masked[0]!r}, ...) "
+                         f"carry a key mask, which the {plugins.PLUGIN_ID} TensorRT plugin does not take; run such a "
+                         "model in ONNX Runtime (custom or portable ONNX) or with AOTInductor, or keep it unmasked")
     initializers = {init.name: init for init in graph.initializer}
     rewritten = 0
     for index, node in enumerate(graph.node):

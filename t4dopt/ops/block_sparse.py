@@ -5,6 +5,13 @@ store it as buffers and Inductor or export keep the op as one opaque node (see t
 implementation). CPU tensors run `cpu_kernel`; on CUDA the forward runs our Triton kernel
 (`triton_kernel`) where it supports the inputs and FlexAttention (`flex_path`) otherwise, and the
 backward runs FlexAttention. The tables are decoded and planned once (`tables`).
+
+An optional ``key_mask`` [B, N] (bool, or additive) removes keys per batch element on top of the
+block mask, such as a text-padding mask; `t4dopt.ops.key_mask` says exactly what it computes.
+Every kernel takes it; a mask that keeps every key runs the unmasked path.
+
+Outputs are contiguous on every path, forward and backward, and the fake implementations say so
+(Inductor checks the strides of what an opaque op returns against its fake).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from t4dopt.block_layout import BlockLayout
-from t4dopt.ops import cpu_kernel, flex_path, triton_kernel
+from t4dopt.ops import cpu_kernel, flex_path, key_mask as key_masks, triton_kernel
 from t4dopt.ops.schema import BACKWARD_OP_NAME, OP_NAME, resolve_scale
 from t4dopt.ops.tables import layout_tensors, table_for
 
@@ -34,7 +41,7 @@ def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor,
-                  kv_indices: torch.Tensor, block_starts: torch.Tensor) -> None:
+                  kv_indices: torch.Tensor, block_starts: torch.Tensor, key_mask: torch.Tensor | None = None) -> None:
     """Shape, dtype and device checks that need no tensor data (they also run on fake tensors)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
@@ -62,6 +69,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: 
         raise ValueError(
             f"{OP_NAME}: block table of {blocks} blocks needs kv_indices [{blocks}, max_kv] and "
             f"block_starts [{blocks + 1}], got {tuple(kv_indices.shape)} and {tuple(block_starts.shape)}")
+    key_masks.check(key_mask, q)
+
+
+def _bias_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _key_bias(key_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """The additive key bias [B, N] the kernels take, or None for no mask (or one that keeps every key)."""
+    key_mask = key_masks.effective(key_mask)
+    return None if key_mask is None else key_masks.as_bias(key_mask, q.shape[0], _bias_dtype(q))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -74,19 +92,20 @@ def block_sparse_attention_op(
     block_starts: torch.Tensor,
     block_size: int,
     scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of q [B, H, N, D] over k, v [B, H, N, D|Dv] restricted to the kept blocks.
+    """Attention of q [B, H, N, D] over k, v [B, H, N, D|Dv] restricted to the kept blocks (and keys).
 
-    Rows of a query block that keeps no key block come out as zeros.
+    Rows that keep no key come out as zeros. `key_mask`: see `t4dopt.ops.key_mask`.
     """
     raise NotImplementedError(f"{OP_NAME} runs on CPU and CUDA tensors, not on {q.device.type}")
 
 
 @block_sparse_attention_op.register_kernel("cpu")
-def _forward_cpu(q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None):
-    _check_inputs(q, k, v, kv_counts, kv_indices, block_starts)
+def _forward_cpu(q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None, key_mask=None):
+    _check_inputs(q, k, v, kv_counts, kv_indices, block_starts, key_mask)
     table = table_for(q, kv_counts, kv_indices, block_starts)
-    return cpu_kernel.forward(q, k, v, table.cpu_plan(), resolve_scale(scale, q.shape[-1]))
+    return cpu_kernel.forward(q, k, v, table.cpu_plan(), resolve_scale(scale, q.shape[-1]), _key_bias(key_mask, q))
 
 
 def cuda_forward_kernel(q: torch.Tensor, v: torch.Tensor, scale: float) -> str:
@@ -105,19 +124,20 @@ def cuda_forward_kernel(q: torch.Tensor, v: torch.Tensor, scale: float) -> str:
 
 
 @block_sparse_attention_op.register_kernel("cuda")
-def _forward_cuda(q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None):
-    _check_inputs(q, k, v, kv_counts, kv_indices, block_starts)
+def _forward_cuda(q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None, key_mask=None):
+    _check_inputs(q, k, v, kv_counts, kv_indices, block_starts, key_mask)
     table = table_for(q, kv_counts, kv_indices, block_starts)
     scale = resolve_scale(scale, q.shape[-1])
+    key_bias = _key_bias(key_mask, q)
     if cuda_forward_kernel(q, v, scale) == "triton":
-        return triton_kernel.forward(q, k, v, table.triton_plan(q.device), scale)[0]
-    return flex_path.forward(q, k, v, table.block_mask(block_size, q.device), scale)
+        return triton_kernel.forward(q, k, v, table.triton_plan(q.device), scale, key_bias=key_bias)[0]
+    return flex_path.forward(q, k, v, table.block_mask(block_size, q.device), scale, key_bias)
 
 
 @block_sparse_attention_op.register_fake
-def _forward_fake(q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None):
-    _check_inputs(q, k, v, kv_counts, kv_indices, block_starts)
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+def _forward_fake(q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None, key_mask=None):
+    _check_inputs(q, k, v, kv_counts, kv_indices, block_starts, key_mask)
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))  # contiguous, as every kernel returns it
 
 
 @torch.library.custom_op(BACKWARD_OP_NAME, mutates_args=())
@@ -131,37 +151,45 @@ def block_sparse_attention_backward_op(
     block_starts: torch.Tensor,
     block_size: int,
     scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of ``t4d::block_sparse_attention`` for the output gradient `grad_out`."""
+    """(dq, dk, dv) of ``t4d::block_sparse_attention`` for the output gradient `grad_out`, contiguous."""
+    _check_inputs(q, k, v, kv_counts, kv_indices, block_starts, key_mask)
     table = table_for(q, kv_counts, kv_indices, block_starts)
-    return cpu_kernel.backward(grad_out, q, k, v, table.cpu_plan(), resolve_scale(scale, q.shape[-1]))
+    return cpu_kernel.backward(grad_out, q, k, v, table.cpu_plan(), resolve_scale(scale, q.shape[-1]),
+                               _key_bias(key_mask, q))
 
 
 @block_sparse_attention_backward_op.register_kernel("cuda")
-def _backward_cuda(grad_out, q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None):
+def _backward_cuda(grad_out, q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None, key_mask=None):
+    _check_inputs(q, k, v, kv_counts, kv_indices, block_starts, key_mask)
     table = table_for(q, kv_counts, kv_indices, block_starts)
-    return flex_path.backward(grad_out, q, k, v, table.block_mask(block_size, q.device), resolve_scale(scale, q.shape[-1]))
+    return flex_path.backward(grad_out, q, k, v, table.block_mask(block_size, q.device),
+                              resolve_scale(scale, q.shape[-1]), _key_bias(key_mask, q))
 
 
 @block_sparse_attention_backward_op.register_fake
-def _backward_fake(grad_out, q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _backward_fake(grad_out, q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None, key_mask=None):
+    # Contiguous, as the kernels return them (not empty_like: that would keep q's strides).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, kv_counts, kv_indices, block_starts, block_size, scale = inputs
-    ctx.save_for_backward(q, k, v, kv_counts, kv_indices, block_starts)
+    q, k, v, kv_counts, kv_indices, block_starts, block_size, scale, key_mask = inputs
+    key_masks.refuse_gradient(key_mask)
+    ctx.save_for_backward(q, k, v, kv_counts, kv_indices, block_starts, key_mask)
     ctx.block_size, ctx.scale = block_size, scale
 
 
 def _backward(ctx, grad_out):
-    q, k, v, kv_counts, kv_indices, block_starts = ctx.saved_tensors
+    q, k, v, kv_counts, kv_indices, block_starts, key_mask = ctx.saved_tensors
     dq, dk, dv = torch.ops.t4d.block_sparse_attention_backward(
-        grad_out, q, k, v, kv_counts, kv_indices, block_starts, ctx.block_size, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+        grad_out, q, k, v, kv_counts, kv_indices, block_starts, ctx.block_size, ctx.scale, key_mask)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
 
 def block_sparse_attention(
     q: torch.Tensor,
@@ -170,12 +198,16 @@ def block_sparse_attention(
     layout: BlockLayout,
     *,
     scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q, k, v [B, H, N, D] restricted to the blocks `layout` keeps.
 
     Equals SDPA with ``attn_mask=layout.token_mask()`` (softmax scale `scale`, by default
     ``1 / sqrt(D)``), except that rows which keep no key come out as zeros; but it computes only
-    the kept blocks. float32, float16 and bfloat16 (float64 too on CPU); differentiable.
+    the kept blocks. `key_mask` ([B, N], or SDPA's key-padding shape [B, 1, 1, N]; bool or
+    additive) also removes keys per batch element, as SDPA would with it combined into the mask
+    (`t4dopt.ops.key_mask`). float32, float16 and bfloat16 (float64 too on CPU); differentiable
+    in q, k and v.
     """
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a t4dopt.BlockLayout, got {type(layout).__name__}")
@@ -183,5 +215,6 @@ def block_sparse_attention(
     if not torch.compiler.is_compiling() and q.dim() == 4 and q.shape[2] != layout.seq_len:
         raise ValueError(f"q/k/v have N={q.shape[2]} tokens but {layout!r} covers {layout.seq_len}")
     kv_counts, kv_indices, block_starts = layout_tensors(layout, q.device)
+    key_mask = key_masks.as_op_argument(key_mask, q) if q.dim() == 4 else key_mask
     return torch.ops.t4d.block_sparse_attention(q, k, v, kv_counts, kv_indices, block_starts,
-                                                layout.block_size, scale)
+                                                layout.block_size, scale, key_mask)

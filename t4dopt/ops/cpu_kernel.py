@@ -14,6 +14,11 @@ blocks that share long runs of consecutive key blocks (a frame's blocks, in vide
 Gathered pieces of one shape run as one batched call. The work is exactly the kept token pairs
 (`Plan.pairs` per batch entry and head). The backward pass recomputes each query block against
 all of its gathered keys with plain matmuls (nothing to merge), one bounded chunk at a time.
+
+A key mask (`t4dopt.ops.key_mask`) enters as an additive bias [B, N] on the keys: each piece adds
+its keys' slice of it (the flash kernel's ``attn_mask``), rows of a piece whose keys are all
+removed get log-sum-exp -inf, and merges tolerate two such halves. Without a key mask the code
+path is the one it always was (`_masked_lse`, `_piece_bias` and `_softmax_of_masked` run only with one).
 """
 
 from __future__ import annotations
@@ -214,18 +219,45 @@ def build_plan(dense: torch.Tensor, block_starts: torch.Tensor) -> Plan:
     return Plan(unit, gathered, tuple(pieces), whole_rows.build(), pairs)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention of one piece: (output in q's dtype, log-sum-exp in float32/float64)."""
-    return cpu_flash_attention()(q, k, v, scale)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of one piece: (output in q's dtype, log-sum-exp in float32/float64).
+
+    `bias` (additive, broadcast to [B, H, Nq, Nk]) comes from a key mask; see `_masked_lse`.
+    """
+    if bias is None:
+        return cpu_flash_attention()(q, k, v, scale)
+    return cpu_flash_attention()(q, k, v, scale, bias)
 
 
-def _merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+def _masked_lse(lse: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`lse` with -inf on the rows whose keys the bias removes entirely.
+
+    torch's CPU flash kernel returns zeros and a log-sum-exp of 0 for such rows; 0 would weigh them
+    in a merge as if they had keys. `bias` is [..., 1, Nk] with `lse`'s leading dims.
+    """
+    return lse.masked_fill(torch.isneginf(bias).all(dim=-1), -math.inf)
+
+
+def _piece_bias(key_bias: torch.Tensor, kv_index: torch.Tensor, unit: int, heads: int) -> torch.Tensor:
+    """[B, N] -> [B, H * pieces, 1, kv_len]: the key bias of each gathered piece, in `_gather`'s head-major order."""
+    b, pieces = key_bias.shape[0], kv_index.shape[0]
+    bias = key_bias.index_select(1, _tokens(kv_index, unit)).view(b, 1, pieces, -1)
+    return bias.expand(b, heads, pieces, bias.shape[-1]).reshape(b, heads * pieces, 1, bias.shape[-1])
+
+
+def _merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            masked: bool = False) -> None:
     """(acc, acc_lse) <- the softmax-weighted union of (acc, acc_lse) and (out, lse), in place.
 
-    The two weights exp(acc_lse - total) and exp(lse - total) sum to one: one lerp pass.
+    The two weights exp(acc_lse - total) and exp(lse - total) sum to one: one lerp pass. With a key
+    mask (`masked`) both halves of a row may have no key (-inf): its weight, NaN, is taken as 0.
     """
     total = torch.logaddexp(acc_lse, lse)
-    acc.lerp_(out.to(acc.dtype), (lse - total).exp_().unsqueeze(-1))
+    weight = (lse - total).exp_()
+    if masked:
+        weight = weight.nan_to_num_(0.0)
+    acc.lerp_(out.to(acc.dtype), weight.unsqueeze(-1))
     acc_lse.copy_(total)
 
 
@@ -278,8 +310,12 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float) -> torch.Tensor:
-    """Block-sparse attention of [B, H, N, D] CPU tensors; returns [B, H, N, Dv] in q's dtype."""
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
+            key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-sparse attention of [B, H, N, D] CPU tensors; returns [B, H, N, Dv] in q's dtype, contiguous.
+
+    `key_bias` [B, N] (accumulation dtype: float32, float64 for float64) is added to each key's scores.
+    """
     head_dim, value_dim = q.shape[-1], v.shape[-1]
     if value_dim != head_dim:
         # The fused kernel wants one head size: zero columns change neither scores nor outputs.
@@ -293,8 +329,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
     acc_lse = q.new_full((b, h, n), -math.inf, dtype=acc_dtype)
     for group in plan.gathered:
         for q_index, kv_index in _chunks(group, b * h * group.kv_index.shape[1] * unit * 2 * d):
+            bias = None if key_bias is None else _piece_bias(key_bias, kv_index, unit, h)
             out, lse = _attend(_gather(q, q_index, unit, "q"), _gather(k, kv_index, unit, "k"),
-                               _gather(v, kv_index, unit, "v"), scale)
+                               _gather(v, kv_index, unit, "v"), scale, bias)
+            if bias is not None:
+                lse = _masked_lse(lse, bias)
             rows = _tokens(q_index, unit)
             out, lse = out.reshape(b, h, rows.numel(), d), lse.reshape(b, h, rows.numel())
             if group.fresh:
@@ -302,19 +341,31 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
                 acc_lse.index_copy_(2, rows, lse.to(acc_dtype))
             else:
                 merged, merged_lse = acc.index_select(2, rows), acc_lse.index_select(2, rows)
-                _merge_(merged, merged_lse, out, lse)
+                _merge_(merged, merged_lse, out, lse, key_bias is not None)
                 acc.index_copy_(2, rows, merged)
                 acc_lse.index_copy_(2, rows, merged_lse)
     for rect in plan.rects:
         rows = slice(rect.q_start, rect.q_end)
         keys = slice(rect.k_start, rect.k_end)
-        out, lse = _attend(q[:, :, rows], k[:, :, keys], v[:, :, keys], scale)
+        bias = None if key_bias is None else key_bias[:, None, None, keys]
+        out, lse = _attend(q[:, :, rows], k[:, :, keys], v[:, :, keys], scale, bias)
+        if bias is not None:
+            lse = _masked_lse(lse, bias)
         if rect.fresh:
             acc[:, :, rows] = out
             acc_lse[:, :, rows] = lse
         else:
-            _merge_(acc[:, :, rows], acc_lse[:, :, rows], out, lse)
-    return acc[..., :value_dim].to(q.dtype)
+            _merge_(acc[:, :, rows], acc_lse[:, :, rows], out, lse, key_bias is not None)
+    # (contiguous: the fake implementation promises it, also when the value dim was padded above)
+    return acc[..., :value_dim].to(q.dtype).contiguous()
+
+
+def _softmax_of_masked(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where whole rows may be -inf (a key mask removed every key): those give 0."""
+    top = scores.amax(dim=-1, keepdim=True)
+    probs = (scores - top.masked_fill_(torch.isneginf(top), 0.0)).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    return probs.div_(total.masked_fill_(total == 0, 1.0))
 
 
 def backward(
@@ -324,10 +375,12 @@ def backward(
     v: torch.Tensor,
     plan: Plan,
     scale: float,
+    key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of `forward`, recomputing attention one chunk of query blocks at a time.
 
     Plain tensor ops, so it runs on any device; it accumulates in float32 (float64 for float64).
+    The gradients are contiguous.
     """
     q, k, v, grad_out = (x.contiguous() for x in (q, k, v, grad_out))
     b, h, _, d = q.shape
@@ -349,7 +402,14 @@ def backward(
             q_index, kv_index = q_index.to(q.device), kv_index.to(q.device)
             qg, kg, vg = gathered(q, q_index, "q"), gathered(k, kv_index, "k"), gathered(v, kv_index, "v")
             grad = gathered(grad_out, q_index, "grad")
-            probs = torch.softmax(torch.matmul(qg, kg.transpose(-1, -2)) * scale, dim=-1)
+            scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale
+            if key_bias is None:
+                probs = torch.softmax(scores, dim=-1)
+            else:
+                pieces = q_index.shape[0]
+                bias = key_bias.index_select(1, _tokens(kv_index, unit)).view(b, 1, pieces, 1, kv_len)
+                scores = scores.view(b, h, pieces, q_len, kv_len).add_(bias).view(b, h * pieces, q_len, kv_len)
+                probs = _softmax_of_masked(scores)
             out = torch.matmul(probs, vg)
             dv_g = torch.matmul(probs.transpose(-1, -2), grad)
             dprobs = torch.matmul(grad, vg.transpose(-1, -2))

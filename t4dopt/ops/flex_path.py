@@ -9,6 +9,10 @@ mask_mod) when all are; so with equal blocks aligned to the tiles every kept til
 mask_mod runs. Partial tiles (unequal blocks: a frame's partial last block, prefix blocks; or
 blocks smaller than a tile) look ``dense_blocks[block_of_token[q], block_of_token[kv]]`` up in
 the mask_mod.
+
+A key mask does not change the ``BlockMask`` (it is per batch element, the BlockMask is not): it is
+a ``score_mod`` adding the key bias [B, N] to each score, which FlexAttention applies on full and
+partial tiles alike. Rows whose every score is -inf come out of FlexAttention as zeros.
 """
 
 from __future__ import annotations
@@ -106,10 +110,24 @@ def _flex():
     return _compiled_flex
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float) -> torch.Tensor:
-    """FlexAttention's inference kernel (the op's autograd formula calls `backward`)."""
+def _score_mod(key_bias: torch.Tensor | None):
+    """The score_mod adding the key bias [B, N] (see `t4dopt.ops.key_mask`), or None without one."""
+    if key_bias is None:
+        return None
+
+    def add_key_bias(score, b, h, q_idx, kv_idx):
+        return score + key_bias[b, kv_idx]
+
+    return add_key_bias
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float,
+            key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """FlexAttention's inference kernel (the op's autograd formula calls `backward`); contiguous output."""
     with torch.no_grad():
-        return _flex()(q.detach(), k.detach(), v.detach(), block_mask=block_mask, scale=scale)
+        out = _flex()(q.detach(), k.detach(), v.detach(), score_mod=_score_mod(key_bias), block_mask=block_mask,
+                      scale=scale)
+    return out.contiguous()  # (FlexAttention follows q's stride order; the op's fake promises contiguous)
 
 
 @contextlib.contextmanager
@@ -121,10 +139,10 @@ def _autograd_enabled() -> Iterator[None]:
 
 
 def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask,
-             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) by FlexAttention's own backward kernels, after recomputing the forward."""
+             scale: float, key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) by FlexAttention's own backward kernels, after recomputing the forward; contiguous."""
     with _autograd_enabled():
         inputs = tuple(x.detach().requires_grad_() for x in (q, k, v))
-        out = _flex()(*inputs, block_mask=block_mask, scale=scale)
+        out = _flex()(*inputs, score_mod=_score_mod(key_bias), block_mask=block_mask, scale=scale)
         dq, dk, dv = torch.autograd.grad(out, inputs, grad_out)
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()

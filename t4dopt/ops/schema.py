@@ -12,8 +12,12 @@ TABLE_ARGUMENTS = ("kv_counts", "kv_indices", "block_starts")
 
 ONNX_DOMAIN = "t4d"
 ONNX_OP_TYPE = "BlockSparseAttention"
+ONNX_MASKED_OP_TYPE = "MaskedBlockSparseAttention"
 ONNX_DOMAIN_VERSION = 1
-"""The op as an ONNX node: ``t4d.BlockSparseAttention``, opset 1 of the ``t4d`` domain."""
+"""The op as an ONNX node: ``t4d.BlockSparseAttention``, opset 1 of the ``t4d`` domain; with a key
+mask, ``t4d.MaskedBlockSparseAttention`` (the same inputs and a seventh, the additive key bias).
+Two node types rather than an optional input: ONNX Runtime's Python custom ops (onnxruntime-
+extensions) take a fixed list of inputs."""
 
 
 def default_scale(head_dim: int) -> float:
@@ -36,6 +40,8 @@ class OpArguments(NamedTuple):
     block_starts: Any
     block_size: int
     scale: float | None = None
+    key_mask: Any = None
+    """bool or additive [B, N] per key (see `t4dopt.ops.key_mask`), or None."""
 
     @classmethod
     def of_call(cls, args: tuple, kwargs: dict | None = None) -> OpArguments:

@@ -20,6 +20,10 @@ Each program runs the FlashAttention-2 forward for its query tile over its chunk
 Q, K and V loaded per chunk (software-pipelined over ``num_stages``), online softmax in float32
 with ``exp2`` and the softmax scale folded into ``log2(e)``. It writes O and the
 log-sum-exp (float32 [B, H, N], natural log; -inf on rows that keep no key, whose O is 0).
+
+With a key mask (`t4dopt.ops.key_mask`), the kernel is compiled with ``HAS_BIAS``: each key tile
+also loads its slice of the float32 key bias [B, N] and adds it to the scores, and the online
+softmax guards rows whose scores are all -inf so far. Without one, that code is not compiled in.
 """
 
 from __future__ import annotations
@@ -156,14 +160,16 @@ def build_plan(dense: torch.Tensor, block_starts: torch.Tensor, *, block_m: int,
 
 # ---------------------------------------------------------------------------------------- kernel
 
-def _attend_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, kv_len, qk_scale, offs_n,
-                 MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _attend_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, kv_len, qk_scale, offs_n,
+                 MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax step of a query tile over BLOCK_N keys (the first `kv_len` valid if MASKED).
 
     `m_i` is the running row maximum of the scores in log2 units (times ``scale * log2(e)``), so
     the exponent is one fused multiply-add; the scale is positive, so the maximum of the scaled
-    scores is the scaled maximum. `m_i` is finite after a program's first step, as every chunk
-    has a valid key, so ``m_i - m_new`` is never ``-inf - -inf``.
+    scores is the scaled maximum. Without a key bias `m_i` is finite after a program's first step,
+    as every chunk has a valid key, so ``m_i - m_new`` is never ``-inf - -inf``. A key bias (in
+    natural units, at `bias_ptrs`) can remove every key of a chunk: then a row's maximum may stay
+    -inf, and the exponents are taken against 0 instead (they are all exp2(-inf) = 0).
     """
     if MASKED:
         valid = offs_n < kv_len
@@ -173,9 +179,20 @@ def _attend_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, kv_len, qk_scale, offs_n,
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
         scores = tl.where(valid[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
-    p = tl.math.exp2(scores * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    if HAS_BIAS:
+        if MASKED:
+            bias = tl.load(bias_ptrs, mask=valid, other=float("-inf"))
+        else:
+            bias = tl.load(bias_ptrs)
+        scores = scores * qk_scale + (bias * 1.4426950408889634)[None, :]  # natural log to log2 units
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(scores - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+    else:
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+        p = tl.math.exp2(scores * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
@@ -186,11 +203,11 @@ def _attend_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, kv_len, qk_scale, offs_n,
 
 
 def _forward_kernel(
-    Q, K, V, Out, Lse, tiles, full_starts, partial_starts, partial_ends, qk_scale, heads,
+    Q, K, V, Out, Lse, KeyBias, tiles, full_starts, partial_starts, partial_ends, qk_scale, heads,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh, stride_bb,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -213,6 +230,7 @@ def _forward_kernel(
     q = tl.load(q_ptrs + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rows[:, None], other=0.0)
     k_tile = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_tile = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :]
+    bias_tile = KeyBias + b * stride_bb + offs_n  # (not read without HAS_BIAS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -220,13 +238,13 @@ def _forward_kernel(
     for c in range(full_begin, full_end):
         key = tl.load(full_starts + c).to(tl.int64)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_tile + key * stride_kn, v_tile + key * stride_vn,
-                                     BLOCK_N, qk_scale, offs_n, False, PRECISION)
+                                     bias_tile + key, BLOCK_N, qk_scale, offs_n, False, HAS_BIAS, PRECISION)
     for c in range(partial_begin, partial_end):
         key = tl.load(partial_starts + c)
         kv_len = tl.load(partial_ends + c) - key
         key = key.to(tl.int64)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_tile + key * stride_kn, v_tile + key * stride_vn,
-                                     kv_len, qk_scale, offs_n, True, PRECISION)
+                                     bias_tile + key, kv_len, qk_scale, offs_n, True, HAS_BIAS, PRECISION)
 
     # Rows that keep no key have l_i = 0 and acc = 0: O = 0, log-sum-exp = -inf.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -293,7 +311,7 @@ def _tuned_kernel(head_dim: int, dtype: torch.dtype):
     """`_forward_kernel` under triton.autotune over `autotune_configs` (tuned once per tile shape and dtype)."""
     configs = [triton.Config({}, num_warps=c.num_warps, num_stages=c.num_stages)
                for c in autotune_configs(head_dim, dtype)]
-    return triton.autotune(configs, key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "BLOCK_N"])(_forward_kernel)
+    return triton.autotune(configs, key=["HEAD_DIM", "HEAD_DIM_V", "BLOCK_M", "BLOCK_N", "HAS_BIAS"])(_forward_kernel)
 
 
 def tuned_config(head_dim: int, dtype: torch.dtype) -> KernelConfig | None:
@@ -330,12 +348,14 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
-            config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            config: KernelConfig | None = None, *,
+            key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, N, Dv] in q's dtype, lse float32 [B, H, N]) of q, k, v over the plan's blocks.
 
     Any strides in B, H and N; a last dimension that is not contiguous is copied. The plan
     must be on q's device. `config` fixes the launch configuration; by default CUDA autotunes
-    (unless ``T4D_TRITON_AUTOTUNE=0``) and the interpreter takes `default_config`.
+    (unless ``T4D_TRITON_AUTOTUNE=0``) and the interpreter takes `default_config`. `key_bias`
+    [B, N] is added to each key's scores (float32, natural units; -inf removes the key).
     """
     reason = supports(q, v, scale)
     if reason is not None:
@@ -346,6 +366,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
     if q.shape[2] != plan.seq_len or plan.tiles.device != q.device:
         raise ValueError(f"q/k/v have N={q.shape[2]} tokens on {q.device}; the plan covers "
                          f"{plan.seq_len} on {plan.tiles.device}")
+    if key_bias is not None:
+        if key_bias.shape != (q.shape[0], q.shape[2]) or key_bias.device != q.device:
+            raise ValueError(f"key_bias must be [B, N] = {[q.shape[0], q.shape[2]]} on {q.device}, "
+                             f"got {list(key_bias.shape)} on {key_bias.device}")
+        key_bias = _last_dim_contiguous(key_bias.float())
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     out, lse = empty_outputs(q, v)
     if out.numel() == 0:
@@ -354,9 +379,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
     # Triton launches on the current device: make it q's.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if config is None and _autotuning():
-            launch(_tuned_kernel(widest, q.dtype), q, k, v, out, lse, plan, scale, None)
+            launch(_tuned_kernel(widest, q.dtype), q, k, v, out, lse, plan, scale, None, key_bias)
         else:
-            launch(_forward_kernel, q, k, v, out, lse, plan, scale, config or default_config(widest, q.dtype))
+            launch(_forward_kernel, q, k, v, out, lse, plan, scale, config or default_config(widest, q.dtype),
+                   key_bias)
     return out, lse
 
 
@@ -368,17 +394,20 @@ def empty_outputs(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def launch(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-           plan: Plan, scale: float, config: KernelConfig | None) -> None:
+           plan: Plan, scale: float, config: KernelConfig | None, key_bias: torch.Tensor | None = None) -> None:
     """Launch `kernel` (`_forward_kernel`, autotuned or wrapped for a triton_op) over `plan`'s tiles.
 
-    `config` None leaves the launch configuration to an autotuned `kernel`.
+    `config` None leaves the launch configuration to an autotuned `kernel`. `key_bias`: float32
+    [B, N] with a contiguous last dim, or None (the kernel is then compiled without it).
     """
     heads = q.shape[1]
-    args = (q, k, v, out, lse, plan.tiles, plan.full_starts, plan.partial_starts, plan.partial_ends,
+    bias = lse if key_bias is None else key_bias  # (a float32 pointer the kernel never reads without HAS_BIAS)
+    args = (q, k, v, out, lse, bias, plan.tiles, plan.full_starts, plan.partial_starts, plan.partial_ends,
             scale * LOG2_E, heads,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2])
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+            0 if key_bias is None else key_bias.stride(0))
     meta = dict(HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_BIAS=key_bias is not None)
     if config is not None:
         meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
     kernel[(plan.num_tiles, q.shape[0] * heads)](*args, **meta)

@@ -20,10 +20,15 @@ from t4dopt.ops.schema import PLANNED_OP_NAME
 def block_sparse_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: torch.Tensor,
                                    full_starts: torch.Tensor, partial_starts: torch.Tensor,
                                    partial_ends: torch.Tensor, block_m: int, block_n: int,
-                                   scale: float) -> torch.Tensor:
-    """Block-sparse attention of q, k, v [B, H, N, D] (last dim contiguous) over a precomputed plan."""
+                                   scale: float, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-sparse attention of q, k, v [B, H, N, D] (last dim contiguous) over a precomputed plan.
+
+    `key_bias`: float32 [B, N], contiguous, added to each key's scores (`t4dopt.ops.key_mask.as_bias`).
+    The op cannot look at its data to skip an all-ones mask, so a key mask always runs the masked kernel.
+    """
     plan = triton_kernel.Plan(block_m, block_n, q.shape[2], tiles, full_starts, partial_starts, partial_ends)
     out, lse = triton_kernel.empty_outputs(q, v)
     config = triton_kernel.default_config(max(q.shape[-1], v.shape[-1]), q.dtype)
-    triton_kernel.launch(wrap_triton(triton_kernel._forward_kernel), q, k, v, out, lse, plan, scale, config)
+    triton_kernel.launch(wrap_triton(triton_kernel._forward_kernel), q, k, v, out, lse, plan, scale, config,
+                         key_bias)
     return out

@@ -5,7 +5,7 @@ torch_tensorrt.dynamo.compile then puts each t4d op into the engine as one
 ``t4d::block_sparse_attention`` plugin layer (`tensorrt_plugins`), its block table packed into the
 plugin's constant plan tensors at conversion time. The converter takes a node only when its
 table is constant (``get_attr`` buffers, as the turbo4d passes store it) and its inputs are ones
-the plugin runs; other nodes stay in PyTorch.
+the plugin runs; other nodes (one with a key mask, which the plugin does not take) stay in PyTorch.
 
 Imports of tensorrt and torch_tensorrt are lazy: this module imports without them, and
 `register_converter` raises an ImportError naming ``t4dopt[tensorrt]``.
@@ -34,6 +34,8 @@ def node_supported(node: torch.fx.Node) -> str | None:
     q, v, scale = call.q, call.v, call.scale
     if not all(isinstance(t, torch.fx.Node) and t.op == "get_attr" for t in call.tables):
         return "its block table is not constant (get_attr buffers)"
+    if call.key_mask is not None:
+        return "it takes a key mask, which the plugin does not"
     q_meta, v_meta = example_tensor(q), example_tensor(v)
     if q_meta is None or v_meta is None:
         return "q and v carry no tensor metadata"

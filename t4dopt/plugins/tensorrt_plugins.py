@@ -165,15 +165,17 @@ if triton is not None:  # (defined only with triton: its parameters are annotate
 
         TensorRT launches an AOT kernel with the input pointers, its extra 32-bit integers, then the
         output pointers. Everything else is a constant of the compiled kernel: contiguous
-        [B, H, N, D] strides do not depend on the batch, so only the grid does.
+        [B, H, N, D] strides do not depend on the batch, so only the grid does. No key mask: the
+        plugin has no input for one (`t4dopt.export.tensorrt` refuses masked nodes), so the
+        kernel is compiled without HAS_BIAS and its bias pointer (Lse here) is never read.
         """
-        _forward_kernel(Q, K, V, Out, Lse, tiles, full_starts, partial_starts, partial_ends, QK_SCALE, HEADS,
+        _forward_kernel(Q, K, V, Out, Lse, Lse, tiles, full_starts, partial_starts, partial_ends, QK_SCALE, HEADS,
                         HEADS * SEQ_LEN * HEAD_DIM, SEQ_LEN * HEAD_DIM, HEAD_DIM,
                         HEADS * SEQ_LEN * HEAD_DIM, SEQ_LEN * HEAD_DIM, HEAD_DIM,
                         HEADS * SEQ_LEN * HEAD_DIM_V, SEQ_LEN * HEAD_DIM_V, HEAD_DIM_V,
                         HEADS * SEQ_LEN * HEAD_DIM_V, SEQ_LEN * HEAD_DIM_V, HEAD_DIM_V,
-                        HEADS * SEQ_LEN, SEQ_LEN,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PRECISION)
+                        HEADS * SEQ_LEN, SEQ_LEN, 0,
+                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, PRECISION, False)
 
 
 def kernel_constexprs(dtype: torch.dtype, *, heads: int, seq_len: int, head_dim: int, head_dim_v: int,

@@ -6,14 +6,17 @@ merged into one. A segment is a GraphModule over plain tensors: its inputs and o
 named by the nodes of the original graph, so the runtime keeps one environment of values.
 
 A unit whose attention the token level can prune gets two extra variants: ``full`` also
-returns the attention's query and output (the state rows are refreshed against), ``pruned``
-takes that state and recomputes only the rows whose query moved most.
+returns the attention's query and output (the `TokenRows` later calls are refreshed against),
+``pruned`` takes those rows after its inputs and recomputes only the rows whose query moved
+most. Both append the new `TokenRows` to the segment's outputs (`token_outputs` splits them).
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -35,6 +38,19 @@ class Segment:
     unit: int | None = None
     token_full: fx.GraphModule | None = None
     token_pruned: fx.GraphModule | None = None
+
+
+class TokenRows(NamedTuple):
+    """What the token level keeps of a unit's attention: the reference queries and the output rows."""
+
+    query: torch.Tensor
+    rows: torch.Tensor
+
+
+def token_outputs(values: Sequence[Any]) -> tuple[list[Any], TokenRows]:
+    """A token variant's results split into the segment's outputs and the `TokenRows` appended to them."""
+    *outputs, query, rows = values
+    return outputs, TokenRows(query, rows)
 
 
 def refresh_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, reference_query: torch.Tensor,

@@ -6,25 +6,79 @@ calls compute everything, the calls between reuse everything), so the runtime ru
 one lowered graph each:
 
 - `tapped_graph`: the whole graph, also returning the values the runtime keeps (each unit's
-  entry, the query and attention rows of token-prunable units) and computing the stores of
+  entry, the query and attention rows of token-prunable units) and computing the saves of
   every unit and chain (residual, slope, drift) where their values are produced;
-- `reused_graph`: the graph with each run of adjacent units replaced by its entry plus a
-  stored residual (and slope times steps), which also returns the relative drift of each
-  run's entry; everything only the units used (modulation, conditioning projections) is
+- `reused_graph`: the graph with each span of adjacent units replaced by its entry plus a
+  saved residual (and slope times steps), which also returns the relative drift of each
+  span's entry; everything only the units used (modulation, conditioning projections) is
   dead and removed.
+
+A lowered graph returns one flat tuple; each builder returns, beside its graph, the spec
+(`TappedOutputs`, `ReusedOutputs`) that reads that tuple back into named parts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from t4dopt.cache.arithmetic import STORE_KINDS, TERM_NAMES, add_store, rebuilt, relative_drift
+from t4dopt.cache.arithmetic import ADDEND_FIELDS, SaveKind, SaveResult, add_save, read_saves, rebuilt, relative_drift
 
 from .regions import RegionPlan
 from .segments import checked_module
+
+
+class Tapped(NamedTuple):
+    """A computed call's results: the graph's output leaves, the tapped values by name, each save's results."""
+
+    leaves: list[Any]
+    taps: dict[str, torch.Tensor]
+    saves: list[SaveResult]
+
+
+@dataclass(frozen=True)
+class TappedOutputs:
+    """What a `tapped_graph` returns, in order: `leaves` output leaves, the `taps`, then `saves` saves of `kind`."""
+
+    leaves: int
+    taps: tuple[str, ...]
+    kind: SaveKind
+    saves: int
+
+    def read(self, flat: Sequence[Any]) -> Tapped:
+        taps_end = self.leaves + len(self.taps)
+        return Tapped(list(flat[:self.leaves]), dict(zip(self.taps, flat[self.leaves:taps_end])),
+                      read_saves([self.kind] * self.saves, flat[taps_end:]))
+
+
+class Reused(NamedTuple):
+    """A reused call's results: the graph's output leaves and the drift of each span's entry."""
+
+    leaves: list[Any]
+    drifts: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ReusedOutputs:
+    """What a `reused_graph` returns, in order: `leaves` output leaves, then one drift per span."""
+
+    leaves: int
+    spans: int
+
+    def read(self, flat: Sequence[Any]) -> Reused:
+        return Reused(list(flat[:self.leaves]), list(flat[self.leaves:self.leaves + self.spans]))
+
+
+class WholeGraph(NamedTuple):
+    """A whole-call graph and the spec of its outputs."""
+
+    module: fx.GraphModule
+    outputs: TappedOutputs | ReusedOutputs
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.Graph, dict[str, fx.Node], list]:
@@ -42,55 +96,60 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.Graph, dict[str, fx.Node], list]:
     return graph, {node.name: copied for node, copied in env.items()}, leaves
 
 
-def tapped_graph(gm: fx.GraphModule, taps: Sequence[str], stores: Sequence[tuple[str, str]] = (),
-                 kind: str = "first") -> fx.GraphModule:
-    """``gm`` returning ``(*output tensor leaves, *values named by taps, *store results)`` as one flat tuple.
+class _Inputs:
+    """Appends placeholders after a copied graph's own inputs, in order."""
 
-    Each of `stores`, ``(entry, exit)`` by name, is an `arithmetic.add_store` of `kind`; the
-    graph takes their arguments after ``gm``'s inputs, store after store.
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+    def add(self, name: str) -> fx.Node:
+        with self.graph.inserting_after(self.last):
+            self.last = self.graph.placeholder(name)
+        return self.last
+
+
+def tapped_graph(gm: fx.GraphModule, taps: Sequence[str], saved: Sequence[tuple[str, str]] = (),
+                 kind: SaveKind = SaveKind.FIRST) -> WholeGraph:
+    """``gm`` also returning the values named by `taps` and the results of a save of `kind` per `saved` value.
+
+    Each of `saved`, ``(entry, exit)`` by name, is an `arithmetic.add_save`; the graph takes
+    their arguments (`SaveKind.arguments`) after ``gm``'s inputs, save after save.
     """
     graph, by_name, leaves = _copy(gm)
-    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    inputs = _Inputs(graph)
     results = []
-    for index, (entry, exit_value) in enumerate(stores):
-        arguments = []
-        for name in STORE_KINDS[kind][1]:
-            with graph.inserting_after(last_input):
-                last_input = graph.placeholder(f"_t4d_store{index}_{name}")
-            arguments.append(last_input)
-        results += add_store(graph, kind, by_name[exit_value], by_name[entry], arguments)
+    for index, (entry, exit_value) in enumerate(saved):
+        arguments = [inputs.add(f"_t4d_save{index}_{name}") for name in kind.arguments]
+        results += add_save(graph, kind, by_name[exit_value], by_name[entry], arguments)
     graph.output(tuple(leaves) + tuple(by_name[name] for name in taps) + tuple(results))
-    return checked_module(gm, graph)
+    return WholeGraph(checked_module(gm, graph), TappedOutputs(len(leaves), tuple(taps), kind, len(saved)))
 
 
-def reused_graph(gm: fx.GraphModule, plan: RegionPlan, runs: Sequence[tuple[int, int]],
-                 orders: Sequence[int]) -> fx.GraphModule | None:
-    """``gm`` with each run of units ``(first, last)`` rebuilt from stored tensors.
+def reused_graph(gm: fx.GraphModule, plan: RegionPlan, spans: Sequence[tuple[int, int]],
+                 orders: Sequence[int]) -> WholeGraph | None:
+    """``gm`` with each span of units ``(first, last)`` rebuilt from saved tensors.
 
-    The graph takes ``gm``'s inputs, then per run ``before`` and the arguments of
-    `arithmetic.rebuilt` for its extrapolation order (``TERM_NAMES[order]``), and returns
-    ``(*output tensor leaves, *drift of each run's entry from before)``. None when a unit's
-    nodes would still be needed (nothing then to gain).
+    The graph takes ``gm``'s inputs, then per span ``before`` and the arguments of
+    `arithmetic.rebuilt` for its extrapolation order (``ADDEND_FIELDS[order]``). None when a
+    unit's nodes would still be needed (nothing then to gain); that depends on `spans`, not
+    on `orders`.
     """
     graph, by_name, leaves = _copy(gm)
-    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    inputs = _Inputs(graph)
     drifts = []
-    for index, ((first, last), order) in enumerate(zip(runs, orders)):
-        names = ("before", *TERM_NAMES[order])
-        extras = []
-        for name in names:
-            with graph.inserting_after(last_input):
-                last_input = graph.placeholder(f"_t4d_run{index}_{name}")
-            extras.append(last_input)
+    for index, ((first, last), order) in enumerate(zip(spans, orders)):
+        before = inputs.add(f"_t4d_span{index}_before")
+        addend = [inputs.add(f"_t4d_span{index}_{name}") for name in ADDEND_FIELDS[order]]
         entry, exit_node = by_name[plan.units[first].entry.name], by_name[plan.units[last].exit.name]
         with graph.inserting_before(exit_node):
-            value = graph.call_function(rebuilt, (entry, *extras[1:]))
-            drifts.append(graph.call_function(relative_drift, (entry, extras[0])))
+            value = graph.call_function(rebuilt, (entry, *addend))
+            drifts.append(graph.call_function(relative_drift, (entry, before)))
         exit_node.replace_all_uses_with(value)
         leaves = [value if leaf is exit_node else leaf for leaf in leaves]
     graph.output(tuple(leaves) + tuple(drifts))
     graph.eliminate_dead_code()
     remaining = {node.name for node in graph.nodes}
-    if any(node.name in remaining for first, last in runs for unit in plan.units[first:last + 1] for node in unit.nodes):
+    if any(node.name in remaining for first, last in spans for unit in plan.units[first:last + 1] for node in unit.nodes):
         return None
-    return checked_module(gm, graph)
+    return WholeGraph(checked_module(gm, graph), ReusedOutputs(len(leaves), len(spans)))
