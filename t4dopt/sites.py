@@ -176,8 +176,9 @@ class JointReading:
 
 
 @dataclass(frozen=True)
-class TokenGrid:
-    """The token grid the sites are read against: from the layout option, or inferred from the graph (``source``)."""
+class ModelGrid:
+    """The grid of the model's tokens the sites are read against: from the layout option, or inferred from the graph
+    (``source``). Not `t4dopt.block_layout.TokenGrid`, the grid one block table was built for."""
 
     frames: int | None
     views: int | None

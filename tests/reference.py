@@ -48,3 +48,31 @@ def random_qkv(layout, batch=2, heads=3, head_dim=16, value_dim=None, dtype=torc
     q, k = (torch.randn(*shape, head_dim, generator=generator) for _ in range(2))
     v = torch.randn(*shape, value_dim or head_dim, generator=generator)
     return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v))
+
+
+def grid_labels(frames: int, tokens_per_frame: int, prefix: int = 0, suffix: int = 0) -> list:
+    """(frame, token in frame) of each position of prefix + frames x tokens + suffix, frame-major; None: global."""
+    video = [(f, p) for f in range(frames) for p in range(tokens_per_frame)]
+    return [None] * prefix + video + [None] * suffix
+
+
+def sculpt4d_token_mask(queries: list, keys: list | None = None, *, block_size: int,
+                        strides=(1, 1, 2, 4, 8, 16), anchor_frames: int = 1) -> torch.Tensor:
+    """bool [N, M]: the Sculpt4D rule evaluated token by token on position labels (see `grid_labels`).
+
+    Query token (frame i, token p) attends key token (frame j, token r) iff ``j < anchor_frames`` or
+    ``(p // block_size - r // block_size) % strides[min(|i - j|, len(strides) - 1)] == 0``; a global token
+    (label None) attends and is attended by every token. Written here, independently of t4dopt.masks.
+    """
+    keys = queries if keys is None else keys
+
+    def columns(labels):
+        frame = torch.tensor([-1 if x is None else x[0] for x in labels])
+        block = torch.tensor([-1 if x is None else x[1] // block_size for x in labels])
+        return frame, block
+
+    qf, qb = columns(queries)
+    kf, kb = columns(keys)
+    stride = torch.tensor(strides)[(qf[:, None] - kf[None, :]).abs().clamp(max=len(strides) - 1)]
+    keep = (kf[None, :] < anchor_frames) | ((qb[:, None] - kb[None, :]) % stride == 0)
+    return keep | (qf[:, None] < 0) | (kf[None, :] < 0)

@@ -13,7 +13,7 @@ Each is compiled with turbo4d (``target="eager"``, a small block size); the repo
 one attention site, and the output must equal the matching reference: the model run eagerly, or the model
 with that attention computed here in float64 under the boolean mask built from the token labels the
 construction knows (frame and token of each position, or global), by the Sculpt4D rule written out below
-(nothing of t4dopt's masks is used for it).
+(`tests/reference.py`; nothing of t4dopt's masks is used for it).
 
 Beside soundness, `expected_sparse` says when the construction is one the graph proves (frame-major order,
 one sequence, a patch embedding or a right and unambiguous option): there the site must be sparse, so the
@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import t4dopt
+from reference import sculpt4d_token_mask
 from t4dopt.report import collecting
 from test_spellings import D as HEAD_DIM
 from test_spellings import ROWS
@@ -253,7 +254,7 @@ class RandomAttention(nn.Module):
         return self.out(out.transpose(1, 2).flatten(2))
 
 
-# --- the reference: the true labels, the Sculpt4D rule on them, a float64 masked softmax ------------
+# --- the reference: the true labels, the Sculpt4D rule on them (tests/reference.py), a float64 softmax ------
 
 
 def true_labels(spec: Spec) -> tuple[list, list] | None:
@@ -273,16 +274,8 @@ def true_mask(spec: Spec) -> torch.Tensor | None:
     if found is None:
         return None
     queries, keys = found
-    mask = torch.ones(len(queries), len(keys), dtype=torch.bool)
-    for n, a in enumerate(queries):
-        for m, b in enumerate(keys):
-            if a[0] == "g" or b[0] == "g":
-                continue
-            (i, p), (j, r) = a, b
-            u, w = p // spec.block_size, r // spec.block_size
-            stride = STRIDES[min(abs(i - j), len(STRIDES) - 1)]
-            mask[n, m] = j < ANCHOR or (u - w) % stride == 0
-    return mask
+    queries, keys = ([None if x[0] == "g" else x for x in labels] for labels in (queries, keys))
+    return sculpt4d_token_mask(queries, keys, block_size=spec.block_size, strides=STRIDES, anchor_frames=ANCHOR)
 
 
 def _scale_of(spec: Spec) -> float:
@@ -334,7 +327,7 @@ def options_for(spec: Spec) -> dict:
 
 def expected_sparse(spec: Spec) -> bool:
     """Whether the graph proves this construction (or the option is trusted on a frame-major one): sparse."""
-    if (spec.provenance != "same" or spec.reorder != "none" or spec.dtype == torch.float64 or spec.suffix
+    if (spec.provenance != "same" or spec.reorder != "none" or spec.dtype == torch.float64
             or spec.hints == "wrong" or spec.layout not in FRAME_MAJOR_LAYOUTS):
         return False
     if spec.layout in ("conv3d", "conv2d"):

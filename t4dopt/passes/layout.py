@@ -34,7 +34,7 @@ from typing import NamedTuple
 from .state import PassState
 from t4dopt.fx_utils import shape_of
 from t4dopt.options import LayoutHints
-from t4dopt.sites import CONFIRMED, CONTRADICTED, UNCONFIRMED, JointReading, Segment, SiteKind, SiteLayout, SiteTokens, Stop, TokenGrid, TokenMap
+from t4dopt.sites import CONFIRMED, CONTRADICTED, UNCONFIRMED, JointReading, Segment, SiteKind, SiteLayout, SiteTokens, Stop, ModelGrid, TokenMap
 
 class Reading(NamedTuple):
     """One segment read as the video: frames x tokens per frame, and how sure the graph makes it."""
@@ -244,18 +244,18 @@ def read_layouts(state: PassState) -> None:
         state.readings.append(read_joint(tokens.query, state.options.layout) if same else None)
 
 
-def _grid_of(hints: LayoutHints, readings: list[JointReading | None]) -> TokenGrid:
+def _grid_of(hints: LayoutHints, readings: list[JointReading | None]) -> ModelGrid:
     """The hinted grid when frames and tokens per frame are given; else the first one the graph confirms."""
     if hints.frames and hints.tokens_per_frame:
-        return TokenGrid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
+        return ModelGrid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
     for reading in readings:
         if reading is not None and reading.status == CONFIRMED:
-            return TokenGrid(reading.frames, hints.views, reading.tokens, reading.prefix,
+            return ModelGrid(reading.frames, hints.views, reading.tokens, reading.prefix,
                              f"inferred from the graph (frames={reading.frames}, tokens_per_frame={reading.tokens})")
-    return TokenGrid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
+    return ModelGrid(hints.frames, hints.views, hints.tokens_per_frame, hints.prefix_tokens, "layout option")
 
 
-def _other_kinds(n: int, grid: TokenGrid) -> SiteLayout:
+def _other_kinds(n: int, grid: ModelGrid) -> SiteLayout:
     """A self-attention that is not joint, read by its length against the grid."""
     frames, views, tokens = grid.frames, grid.views, grid.tokens_per_frame
     if not frames and not tokens and not views:
@@ -300,14 +300,21 @@ def _kind_by_roles(tokens: TokenMap) -> SiteLayout | None:
 def _suggestion(tokens: TokenMap) -> str:
     """A layout option to try, from the axes the graph shows (outer axis as the frames)."""
     video = max(tokens.segments, key=lambda s: s.length)
+    grids = [tuple(g for g in grid if g > 1) for grid in video.grids]
+    if len(video.sizes) < 2 and grids and len(grids[0]) == 3:
+        frames, height, width = grids[0]
+        return (f"the tokens arrive packed ({video.length} tokens of {video.root.name}); the rotary grid applied to "
+                f"them is {list(grids[0])}: if its first axis is time, pass options['layout'] = "
+                f"{{'frames': {frames}, 'height': {height}, 'width': {width}}}")
     if len(video.sizes) < 2:
-        return "pass options['layout'] = {'frames': F, 'tokens_per_frame': P}"
+        return (f"the tokens arrive packed ({video.length} tokens of {video.root.name}): pass options['layout'] = "
+                "{'frames': F, 'tokens_per_frame': P}")
     frames, rest = video.sizes[0], math.prod(video.sizes[1:])
     return (f"if the outer axis of {_axes_text(video)} is time, pass options['layout'] = "
             f"{{'frames': {frames}, 'tokens_per_frame': {rest}}}")
 
 
-def classify(site, tokens: SiteTokens, reading: JointReading | None, grid: TokenGrid, trust: bool,
+def classify(site, tokens: SiteTokens, reading: JointReading | None, grid: ModelGrid, trust: bool,
              videos: frozenset = frozenset()) -> SiteLayout:
     """What one site mixes (see the module docstring for the rule); `videos`: the tensors the graph shows
     video tokens are read from (by the sites read as joint)."""

@@ -19,14 +19,14 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @lru_cache(maxsize=64)
-def _cached_layout(policy, params: tuple, frames: int, tokens: int, prefix: int) -> BlockLayout:
-    return masks.build(policy, frames, tokens, prefix_tokens=prefix, **dict(params))
+def _cached_layout(policy, params: tuple, frames: int, tokens: int, prefix: int, suffix: int) -> BlockLayout:
+    return masks.build(policy, frames, tokens, prefix_tokens=prefix, suffix_tokens=suffix, **dict(params))
 
 
 def block_layout_for(spec: SparseSpec, layout: SiteLayout) -> BlockLayout:
     """The block table of `spec` for a site's token grid (cached: one per model shape)."""
     return _cached_layout(spec.policy, tuple(sorted(spec.params.items())), layout.frames,
-                          layout.tokens_per_frame, layout.prefix_tokens)
+                          layout.tokens_per_frame, layout.prefix_tokens, layout.suffix_tokens)
 
 
 def _unsupported(site: AttentionSite) -> str | None:
@@ -58,8 +58,6 @@ def decide(site: AttentionSite, layout: SiteLayout, options: Options) -> SiteDec
     if layout.kind is not SiteKind.SPATIOTEMPORAL:
         return SiteDecision(site, layout, "dense", f"{layout.kind.value} attention is kept dense")
     problem = _unsupported(site)
-    if problem is None and layout.suffix_tokens:
-        problem = f"{layout.suffix_tokens} global tokens after the video: the mask policies do not place tokens there yet"
     if problem is not None:
         return SiteDecision(site, layout, "dense", f"joint attention left dense: {problem}", warn=True)
     block_layout = block_layout_for(options.sparse, layout)

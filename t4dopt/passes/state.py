@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from t4dopt.options import Options
-from t4dopt.sites import AttentionSite, JointReading, SiteDecision, SiteLayout, SiteTokens, TokenGrid
+from t4dopt.sites import AttentionSite, JointReading, SiteDecision, SiteLayout, SiteTokens, ModelGrid
 
 
 @dataclass
@@ -29,6 +29,6 @@ class PassState:
     sites: list[AttentionSite] = field(default_factory=list)
     tokens: list[SiteTokens] = field(default_factory=list)
     readings: list[JointReading | None] = field(default_factory=list)
-    grid: TokenGrid | None = None
+    grid: ModelGrid | None = None
     layouts: list[SiteLayout] = field(default_factory=list)
     decisions: list[SiteDecision] = field(default_factory=list)
