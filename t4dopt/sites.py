@@ -201,6 +201,22 @@ class SiteLayout:
     """Read from the layout option without the graph confirming it (``trust_layout=True``)."""
 
 
+@dataclass(frozen=True, eq=False)
+class SiteMask:
+    """What a site's attention mask means to the block table (`t4dopt.passes.attention_masks`).
+
+    ``kind``: ``"none"`` (it keeps every key), ``"keys"`` (per batch element and key: `node` becomes the op's
+    ``key_mask``), ``"structured"`` (over queries and keys, constant: `value`, bool or additive [N, N]) or
+    ``"unsupported"`` (`reason`: why the site stays dense).
+    """
+
+    kind: str
+    node: fx.Node | None = None
+    value: object = None
+    evidence: str = ""
+    reason: str = ""
+
+
 @dataclass
 class SiteDecision:
     """What the sparsify pass made of one site."""
@@ -213,6 +229,8 @@ class SiteDecision:
     warn: bool = False
     rewritten_output: fx.Node | None = None
     """The node computing the attention after the rewrite, when the rewrite replaced the site's nodes."""
+    key_mask: fx.Node | None = None
+    """The model's key mask the rewritten op applies on top of the block table (`SiteMask.node`)."""
 
     @property
     def density(self) -> float:

@@ -125,6 +125,17 @@ def skyreels_v2() -> TinyModel:
     return TinyModel("SkyReels-V2", model, _wan_inputs(), _grid(5, 48), 2)
 
 
+def skyreels_v2_df() -> TinyModel:
+    """SkyReels-V2 with diffusion forcing: a block-causal mask over frames (2 per block), one timestep per frame."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    model = _seeded(SkyReelsV2Transformer3DModel, **_wan_config(num_frame_per_block=2))
+    inputs = _wan_inputs(frames=6)
+    inputs["timestep"] = torch.tensor([[900, 900, 600, 600, 300, 300]])
+    inputs["enable_diffusion_forcing"] = True
+    return TinyModel("SkyReels-V2 (diffusion forcing)", model, inputs, _grid(6, 48), 2)
+
+
 def _hunyuan_inputs(valid_text: int):
     mask = torch.zeros(1, TEXT, dtype=torch.int64)
     mask[:, :valid_text] = 1
@@ -261,5 +272,5 @@ def sana_video() -> TinyModel:
     return TinyModel("SanaVideo", model, inputs, None)
 
 
-MODELS = [cogvideox, cogvideox_15, wan21, wan22, wan_vace, skyreels_v2, hunyuan_video, hunyuan_video_padded,
+MODELS = [cogvideox, cogvideox_15, wan21, wan22, wan_vace, skyreels_v2, skyreels_v2_df, hunyuan_video, hunyuan_video_padded,
           hunyuan_video_15, motif_video, mochi, ltx_video, allegro, easyanimate, cosmos, consisid, latte, sana_video]

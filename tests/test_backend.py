@@ -81,14 +81,101 @@ def test_position_major_sequence_is_left_dense_with_a_warning():
 
 
 def test_strict_turns_a_dense_fallback_into_an_error():
-    model = JointVideoAttention(DIM, spelling="masked").eval()
+    model = MaskedJoint("runtime-full").eval()
     x = torch.randn(1, FRAMES, TOKENS, DIM)
     with pytest.raises(Exception, match="attention mask") as error:
-        _compile(model, **_options(), strict=True)(x)
+        _compile(model, **_options(prefix=4), strict=True)(x)
     assert t4dopt.T4DUnsupportedError in cause_chain(error.value)
-    with pytest.warns(t4dopt.T4DWarning, match="attention mask"):
-        got = _compile(model, **_options())(x)
+    with pytest.warns(t4dopt.T4DWarning, match="masks queries as well as keys"):
+        got = _compile(model, **_options(prefix=4))(x)
     torch.testing.assert_close(got, model(x))
+
+
+class MaskedJoint(torch.nn.Module):
+    """Joint attention over prefix + frames x tokens with a mask the model passes, of one `kind`."""
+
+    def __init__(self, kind, prefix=4):
+        super().__init__()
+        self.kind, self.prefix = kind, prefix
+        self.qkv = torch.nn.Linear(DIM, 3 * DIM)
+        self.text = torch.nn.Parameter(torch.randn(prefix, DIM))
+        self.attend = F.scaled_dot_product_attention
+
+    def mask(self, x, valid):
+        n, b = self.prefix + FRAMES * TOKENS, x.shape[0]
+        frame = torch.cat([torch.full((self.prefix,), -1), torch.arange(FRAMES).repeat_interleave(TOKENS)])
+        if self.kind == "keys-bool":
+            return (torch.arange(n) >= self.prefix - valid.unsqueeze(1)).view(b, 1, 1, n)
+        if self.kind == "keys-additive":
+            keep = torch.arange(n) >= self.prefix - valid.unsqueeze(1)
+            return torch.zeros(b, 1, 1, n).masked_fill(~keep.view(b, 1, 1, n), float("-inf"))
+        if self.kind == "ones":
+            return torch.ones(1, 1, n, n, dtype=torch.bool)
+        if self.kind == "frame-causal":  # a constant block-causal mask over frames, global tokens free
+            return ((frame.view(1, n) <= frame.view(n, 1)) | (frame.view(1, n) < 0) | (frame.view(n, 1) < 0)).view(1, 1, n, n)
+        if self.kind == "token-causal":  # a constant mask that does not fall on the blocks
+            return torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
+        if self.kind == "runtime-full":
+            rows = torch.cat([torch.ones(b, self.prefix, dtype=torch.bool), x.flatten(1, 2).sum(-1) > -1e9], 1)
+            return rows.view(b, 1, n, 1) | torch.eye(n, dtype=torch.bool)
+        raise ValueError(self.kind)
+
+    def forward(self, x, valid=None):
+        b = x.shape[0]
+        valid = torch.full((b,), self.prefix) if valid is None else valid
+        tokens = torch.cat([self.text.expand(b, -1, -1), x.flatten(1, 2)], 1)
+        q, k, v = self.qkv(tokens).view(b, -1, 3, 2, DIM // 2).permute(2, 0, 3, 1, 4)
+        out = self.attend(q, k, v, attn_mask=self.mask(x, valid))
+        return out.transpose(1, 2).flatten(2)
+
+    def reference(self, x, token_mask, valid=None):
+        """The model with its attention in float64 under `token_mask` combined with its own mask."""
+        def attend(q, k, v, attn_mask):
+            scores = q.double() @ k.double().transpose(-1, -2) * (DIM // 2) ** -0.5
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask.double()
+            return scores.masked_fill(~token_mask, float("-inf")).softmax(-1).matmul(v.double()).float()
+
+        self.attend = attend
+        try:
+            return self(x, valid)
+        finally:
+            self.attend = F.scaled_dot_product_attention
+
+
+@pytest.mark.parametrize("kind", ["keys-bool", "keys-additive", "ones", "frame-causal"])
+def test_a_mask_the_model_passes_is_combined_with_the_block_mask(kind):
+    torch.manual_seed(6)
+    model = MaskedJoint(kind).eval()
+    x, valid = torch.randn(2, FRAMES, TOKENS, DIM), torch.tensor([4, 1])
+    layout = masks.sculpt4d(FRAMES, TOKENS, block_size=4, prefix_tokens=4, strides=(1, 2), anchor_frames=0)
+    options = _options(prefix=4, block_size=4)
+    options["sparse"].update(strides=(1, 2), anchor_frames=0)
+    with torch.no_grad(), t4dopt.report.collecting() as report:
+        got = _compile(model, **options, verify=True)(x, valid)  # verify: the reference path keeps the mask too
+    (site,) = report.sites
+    assert site.action == "sparse", site.reason
+    if kind == "frame-causal":
+        assert site.density < layout.density - 0.1 and "model mask" in site.reason
+    else:
+        assert site.density == pytest.approx(layout.density)
+    with torch.no_grad():
+        want = model.reference(x, layout.token_mask(), valid)
+        unmasked = model.reference(x, torch.ones_like(layout.token_mask()), valid)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)
+    assert (got - unmasked).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind, words", [("token-causal", "does not fall on the blocks"),
+                                         ("runtime-full", "masks queries as well as keys")])
+def test_a_mask_that_does_not_combine_keeps_the_site_dense(kind, words):
+    model = MaskedJoint(kind).eval()
+    x = torch.randn(1, FRAMES, TOKENS, DIM)
+    with pytest.warns(t4dopt.T4DWarning, match=words), torch.no_grad():
+        got = _compile(model, **_options(prefix=4, block_size=4))(x)
+        torch.testing.assert_close(got, model(x))
 
 
 def test_without_layout_hints_tokens_given_as_a_grid_stay_dense():

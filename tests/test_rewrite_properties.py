@@ -61,6 +61,7 @@ REORDERS = ("none", "flip", "roll", "perm", "index_select")
 PROVENANCES = ("same", "kv-other", "kv-partly-other", "v-other")
 ROPES = ("none", "rotate-half", "interleaved", "complex")
 HINTS = ("none", "frames+tokens", "frames+hw", "all", "wrong")
+MASKS = ("none", "keys-bool", "keys-additive", "ones", "frame-causal")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Spec:
     hints: str
     trust: bool
     block_size: int
+    mask: str = "none"
 
     @property
     def tokens(self) -> int:
@@ -98,13 +100,13 @@ class Spec:
 
 @st.composite
 def specs(draw) -> Spec:
-    layout = draw(st.sampled_from(LAYOUTS))
+    layout = draw(st.sampled_from(LAYOUTS + FRAME_MAJOR_LAYOUTS))  # provable ones twice as often
     frames = draw(st.integers(2, 4))
     height, width = draw(st.integers(1, 3)), draw(st.integers(1, 4))
     if height * width < 2:
         width = 2
     dtype = draw(st.sampled_from([torch.float32] * 6 + [torch.bfloat16, torch.float16, torch.float64]))
-    spelling = draw(st.integers(0, len(SPELLINGS) - 1)) if dtype == torch.float32 else 0
+    spelling = draw(st.integers(0, len(SPELLINGS) - 1)) if dtype == torch.float32 else 0  # unmasked sites only
     trust = draw(st.booleans()) if layout in FRAME_MAJOR_LAYOUTS else False
     return Spec(
         batch=draw(st.integers(1, 2)), frames=frames, height=height, width=width, layout=layout,
@@ -115,6 +117,7 @@ def specs(draw) -> Spec:
         rope=draw(st.sampled_from(ROPES)), spelling=spelling, dtype=dtype,
         hints=draw(st.sampled_from(HINTS)) if not trust else draw(st.sampled_from(HINTS[1:4])),
         trust=trust, block_size=draw(st.sampled_from([1, 2, 3])),
+        mask=draw(st.sampled_from(MASKS[:1] * 4 + MASKS[1:])),
     )
 
 
@@ -162,6 +165,7 @@ class RandomAttention(nn.Module):
         self.register_buffer("sin", torch.randn(n, HEAD_DIM))
         self.register_buffer("angles", torch.randn(n, HEAD_DIM // 2))
         self.register_buffer("order", _reordering(spec))
+        self.query_frames = [-1 if label[0] == "g" else label[0] for label in true_labels_of_queries(spec)]
         self.attend = self._spelled
 
     def inputs(self, seed: int = 0) -> list[torch.Tensor]:
@@ -174,7 +178,12 @@ class RandomAttention(nn.Module):
         }[s.layout]
         x, other = (torch.randn(*shape, generator=g) for _ in range(2))
         text = torch.randn(s.batch, s.prefix + s.suffix, DIM, generator=g)
-        return [t.to(s.dtype) for t in (x, other, text)]
+        keep = torch.ones(s.batch, s.length, dtype=torch.bool)  # text padding: some global tokens masked as keys
+        globals_ = [n for n in range(s.length) if n < s.prefix or n >= s.prefix + s.video]
+        for b in range(s.batch):
+            for n in globals_[b::2]:
+                keep[b, n] = False
+        return [t.to(s.dtype) for t in (x, other, text)] + [keep]
 
     def _video(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
@@ -228,7 +237,24 @@ class RandomAttention(nn.Module):
             return torch.view_as_real(zc * freqs).flatten(-2).to(z.dtype)
         return z
 
-    def _spelled(self, q, k, v):
+    def _model_mask(self, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask the model passes its attention (a key mask from an input, or a constant one)."""
+        s, n = self.spec, self.spec.length
+        if s.mask == "keys-bool":
+            return keep.view(s.batch, 1, 1, n)
+        if s.mask == "keys-additive":
+            return torch.zeros(s.batch, 1, 1, n, dtype=dtype).masked_fill(~keep.view(s.batch, 1, 1, n), float("-inf"))
+        if s.mask == "ones":
+            return torch.ones(n, n, dtype=torch.bool)
+        if s.mask == "frame-causal":  # block-causal over the true frames: built from constants in the graph
+            frames = torch.tensor(self.query_frames)
+            later = frames.view(1, n) <= frames.view(n, 1)
+            return (later | (frames.view(1, n) < 0) | (frames.view(n, 1) < 0)).view(1, 1, n, n)
+        return None
+
+    def _spelled(self, q, k, v, mask=None):
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=_scale_of(self.spec))
         row = SPELLINGS[self.spec.spelling]
         if row.batched_3d:
             b, h = q.shape[:2]
@@ -236,7 +262,7 @@ class RandomAttention(nn.Module):
             return row.fn(q3, k3.transpose(-2, -1) if row.key_given_transposed else k3, v3, None).view(b, h, *q.shape[2:])
         return row.fn(q, k.transpose(-2, -1) if row.key_given_transposed else k, v, None)
 
-    def forward(self, x, other, text):
+    def forward(self, x, other, text, keep):
         s = self.spec
         video = self._video(x)
         videos = {"q": self._reordered(video) if not s.reorder_kv_only else video,
@@ -250,11 +276,19 @@ class RandomAttention(nn.Module):
         weights, biases = self.qkv.weight.chunk(3), self.qkv.bias.chunk(3)
         q, k, v = (F.linear(self._sequence(videos[r], text), w, b_) for r, w, b_ in zip("qkv", weights, biases))
         q, k, v = [t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in (q, k, v)]
-        out = self.attend(self._rope(q), self._rope(k), v)
+        out = self.attend(self._rope(q), self._rope(k), v, self._model_mask(keep, x.dtype))
         return self.out(out.transpose(1, 2).flatten(2))
 
 
 # --- the reference: the true labels, the Sculpt4D rule on them (tests/reference.py), a float64 softmax ------
+
+
+def true_labels_of_queries(spec: Spec) -> list:
+    """Labels of the query positions as the construction builds them (("g",) for global tokens)."""
+    video = video_labels(spec)
+    if not spec.reorder_kv_only:
+        video = [video[i] for i in _reordering(spec).tolist()]
+    return [("g",)] * spec.prefix + video + [("g",)] * spec.suffix
 
 
 def true_labels(spec: Spec) -> tuple[list, list] | None:
@@ -287,8 +321,12 @@ def masked_model(model: RandomAttention, mask: torch.Tensor, inputs) -> torch.Te
     """The model with its attention computed in float64 under `mask` (query, key), written out here."""
     scale = _scale_of(model.spec)
 
-    def attend(q, k, v):
+    def attend(q, k, v, model_mask=None):
         scores = (q.double() @ k.double().transpose(-2, -1)) * scale
+        if model_mask is not None and model_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~model_mask, float("-inf"))
+        elif model_mask is not None:
+            scores = scores + model_mask.double()
         return scores.masked_fill(~mask, float("-inf")).softmax(-1).matmul(v.double()).to(q.dtype)
 
     model.attend = attend

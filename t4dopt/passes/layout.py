@@ -207,7 +207,7 @@ def read_joint(tokens: TokenMap, hints: LayoutHints) -> JointReading | None:
     suffix = sum(s.length for s in segments[index + 1:])
     for name, given, found in (("prefix_tokens", hints.prefix_tokens, prefix), ("suffix_tokens", hints.suffix_tokens, suffix)):
         if given is not None and given != found:
-            where = "in front" if name == "prefix_tokens" else "behind"
+            where = "in front of" if name == "prefix_tokens" else "behind"
             return JointReading(CONTRADICTED, evidence=f"the layout option says {name}={given}; the graph "
                                                        f"concatenates {found} {where} the video")
     problem = _global_problem(segments[index], segments[:index] + segments[index + 1:])

@@ -13,6 +13,7 @@ from typing import TextIO
 
 import torch.fx as fx
 
+from .attention_masks import read_attention_masks
 from .detect import detect_attention
 from .layout import classify_layouts, infer_grid, read_layouts
 from .rewrite import rewrite_sparse_sites
@@ -26,6 +27,7 @@ Pass = Callable[[PassState], None]
 
 ANALYSIS_PASSES: tuple[Pass, ...] = (
     detect_attention,
+    read_attention_masks,
     trace_sequences,
     read_layouts,
     infer_grid,

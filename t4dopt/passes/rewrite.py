@@ -1,12 +1,16 @@
 """Replace the sites marked sparse with the ``t4d::block_sparse_attention`` op.
 
 The op takes [B, H, N, D]; sites of another rank are reshaped to [-1, 1, N, D] and back. The
-block table travels as buffers of the graph module, on the device of the site's tensors. With
-``reference=True`` the same sites become SDPA with the explicit boolean token mask instead:
-the dense reference that ``verify`` compares against.
+block table travels as buffers of the graph module, on the device of the site's tensors; a key
+mask the model passes goes to the op as its ``key_mask`` ([B, N]). With ``reference=True`` the same
+sites become SDPA with the explicit boolean token mask (and the model's own mask) instead: the
+dense reference that ``verify`` compares against.
 """
 
 from __future__ import annotations
+
+import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 
 from .state import PassState
 from t4dopt.compat import register_graph_buffer_source
-from t4dopt.fx_utils import device_of
+from t4dopt.fx_utils import device_of, dtype_of, shape_of
 from t4dopt.sites import SiteDecision
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
@@ -30,6 +34,23 @@ def _as_bhnd(graph: fx.Graph, node: fx.Node, shape: tuple[int, ...]) -> fx.Node:
     if len(shape) == 4:
         return node
     return graph.call_method("reshape", (node, -1, 1, shape[-2], shape[-1]))
+
+
+def _with_model_mask(graph: fx.Graph, token_mask: fx.Node, site) -> fx.Node:
+    """The block mask combined with the mask the model passes (the reference keeps both, as the op does)."""
+    mask = site.attn_mask
+    if mask is None:
+        return token_mask
+    if dtype_of(mask) == torch.bool:
+        return graph.call_function(operator.and_, (mask, token_mask))
+    return graph.call_function(torch.where, (token_mask, mask, -math.inf))
+
+
+def _as_batch_by_keys(graph: fx.Graph, mask: fx.Node) -> fx.Node:
+    """A key mask the model passes ([B, 1, 1, N], [B, 1, N], [1, N], [N]) as the op's [B, N] (or [1, N])."""
+    shape = shape_of(mask)
+    batch = ((1,) * (4 - len(shape)) + shape)[0]
+    return graph.call_method("reshape", (mask, batch, shape[-1]))
 
 
 def _rewrite_site(gm: fx.GraphModule, index: int, decision: SiteDecision, reference: bool) -> None:
@@ -48,7 +69,7 @@ def _rewrite_site(gm: fx.GraphModule, index: int, decision: SiteDecision, refere
             v = graph.call_method("repeat_interleave", (v, heads // kv_heads), {"dim": 1})
         prefix = f"_t4d_site{index}"
         if reference:
-            mask = _buffer(gm, f"{prefix}_token_mask", layout.token_mask().to(device))
+            mask = _with_model_mask(graph, _buffer(gm, f"{prefix}_token_mask", layout.token_mask().to(device)), site)
             out = graph.call_function(F.scaled_dot_product_attention, (q, k, v),
                                       {"attn_mask": mask, "scale": site.scale})
         else:
@@ -56,8 +77,9 @@ def _rewrite_site(gm: fx.GraphModule, index: int, decision: SiteDecision, refere
                 _buffer(gm, f"{prefix}_{name}", tensor)
                 for name, tensor in zip(("kv_counts", "kv_indices", "block_starts"), layout.tensors(device))
             )
+            key_mask = _as_batch_by_keys(graph, decision.key_mask) if decision.key_mask is not None else None
             out = graph.call_function(torch.ops.t4d.block_sparse_attention.default,
-                                      (q, k, v, counts, indices, starts, layout.block_size, site.scale))
+                                      (q, k, v, counts, indices, starts, layout.block_size, site.scale, key_mask))
         if len(site.query_shape) != 4:
             out = graph.call_method("reshape", (out, *site.query_shape[:-1], site.value_shape[-1]))
     site.output.replace_all_uses_with(out)

@@ -1,8 +1,10 @@
 """Decide, per attention site, whether it becomes block-sparse, and with which block table.
 
-Only joint spatio-temporal self-attention is made sparse. A site we cannot handle (unknown
-layout, an attention mask or causal flag we would have to combine, dropout, an unsupported
-dtype) stays dense; the decision carries the reason and whether the user should be warned.
+Only joint spatio-temporal self-attention is made sparse. The model's own mask is combined, never
+dropped: a structured one intersected with the policy's table, a key mask applied by the op
+(`t4dopt.passes.attention_masks`). A site we cannot handle (unknown layout, a mask that does not
+combine, a causal flag, dropout, an unsupported dtype) stays dense; the decision carries the
+reason and whether the user should be warned.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from .state import PassState
 from t4dopt import masks
 from t4dopt.block_layout import BlockLayout
 from t4dopt.options import Options, SparseSpec
-from t4dopt.sites import AttentionSite, SiteDecision, SiteKind, SiteLayout
+from t4dopt.sites import AttentionSite, SiteDecision, SiteKind, SiteLayout, SiteMask
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -32,8 +34,6 @@ def block_layout_for(spec: SparseSpec, layout: SiteLayout) -> BlockLayout:
 def _unsupported(site: AttentionSite) -> str | None:
     if site.dtype not in SUPPORTED_DTYPES:
         return f"dtype {site.dtype} is not supported by the block-sparse op (allowed: {', '.join(SUPPORTED_DTYPES)})"
-    if site.attn_mask is not None:
-        return "it has an attention mask; combining it with the block mask is not supported"
     if site.is_causal:
         return "it is causal; Sculpt4D masks are not causal"
     if site.dropout_p:
@@ -49,25 +49,42 @@ def _unsupported(site: AttentionSite) -> str | None:
     return None
 
 
-def decide(site: AttentionSite, layout: SiteLayout, options: Options) -> SiteDecision:
-    """What to do with one site under `options`."""
+def _with_mask(block_layout: BlockLayout, mask: SiteMask | None) -> tuple[BlockLayout, str | None]:
+    """The policy's table with a structured mask the model passes intersected in (exact, or the reason it is not)."""
+    if mask is None or mask.kind != "structured":
+        return block_layout, None
+    try:
+        structured = BlockLayout.from_token_mask(mask.value, block_layout.block_starts, block_layout.block_size,
+                                                 "model mask", block_layout.grid)
+    except ValueError as error:
+        return block_layout, f"its mask does not fall on the blocks: {error}"
+    return block_layout & structured, None
+
+
+def decide(site: AttentionSite, layout: SiteLayout, options: Options, mask: SiteMask | None = None) -> SiteDecision:
+    """What to do with one site under `options` (`mask`: what its attention mask means, see `attention_masks`)."""
     if options.sparse is None:
         return SiteDecision(site, layout, "dense", "sparse=None: no mask policy chosen")
     if layout.kind is SiteKind.UNKNOWN:
         return SiteDecision(site, layout, "dense", f"layout unknown: {layout.evidence}", warn=True)
     if layout.kind is not SiteKind.SPATIOTEMPORAL:
         return SiteDecision(site, layout, "dense", f"{layout.kind.value} attention is kept dense")
-    problem = _unsupported(site)
+    problem = _unsupported(site) or (mask.reason if mask is not None and mask.kind == "unsupported" else None)
     if problem is not None:
         return SiteDecision(site, layout, "dense", f"joint attention left dense: {problem}", warn=True)
-    block_layout = block_layout_for(options.sparse, layout)
+    block_layout, problem = _with_mask(block_layout_for(options.sparse, layout), mask)
+    if problem is not None:
+        return SiteDecision(site, layout, "dense", f"joint attention left dense: {problem}", warn=True)
+    key_mask = mask.node if mask is not None and mask.kind == "keys" else None
+    reason = block_layout.description + (f"; with {mask.evidence}" if mask is not None and mask.kind != "none" else "")
     if layout.trusted:
-        return SiteDecision(site, layout, "sparse", f"{block_layout.description}; layout taken on trust "
-                            f"(trust_layout=True), not confirmed by the graph: {layout.evidence}",
-                            block_layout=block_layout, warn=True)
-    return SiteDecision(site, layout, "sparse", block_layout.description, block_layout=block_layout)
+        return SiteDecision(site, layout, "sparse", f"{reason}; layout taken on trust (trust_layout=True), not "
+                            f"confirmed by the graph: {layout.evidence}", block_layout=block_layout, warn=True,
+                            key_mask=key_mask)
+    return SiteDecision(site, layout, "sparse", reason, block_layout=block_layout, key_mask=key_mask)
 
 
 def decide_sparsity(state: PassState) -> None:
     """Decide per site: block-sparse with a block table, or dense with the reason (and a warning)."""
-    state.decisions = [decide(site, layout, state.options) for site, layout in zip(state.sites, state.layouts)]
+    state.decisions = [decide(site, layout, state.options, mask)
+                       for site, layout, mask in zip(state.sites, state.layouts, state.masks)]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from t4dopt.options import Options
-from t4dopt.sites import AttentionSite, JointReading, SiteDecision, SiteLayout, SiteTokens, ModelGrid
+from t4dopt.sites import AttentionSite, JointReading, ModelGrid, SiteDecision, SiteLayout, SiteMask, SiteTokens
 
 
 @dataclass
@@ -16,7 +16,7 @@ class PassState:
 
     ``reference`` makes the rewrite pass emit the dense masked reference (SDPA with the explicit
     boolean token mask) instead of the ``t4d`` op: what ``verify`` compares against. ``sites``,
-    ``tokens`` (token maps of q, k, v), ``readings`` (the sequence read as prefix + frames x tokens
+    ``masks`` (what each site's attention mask means, or None), ``tokens`` (token maps of q, k, v), ``readings`` (the sequence read as prefix + frames x tokens
     + suffix, or None), ``layouts`` and ``decisions`` are parallel lists, one entry per attention site.
     The rewrite pass records the node that now computes each rewritten site on its decision
     (``SiteDecision.rewritten_output``). A fresh state is made for every run, so nothing carries
@@ -27,6 +27,7 @@ class PassState:
     options: Options
     reference: bool = False
     sites: list[AttentionSite] = field(default_factory=list)
+    masks: list[SiteMask | None] = field(default_factory=list)
     tokens: list[SiteTokens] = field(default_factory=list)
     readings: list[JointReading | None] = field(default_factory=list)
     grid: ModelGrid | None = None
