@@ -19,7 +19,9 @@ from torch.utils._pytree import tree_leaves
 from t4dopt import lowering, report
 from t4dopt.errors import T4DUnsupportedError, T4DVerifyError, T4DWarning, warn_or_raise
 from t4dopt.options import Options, parse_options
+from t4dopt.fx_utils import graph_parameters
 from t4dopt.passes import run_passes
+from t4dopt.passes.graph_breaks import hidden_attentions
 from t4dopt.sites import SiteDecision
 
 VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -78,8 +80,9 @@ def turbo4d(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str,
     opts = parse_options(options)
     reference = copy.deepcopy(gm) if opts.verify else None
     decisions = run_passes(gm, opts)
-    report.publish(decisions)
-    warn_or_raise(decisions, opts)
+    hidden = hidden_attentions(gm, [d.site for d in decisions])
+    report.publish(decisions, hidden, graph_parameters(gm))
+    warn_or_raise(decisions, opts, hidden)
     compiled = _with_cache(gm, example_inputs, decisions, opts) if opts.cache is not None else None
     if compiled is None:
         compiled = _lower(gm, example_inputs, opts.target)

@@ -96,6 +96,34 @@ def register_graph_buffer_source(gm: torch.fx.GraphModule, name: str) -> None:
     sources[name] = ConstantSource(name)
 
 
+def graph_break_of(gm: torch.fx.GraphModule) -> tuple[str, list] | None:
+    """Why dynamo ended this graph at a graph break: (its reason text, the user frames at the break), else None.
+
+    dynamo records it as ``gm.compile_subgraph_reason`` (a GraphCompileReason); without it, breaks are not known.
+    """
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not getattr(reason, "graph_break", False):
+        return None
+    return str(getattr(reason, "reason", "")), list(getattr(reason, "user_stack", None) or [])
+
+
+def placeholder_origin(node: torch.fx.Node) -> tuple[str, Any] | None:
+    """(dynamo's source name, the real object) of a graph input while the backend compiles it, else None.
+
+    Read off ``node.meta["grapharg"]`` (GraphArg.source.name and GraphArg.example), which dynamo keeps
+    only until the backend returns.
+    """
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if grapharg is None or source is None:
+        return None
+    try:
+        name = source.name() if callable(source.name) else source.name
+        return str(name), grapharg.example
+    except Exception:  # a weak reference gone, or a source that cannot name itself
+        return None
+
+
 def dynamo_export() -> Callable:
     export = _lookup("torch._dynamo.export")
     if export is None:
@@ -160,6 +188,11 @@ PRIVATE_APIS = (
                "the CUDA backward raises T4DCompatError"),
     PrivateAPI("torch._dynamo.source.ConstantSource", "passes/rewrite.py (the source of buffers added to "
                "dynamo's graph module, in its _param_name_to_source)", "buffers are added without a source"),
+    PrivateAPI("torch._dynamo.output_graph.GraphCompileReason", "compat.graph_break_of (a graph break hiding an "
+               "attention, in explain)", "graph breaks are not reported"),
+    PrivateAPI("torch._dynamo.variables.builder.GraphArg", "compat.placeholder_origin (full module paths of "
+               "sites in graphs dynamo cut out of a model, in explain)", "sites of such graphs keep the path "
+               "inside their graph, with the graph's index"),
     PrivateAPI("torch._dynamo.export", "export/capture.py (the torch-level graph export rewrites)",
                "export raises T4DCompatError"),
     PrivateAPI("torch._inductor.compile_fx.compile_fx", "lowering.py (target='inductor')",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from t4dopt.options import Options
-    from t4dopt.sites import SiteDecision
+    from t4dopt.sites import HiddenAttention, SiteDecision
 
 
 class T4DOptionError(ValueError):
@@ -26,9 +26,16 @@ class T4DWarning(UserWarning):
     """An attention site was left dense for a reason the user may want to fix."""
 
 
-def warn_or_raise(decisions: list[SiteDecision], options: Options) -> None:
-    """Warn about each site left dense for a reason the user can fix (with ``strict=True``, raise), and about each
-    site made sparse on a layout the graph did not confirm (``trust_layout=True``)."""
+def warn_or_raise(decisions: list[SiteDecision], options: Options, hidden: list[HiddenAttention] = ()) -> None:
+    """Warn about each site left dense for a reason the user can fix and each attention a graph break keeps out
+    of the graph (with ``strict=True``, raise), and about each site made sparse on a layout the graph did not
+    confirm (``trust_layout=True``)."""
+    for attention in hidden:
+        message = (f"turbo4d: attention {attention.module} is not in the compiled graph: a graph break at "
+                   f"{attention.where} ({attention.reason}); to keep it in: {attention.avoid}")
+        if options.strict:
+            raise T4DUnsupportedError(message + " (strict=True)")
+        warnings.warn(message, T4DWarning, stacklevel=2)
     for decision in decisions:
         if not decision.warn:
             continue

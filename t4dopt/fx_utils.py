@@ -107,6 +107,28 @@ def op_name(node: fx.Node) -> str:
     return ""
 
 
+def source_path(source_name: str) -> str:
+    """A dotted attribute path from a dynamo source name: ``L['self']._modules['norm1']._parameters['weight']``
+    is ``norm1.weight`` (relative to the frame's ``self``)."""
+    keys = re.findall(r"\[['\"]([^'\"]+)['\"]\]|\.(\w+)", re.sub(r"^L\['self'\]", "", source_name))
+    parts = [a or b for a, b in keys]
+    return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers", "__dict__"))
+
+
+def graph_parameters(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    """(path relative to the compiled frame's module, the real tensor) of each parameter and buffer input of a
+    dynamo graph, read while the backend compiles it (empty afterwards, or for other graphs)."""
+    from t4dopt.compat import placeholder_origin
+
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and is_parameter_input(node):
+            origin = placeholder_origin(node)
+            if origin is not None and isinstance(origin[1], torch.Tensor):
+                found.append((source_path(origin[0]), origin[1]))
+    return found
+
+
 def is_parameter_input(placeholder: fx.Node) -> bool:
     """Whether a graph input is one of the module's parameters or buffers (dynamo names them so)."""
     return "_parameters_" in placeholder.name or "_buffers_" in placeholder.name

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from collections.abc import Iterator
 
-from t4dopt.sites import SiteDecision
+import torch
+
+from t4dopt.sites import HiddenAttention, SiteDecision
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,14 @@ class SiteReport:
     @property
     def flops(self) -> float:
         return self.flops_dense * self.density
+
+    @classmethod
+    def hidden(cls, hidden: HiddenAttention, name: str, graph: int) -> SiteReport:
+        """An attention a graph break kept out of the compiled graphs: not rewritten, not seen."""
+        return cls(name=name, node="", graph=graph, module=name, kind="unknown", action="dense", density=1.0,
+                   reason=f"a graph break inside this attention at {hidden.where} keeps it out of the compiled "
+                          f"graphs (it runs as it is): {hidden.reason}. To keep it in: {hidden.avoid}",
+                   evidence="graph break", shape=(), flops_dense=0.0)
 
     @classmethod
     def from_decision(cls, decision: SiteDecision, name: str, graph: int) -> SiteReport:
@@ -60,24 +71,51 @@ def _gflops(value: float) -> str:
     return f"{value / 1e9:.3g}"
 
 
+def _prefix(parameters: list[tuple[str, torch.Tensor]], names: dict[int, str]) -> str | None:
+    """Where the module of a graph's frame sits in the model (``transformer_blocks.3.``): what the model calls the
+    graph's parameters, less the path inside the frame; None when they do not say."""
+    found = Counter()
+    for relative, tensor in parameters:
+        full = names.get(id(tensor))
+        if full is not None and (full == relative or full.endswith("." + relative)):
+            found[full[: len(full) - len(relative)]] += 1
+    return found.most_common(1)[0][0] if found else None
+
+
 @dataclass
 class Report:
-    """All attention sites of the graphs compiled for one model call."""
+    """All attention sites of the graphs compiled for one model call.
+
+    ``names``: the model's parameter and buffer names by tensor id, when the model is known (`t4dopt.explain`):
+    with them, sites of a graph dynamo cut out of the model (a block compiled on its own after a graph break)
+    keep their full module path (``transformer_blocks.3.attn1``); without, they are named inside their graph,
+    with its index (``g1:attn``).
+    """
 
     sites: list[SiteReport] = field(default_factory=list)
     graphs: int = 0
+    names: dict[int, str] = field(default_factory=dict)
 
-    def add_graph(self, decisions: list[SiteDecision]) -> None:
-        """Append one compiled graph's sites, named by module path."""
+    def add_graph(self, decisions: list[SiteDecision], hidden: list[HiddenAttention] = (),
+                  parameters: list[tuple[str, torch.Tensor]] = ()) -> None:
+        """Append one compiled graph's sites (and the attentions a graph break kept out of it), named by module path."""
         graph = self.graphs
         self.graphs += 1
-        per_module: dict[str, int] = {}
-        for d in decisions:
-            per_module[d.site.module_path] = per_module.get(d.site.module_path, 0) + 1
+        prefix = _prefix(list(parameters), self.names)
+        prefix = "" if prefix is None and not graph else prefix
+        per_module = Counter(d.site.module_path for d in decisions)
+
+        def named(module: str, node: str, unique: bool) -> str:
+            name = module if module and unique else f"{module or 'graph'}[{node}]"
+            if prefix is None:
+                return f"g{graph}:{name}"
+            return f"{prefix}{name}" if prefix else name
+
         for d in decisions:
             module = d.site.module_path
-            name = module if module and per_module[module] == 1 else f"{module or 'graph'}[{d.site.name}]"
-            self.sites.append(SiteReport.from_decision(d, f"g{graph}:{name}" if graph else name, graph))
+            self.sites.append(SiteReport.from_decision(d, named(module, d.site.name, per_module[module] == 1), graph))
+        for h in hidden:
+            self.sites.append(SiteReport.hidden(h, named(h.module, "", True), graph))
 
     @property
     def flops_dense(self) -> float:
@@ -119,9 +157,13 @@ _collectors: list[Report] = []
 
 
 @contextmanager
-def collecting() -> Iterator[Report]:
-    """Collect the site reports of every graph the backend compiles inside this block."""
-    report = Report()
+def collecting(model: torch.nn.Module | None = None) -> Iterator[Report]:
+    """Collect the site reports of every graph the backend compiles inside this block (`model`: to name sites
+    by their full module path in every graph)."""
+    names = {}
+    if model is not None:
+        names = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    report = Report(names=names)
     _collectors.append(report)
     try:
         yield report
@@ -129,7 +171,8 @@ def collecting() -> Iterator[Report]:
         _collectors.remove(report)
 
 
-def publish(decisions: list[SiteDecision]) -> None:
-    """Hand one compiled graph's decisions to every active collector."""
+def publish(decisions: list[SiteDecision], hidden: list[HiddenAttention] = (),
+            parameters: list[tuple[str, torch.Tensor]] = ()) -> None:
+    """Hand one compiled graph's decisions (and hidden attentions, and parameter paths) to every active collector."""
     for report in _collectors:
-        report.add_graph(decisions)
+        report.add_graph(decisions, hidden, parameters)

@@ -235,3 +235,17 @@ class SiteDecision:
     @property
     def density(self) -> float:
         return self.block_layout.density if self.block_layout is not None else 1.0
+
+
+@dataclass(frozen=True)
+class HiddenAttention:
+    """An attention dynamo left out of the compiled graphs: a graph break inside it (`t4dopt.passes.graph_breaks`).
+
+    ``module``: the attribute path of the attention, relative to the module whose frame was compiled;
+    ``where``: ``file.py:line`` of the break; ``reason``: dynamo's reason; ``avoid``: what would keep it in.
+    """
+
+    module: str
+    where: str
+    reason: str
+    avoid: str

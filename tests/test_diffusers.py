@@ -172,3 +172,27 @@ def test_sparse_none_is_a_passthrough():
     with torch.no_grad():
         want = tiny.model(**tiny.inputs, return_dict=False)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_graph_break_that_hides_an_attention_is_named_with_its_line_and_a_way_out():
+    # Mochi keeps the valid text tokens with torch.nonzero inside its attention: dynamo breaks the graph there
+    # and the whole attention runs outside the compiled graphs.
+    tiny = dm.mochi()
+    with pytest.warns(t4dopt.T4DWarning, match="not in the compiled graph") as caught:
+        report = t4dopt.explain(tiny.model, **tiny.inputs, options=_options(tiny))
+    hidden = [s for s in report.sites if s.evidence == "graph break"]
+    assert [s.name for s in hidden] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    for site in hidden:
+        assert site.action == "dense" and "attention_processor.py:" in site.reason and "nonzero" in site.reason
+        assert "capture_dynamic_output_shape_ops" in site.reason
+    assert sum("not in the compiled graph" in str(w.message) for w in caught) == 2
+    assert report.graphs > 2 and all(not s.name.startswith("g") for s in report.sites)
+
+
+def test_sites_of_graphs_cut_out_of_the_model_keep_their_module_path():
+    # HunyuanVideo 1.5 breaks at `if is_t2v:` (a tensor condition): its blocks compile as graphs of their own.
+    tiny = dm.hunyuan_video_15()
+    report = t4dopt.explain(tiny.model, **tiny.inputs, options=_options(tiny))
+    assert report.graphs >= 2
+    joint = [s for s in report.sites if s.shape and s.shape[-2] == 157]
+    assert joint and joint[0].graph >= 1 and joint[0].name == "transformer_blocks.0.attn"
