@@ -124,6 +124,18 @@ def placeholder_origin(node: torch.fx.Node) -> tuple[str, Any] | None:
         return None
 
 
+def process_group_rank(group_name: str) -> tuple[int, int] | None:
+    """(this process's rank, the group's size) of the process group a functional collective names, else None."""
+    resolve = _lookup("torch.distributed.distributed_c10d._resolve_process_group")
+    if resolve is None:
+        return None
+    try:
+        group = resolve(group_name)
+        return int(group.rank()), int(group.size())
+    except Exception:  # no such group in this process (a graph traced elsewhere), or no distributed backend
+        return None
+
+
 def dynamo_export() -> Callable:
     export = _lookup("torch._dynamo.export")
     if export is None:
@@ -193,6 +205,9 @@ PRIVATE_APIS = (
     PrivateAPI("torch._dynamo.variables.builder.GraphArg", "compat.placeholder_origin (full module paths of "
                "sites in graphs dynamo cut out of a model, in explain)", "sites of such graphs keep the path "
                "inside their graph, with the graph's index"),
+    PrivateAPI("torch.distributed.distributed_c10d._resolve_process_group", "compat.process_group_rank (the "
+               "sequence traced through an all-to-all, Ulysses context parallelism)",
+               "sites behind an all-to-all stay dense"),
     PrivateAPI("torch._dynamo.export", "export/capture.py (the torch-level graph export rewrites)",
                "export raises T4DCompatError"),
     PrivateAPI("torch._inductor.compile_fx.compile_fx", "lowering.py (target='inductor')",

@@ -337,10 +337,6 @@ def classify(site, tokens: SiteTokens, reading: JointReading | None, grid: Model
                                                      "(trust_layout=True would use it anyway)")
     if reading is not None:
         return SiteLayout(SiteKind.UNKNOWN, evidence=reading.evidence)
-    reordered = [s for s in tokens.query.segments if s.stop is Stop.REORDER and s.length == max(
-        x.length for x in tokens.query.segments)]
-    if reordered:
-        return SiteLayout(SiteKind.UNKNOWN, evidence=reordered[0].reason)
     by_roles = _kind_by_roles(tokens.query)
     if by_roles is not None:
         return by_roles
@@ -349,7 +345,10 @@ def classify(site, tokens: SiteTokens, reading: JointReading | None, grid: Model
         names = ", ".join(sorted(r.name for r in roots))
         return SiteLayout(SiteKind.OTHER, evidence=f"self-attention over {n} tokens of {names}, not the video")
     layout = _other_kinds(n, grid)
-    if layout.kind is SiteKind.UNKNOWN and not grid.frames and not grid.tokens_per_frame:
+    longest = max(tokens.query.segments, key=lambda x: x.length)
+    if layout.kind is SiteKind.UNKNOWN and longest.stop is not Stop.INPUT:  # say where the walk stopped
+        layout.evidence = f"the token order is not visible: {longest.reason}"
+    elif layout.kind is SiteKind.UNKNOWN and not grid.frames and not grid.tokens_per_frame:
         layout.evidence = f"no layout given and the graph shows no patch embedding that tells the frames; {_suggestion(tokens.query)}"
     return layout
 

@@ -53,7 +53,7 @@ SAME_AXES = frozenset({
     "neg", "abs", "exp", "log", "sigmoid", "tanh", "sin", "cos", "sqrt", "rsqrt", "reciprocal", "square", "erf",
     "relu", "silu", "gelu", "mish", "leaky_relu", "elu", "softplus", "hardswish", "hardsigmoid", "dropout",
     "nan_to_num", "real", "imag", "conj", "angle", "sign", "floor", "ceil", "round", "logical_not", "bitwise_not",
-    "__neg__", "__invert__", "cumsum", "cumprod",
+    "__neg__", "__invert__", "cumsum", "cumprod", "wait_tensor",
 })
 ELEMENTWISE = frozenset({
     "add", "sub", "mul", "div", "truediv", "floordiv", "true_divide", "rsub", "pow", "where", "addcmul", "addcdiv",
@@ -98,6 +98,9 @@ class Cursor(NamedTuple):
     digits: tuple[Digit, ...]
     offsets: Offsets
     seen_at: fx.Node | None = None
+    rank: tuple | None = None
+    """Behind an all-to-all (`_all_to_all`): ``(whose, world, me)``, the tokens as rank `whose` holds them (an int,
+    or ``"all"``: every rank's, as the outer digit), in a group of `world` where this process is rank `me`."""
 
 
 class _Follow(NamedTuple):
@@ -328,8 +331,74 @@ def _piece(node: fx.Node, cursor: Cursor) -> _Follow | _End:
         start = sum(int(v.shape[dim]) for v in values[:i])
         offsets = dict(cursor.offsets)
         offsets[dim] = offsets.get(dim, 0) + start
-        return _Follow(_cursor(source, cursor.digits, offsets))
+        found = _cursor(source, cursor.digits, offsets)
+        if cursor.rank is not None:
+            sizes = {int(v.shape[dim]) for v in values}
+            if len(sizes) != 1:
+                return _End(Stop.OPAQUE, f"tokens of other ranks reach an unequal split ({_where(pieces)})")
+            found = _resolve_rank(found._replace(rank=cursor.rank), dim, i, len(values), sizes.pop())
+            return found if isinstance(found, _End) else _Follow(found)
+        return _Follow(found)
     return _End(Stop.OPAQUE, f"{_where(pieces)}")
+
+
+def _all_to_all(node: fx.Node, cursor: Cursor) -> _Follow | _End:
+    """``all_to_all_single(x, out_splits, in_splits, group)`` (Ulysses context parallelism), split along axis 0.
+
+    Chunk w of the output on rank e is chunk e of rank w's input. So the tokens a cursor reads on the output
+    are, on the input, chunk e (e: the rank whose output this is, this process unless an earlier all-to-all
+    said otherwise), as rank w holds them: w the chunk the cursor reads (a digit over every chunk: every
+    rank's, the sequence gathered from its shards). A chunk the cursor does not pin is read as chunk 0 (the
+    heads of the other ranks, on the way back: no token moves with it).
+    """
+    from t4dopt.compat import process_group_rank
+
+    source, outs, ins, group = (list(node.args) + [None] * 4)[:4]
+    found = process_group_rank(group) if isinstance(group, str) else None
+    shape = shape_of(source)
+    if found is None or shape is None or not shape:
+        return _End(Stop.OPAQUE, f"{_where(node)}: its process group is not known here")
+    me, world = found
+    if shape[0] % world or any(s is not None and (not isinstance(s, list) or len(set(s)) > 1) for s in (outs, ins)):
+        return _End(Stop.OPAQUE, f"{_where(node)} with unequal splits")
+    chunk = shape[0] // world
+    digits = list(cursor.digits)
+    first = digits[0] if digits else None
+    if (first is not None and first.axis == 0 and first.stride * (first.size - 1) >= chunk and first.stride < chunk
+            and chunk % first.stride == 0 and first.size * first.stride == world * chunk):
+        # one digit over every chunk (the merge of the ranks' shards): the rank, then the tokens inside a chunk
+        digits[:1] = [Digit(0, world, chunk, first.role), Digit(0, chunk // first.stride, first.stride, first.role)]
+    cursor = cursor._replace(digits=tuple(digits))
+    outer = [d for d in cursor.digits if d.axis == 0 and d.stride * (d.size - 1) >= chunk]
+    offsets = dict(cursor.offsets)
+    start = offsets.get(0, 0)
+    inner = [d for d in cursor.digits if not any(d is o for o in outer)]
+    if outer and (outer != [cursor.digits[0]] or outer[0].stride != chunk or outer[0].size != world or start >= chunk):
+        return _End(Stop.OPAQUE, f"tokens cut across the ranks' chunks by {_where(node)}")
+    if any(d.axis == 0 and (start % chunk) + d.stride * (d.size - 1) >= chunk for d in inner):
+        return _End(Stop.OPAQUE, f"tokens cut across the ranks' chunks by {_where(node)}")
+    whose = "all" if outer else start // chunk
+    reader = cursor.rank[0] if cursor.rank is not None else me
+    if reader == "all":
+        inner = [Digit(0, world, chunk, outer[0].role if outer else None)] + inner
+        reader = 0
+    offsets[0] = reader * chunk + start % chunk
+    rank = None if whose == me else (whose, world, me)
+    return _Follow(Cursor(source, _normalized(inner), _offsets(offsets), None, rank))
+
+
+def _resolve_rank(cursor: Cursor, dim: int, piece: int, pieces: int, length: int) -> Cursor | _End:
+    """A split of `pieces` equal pieces along `dim`, piece `piece` taken: where the ranks' shards came from."""
+    whose, world, me = cursor.rank
+    if pieces != world or piece != me:
+        return _End(Stop.OPAQUE, f"tokens of other ranks reach a split into {pieces} pieces whose piece {piece} "
+                                 f"is not this rank's ({me} of {world})")
+    offsets = dict(cursor.offsets)
+    if whose == "all":
+        offsets[dim] = offsets.get(dim, 0) - piece * length
+        return _cursor(cursor.node, (Digit(dim, world, length),) + cursor.digits, offsets)
+    offsets[dim] = offsets.get(dim, 0) + (whose - piece) * length
+    return _cursor(cursor.node, cursor.digits, offsets)
 
 
 def _concatenated(node: fx.Node, cursor: Cursor) -> _Follow | _Split | _Join | _End:
@@ -779,6 +848,26 @@ def _writes(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return writes
 
 
+def _ranked(step, cursor: Cursor):
+    """A step taken behind an all-to-all: the cursors it yields read the same rank's tokens (ops that move
+    tokens between ranks, or resolve whose they are, say so themselves); an input reached there is not split."""
+    if isinstance(step, _End):
+        if step.stop is Stop.INPUT:
+            return _End(Stop.OPAQUE, f"tokens of another rank (behind an all-to-all) reach {cursor.node.name}, "
+                                     "which the graph does not split")
+        return step
+    node = cursor.node
+    if op_name(node) == "all_to_all_single" or (op_name(node) == "getitem" and isinstance(node.args[0], fx.Node)
+                                                and op_name(node.args[0]) in SPLITS):
+        return step
+    keep = lambda c: c._replace(rank=cursor.rank) if c.rank is None else c  # noqa: E731
+    if isinstance(step, _Follow):
+        return step._replace(cursor=keep(step.cursor))
+    if isinstance(step, _Split):
+        return _Split(tuple(keep(c) for c in step.parts))
+    return _Join(tuple(keep(c) for c in step.operands))
+
+
 def _aligned(a: TokenMap, b: TokenMap) -> bool:
     """Whether two maps read the same positions of two inputs laid out alike (a control video added to the
     latent video: the same patches of tensors of one shape along the token axes)."""
@@ -832,6 +921,8 @@ class TokenWalk:
             visited.append((cursor, len(notes)))
             self._steps += 1
             step = self._step(cursor) if self._steps < MAX_STEPS else _End(Stop.OPAQUE, "the walk took too long")
+            if cursor.rank is not None:
+                step = _ranked(step, cursor)
             if isinstance(step, _Follow):
                 if step.note:
                     notes.append(step.note)
@@ -920,6 +1011,8 @@ class TokenWalk:
             return _getattr(node, cursor)
         if name in SDPA_NAMES:
             return _sdpa(node, cursor)
+        if name == "all_to_all_single":
+            return _all_to_all(node, cursor)
         if parent is None and name not in ("cat", "concat", "concatenate", "stack", "einsum"):
             return _End(Stop.OPAQUE, f"{_where(node)}")
         if name in VIEWS:
