@@ -35,7 +35,8 @@ OPTIONS = {"sparse": {"policy": "sculpt4d", "block_size": BLOCK, "strides": (1, 
 def group():
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -43,6 +44,8 @@ def group():
         os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield dist.group.WORLD
+    if created:
+        dist.destroy_process_group()
 
 
 class UlyssesJoint(torch.nn.Module):
