@@ -40,10 +40,6 @@ class LayoutHints:
     height: int | None = None
     width: int | None = None
 
-    @property
-    def given(self) -> bool:
-        return any(getattr(self, name) is not None for name in LAYOUT_KEYS)
-
 
 @dataclass(frozen=True)
 class SparseSpec:
