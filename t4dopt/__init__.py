@@ -10,8 +10,9 @@ from t4dopt.backend import turbo4d
 from t4dopt.block_layout import BlockLayout
 from t4dopt.cache import CacheReport, cache_report, reset
 from t4dopt.calibrate import Calibration, calibrate
-from t4dopt.errors import T4DOptionError, T4DUnsupportedError, T4DVerifyError, T4DWarning
+from t4dopt.errors import T4DInputError, T4DOptionError, T4DUnsupportedError, T4DVerifyError, T4DWarning
 from t4dopt.explain import explain
+from t4dopt.options import check_options
 from t4dopt.ops import block_sparse_attention
 from t4dopt.report import Report, SiteReport
 
@@ -23,6 +24,7 @@ __all__ = [
     "Calibration",
     "Report",
     "SiteReport",
+    "T4DInputError",
     "T4DOptionError",
     "T4DUnsupportedError",
     "T4DVerifyError",
@@ -30,6 +32,7 @@ __all__ = [
     "block_sparse_attention",
     "cache_report",
     "calibrate",
+    "check_options",
     "deploy",
     "explain",
     "masks",

@@ -2,33 +2,31 @@
 
 The loaded bundle is called like the model (same inputs, same output) and reuses work across
 denoising steps with the cache schedule of its manifest; `sample` runs a whole flow-matching
-sampling loop.
+sampling loop. Loading checks the manifest's every field and the integrity of every file
+(`t4dopt.manifest`); each call checks its inputs against the exported ones (`t4dopt.input_specs`).
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from t4dopt import manifest as manifests
 from t4dopt.cache.lowered import SegmentRunners
 from t4dopt.cache.program import Program
 from t4dopt.cache.runtime import CacheRuntime
 from t4dopt.cache.stats import table
-from t4dopt.options import CACHE_KEYS, CacheSpec
+from t4dopt.errors import BundleError, T4DOptionError
+from t4dopt.input_specs import InputSpec, check_inputs
+from t4dopt.options import CacheSpec, cache_spec, parse_cache
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d, which the segments call)
 
-BUNDLE_FORMAT = 1
-MANIFEST = "manifest.json"
-MANIFEST_KEYS = ("format", "versions", "inputs", "program", "artifacts", "cache")
-
-
-class BundleError(ValueError):
-    """A bundle folder that is missing, incomplete or not one of ours."""
+__all__ = ["BundleError", "DeployedModel", "load"]
 
 
 class DeployedModel:
@@ -36,17 +34,10 @@ class DeployedModel:
 
     def __init__(self, folder: Path, manifest: dict[str, Any], runtime: CacheRuntime):
         self.folder, self.manifest, self.runtime = folder, manifest, runtime
-        self.inputs = manifest["inputs"]
+        self.inputs = [InputSpec.from_json(spec) for spec in manifest["inputs"]]
 
     def __call__(self, *args: torch.Tensor) -> Any:
-        if len(args) != len(self.inputs):
-            raise TypeError(f"bundle {self.folder} takes {len(self.inputs)} inputs "
-                            f"({', '.join(i['name'] for i in self.inputs)}), got {len(args)}")
-        for value, expected in zip(args, self.inputs):
-            if not isinstance(value, torch.Tensor) or list(value.shape) != expected["shape"]:
-                got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"bundle input {expected['name']!r} must have shape {expected['shape']} "
-                                 f"(the shape it was exported with), got {got}")
+        check_inputs(f"bundle {self.folder}", self.inputs, args)
         with torch.no_grad():
             outputs = self.runtime(*args)
         return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
@@ -71,49 +62,50 @@ class DeployedModel:
         return table(self.runtime.stats.report())
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    if not folder.is_dir():
-        raise BundleError(f"no bundle folder at {folder}")
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{folder} is not a t4dopt bundle: it has no {MANIFEST}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise BundleError(f"{path} is not valid JSON: {error}") from None
-    missing = [key for key in MANIFEST_KEYS if key not in manifest] if isinstance(manifest, dict) else MANIFEST_KEYS
-    if missing:
-        raise BundleError(f"{path} lacks {', '.join(missing)}; was it written by t4dopt.export.bundle?")
-    if manifest["format"] != BUNDLE_FORMAT:
-        raise BundleError(f"{path} is bundle format {manifest['format']!r}; this t4dopt reads format {BUNDLE_FORMAT}")
-    unknown = sorted(set(manifest["cache"]) - set(CACHE_KEYS))
-    if unknown:
-        raise BundleError(f"{path}: unknown cache settings {unknown}; known: {list(CACHE_KEYS)}")
-    return manifest
-
-
 def _load_program(folder: Path, name: str | None) -> Any:
     if name is None:
         return None
-    path = folder / name
-    if not path.is_file():
-        raise BundleError(f"bundle {folder} is incomplete: {name} is missing")
-    return torch.export.load(os.fspath(path)).module()
-
-
-def load(bundle: str | os.PathLike) -> DeployedModel:
-    """Load the bundle folder written by ``t4dopt.export.bundle``; raises `BundleError` for a malformed one."""
-    folder = Path(bundle)
-    manifest = _read_manifest(folder)
     try:
-        program = Program.from_json(manifest["program"])
-        cache = manifest["cache"]
-        spec = CacheSpec(**{**cache, "levels": tuple(cache["levels"])})
-    except (KeyError, TypeError) as error:
-        raise BundleError(f"{folder / MANIFEST}: malformed program or cache schedule ({error})") from None
-    if len(manifest["artifacts"]) != len(program.segments):
-        raise BundleError(f"{folder / MANIFEST}: {len(manifest['artifacts'])} artifacts for "
-                          f"{len(program.segments)} segments")
+        return torch.export.load(os.fspath(folder / name)).module()
+    except Exception as error:  # a damaged zip, a foreign file: torch raises many types
+        raise BundleError(f"bundle {folder}: {name} could not be loaded as a torch.export program "
+                          f"({type(error).__name__}: {error})", path=str(folder / name)) from error
+
+
+FIXED_AT_EXPORT = ("levels", "token_ratio")
+"""Cache settings the exported programs depend on (the pruned variants' row counts): not replaceable on load."""
+
+
+def _cache_spec(recorded: dict[str, Any], override: Mapping[str, Any] | CacheSpec | None) -> CacheSpec:
+    """The manifest's cache schedule, with the settings given in `override` (``load``'s ``cache=``) replaced."""
+    exported = cache_spec(recorded)
+    if override is None:
+        return exported
+    spec = parse_cache(override, recorded)
+    if spec is None:
+        raise T4DOptionError(f"t4dopt.deploy.load cache={override!r} is not valid; allowed: a dict of cache settings "
+                             "to replace (a bundle always runs its cache; threshold=0 never reuses)",
+                             option="cache", value=override)
+    for key in FIXED_AT_EXPORT:
+        if getattr(spec, key) != getattr(exported, key):
+            raise T4DOptionError(f"t4dopt.deploy.load cache[{key!r}]={getattr(spec, key)!r} is not valid; allowed: "
+                                 f"the bundle's {getattr(exported, key)!r} (fixed at export: export it again to "
+                                 "change it)", option=f"cache[{key!r}]", value=getattr(spec, key))
+    return spec
+
+
+def load(bundle: str | os.PathLike, *, cache: Mapping[str, Any] | CacheSpec | None = None) -> DeployedModel:
+    """Load the bundle folder written by ``t4dopt.export.bundle``.
+
+    Raises `BundleError` (naming the file and the field) for a missing, damaged, edited or
+    malformed bundle. `cache` replaces settings of the manifest's cache schedule (keys of the
+    backend's ``cache`` option, checked alike: `T4DOptionError`), where an edit of the manifest
+    would be refused by its integrity record; ``levels`` and ``token_ratio`` are fixed at export.
+    """
+    folder = Path(bundle)
+    manifest = manifests.read(folder)
+    spec = _cache_spec(manifest["cache"], cache)
+    program = Program.from_json(manifest["program"])
     runners = [SegmentRunners(_load_program(folder, files.get("plain")), _load_program(folder, files.get("full")),
                               _load_program(folder, files.get("pruned"))) for files in manifest["artifacts"]]
     return DeployedModel(folder, manifest, CacheRuntime(program, runners, spec, set()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from t4dopt.options import Options
@@ -11,7 +11,33 @@ if TYPE_CHECKING:
 
 
 class T4DOptionError(ValueError):
-    """An option of the turbo4d backend has an unknown name or a bad value."""
+    """An option of the turbo4d backend has an unknown name or a bad value.
+
+    `option` names it as written (``cache['steps']``), `value` is what was given and `allowed` what
+    would be accepted, where the check knows them. Raised from ``torch.compile``'s first call it
+    arrives wrapped in dynamo's ``BackendCompilerFailed`` (the original is its ``inner_exception``);
+    `t4dopt.check_options` raises it directly, before any call.
+    """
+
+    def __init__(self, message: str, *, option: str | None = None, value: Any = None, allowed: str | None = None):
+        super().__init__(message)
+        self.option, self.value, self.allowed = option, value, allowed
+
+
+class BundleError(ValueError):
+    """A deployment bundle that is missing, damaged, edited or not one of ours (`t4dopt.deploy.load`).
+
+    `path` is the file at fault, `field` the manifest field (``cache.threshold``) where one is.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.path, self.field = path, field
+
+
+class T4DInputError(ValueError):
+    """An input given to a bundle or an AOTInductor package is not what it was exported with (shape, dtype,
+    device); the message names the input and what it expects."""
 
 
 class T4DUnsupportedError(RuntimeError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import reprlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,25 +47,80 @@ def _block_starts(grid: TokenGrid, block_size: int) -> torch.Tensor:
     return torch.tensor(prefix + video + suffix + [grid.seq_len], dtype=torch.int64)
 
 
+def _rule_name(rule: BlockRule) -> str:
+    return getattr(rule, "__qualname__", None) or getattr(rule, "__name__", None) or repr(rule)
+
+
+def _block_mask(result: object, n: int, name: str) -> torch.Tensor:
+    """The rule's answer for all pairs as bool [n, n]; refuses anything but bool values broadcast to the pairs."""
+    try:
+        mask = torch.as_tensor(result)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"sparse policy {name} returned {reprlib.repr(result)} ({type(result).__name__}); a rule "
+                         "returns bool (a bool tensor when called with tensors)") from None
+    if mask.dtype != torch.bool:
+        raise ValueError(f"sparse policy {name} returned {mask.dtype} values; a rule returns bool "
+                         "(use comparisons and &, |, ~ rather than arithmetic)")
+    if mask.dim() not in (0, 2) or any(size not in (1, n) for size in mask.shape):
+        raise ValueError(f"sparse policy {name} returned a tensor of shape {list(mask.shape)} for {n} blocks; "
+                         f"expected one that broadcasts to [{n}, {n}] (query blocks x key blocks)")
+    return mask.expand(n, n).clone()
+
+
+def _as_bool(value: object) -> bool | None:
+    """A rule's answer for one pair as a bool (True, False, or a one-element bool tensor / array), else None."""
+    if isinstance(value, bool):
+        return value
+    try:
+        mask = torch.as_tensor(value)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return bool(mask) if mask.dtype == torch.bool and mask.numel() == 1 else None
+
+
+def _pair_by_pair(rule: BlockRule, frames: int, blocks_per_frame: int, name: str) -> torch.Tensor:
+    """A rule written for Python ints: called once per block pair, each answer checked."""
+    blocks = [divmod(index, blocks_per_frame) for index in range(frames * blocks_per_frame)]
+    mask = [[False] * len(blocks) for _ in blocks]
+    for i, query in enumerate(blocks):
+        for j, key in enumerate(blocks):
+            coords = (*query, *key)
+            try:
+                value = rule(*coords)
+            except Exception as error:
+                raise ValueError(f"sparse policy {name} raised {type(error).__name__} ({error}) for "
+                                 f"{_pair(coords)}") from error
+            answer = _as_bool(value)
+            if answer is None:
+                raise ValueError(f"sparse policy {name} returned {reprlib.repr(value)} ({type(value).__name__}) for "
+                                 f"{_pair(coords)}; a rule returns True or False")
+            mask[i][j] = answer
+    return torch.tensor(mask, dtype=torch.bool)
+
+
+def _pair(coords: tuple[int, int, int, int]) -> str:
+    return f"query (frame {coords[0]}, block {coords[1]}) and key (frame {coords[2]}, block {coords[3]})"
+
+
 def _evaluate(rule: BlockRule, frames: int, blocks_per_frame: int) -> torch.Tensor:
-    """bool [frames * blocks_per_frame, same]: the rule on every (query, key) block pair."""
+    """bool [frames * blocks_per_frame, same]: the rule on every (query, key) block pair.
+
+    Called once on broadcastable tensors; a rule that fails on tensors or returns None (one written
+    for Python ints) is called pair by pair. Anything but bool answers is refused, and an error the
+    rule raises is reported with the block pair it raised for.
+    """
     n = frames * blocks_per_frame
+    name = _rule_name(rule)
     index = torch.arange(n)
     qf, qb = (index // blocks_per_frame).view(n, 1), (index % blocks_per_frame).view(n, 1)
     kf, kb = (index // blocks_per_frame).view(1, n), (index % blocks_per_frame).view(1, n)
     try:
-        result = torch.as_tensor(rule(qf, qb, kf, kb))
-        if result.shape != (n, n):
-            result = result.expand(n, n)
-        return result.to(torch.bool).clone()
-    except (RuntimeError, TypeError, ValueError):
-        # A rule written for Python ints rather than tensors: evaluate pair by pair.
-        pairs = [
-            [bool(rule(i // blocks_per_frame, i % blocks_per_frame, j // blocks_per_frame, j % blocks_per_frame))
-             for j in range(n)]
-            for i in range(n)
-        ]
-        return torch.tensor(pairs, dtype=torch.bool)
+        result = rule(qf, qb, kf, kb)
+    except Exception:
+        result = None
+    if result is None:
+        return _pair_by_pair(rule, frames, blocks_per_frame, name)
+    return _block_mask(result, n, name)
 
 
 def from_rule(
@@ -82,7 +138,9 @@ def from_rule(
     The rule is called once with broadcastable int64 tensors (columns for the query, rows for
     the key) and should return a bool tensor; a rule that only handles Python ints is called
     pair by pair instead. The rule covers the video blocks; prefix and suffix blocks attend,
-    and are attended by, every block.
+    and are attended by, every block. ValueError when the rule answers anything but bool (None,
+    numbers, a tensor of another shape) or raises (naming the block pair). A query block left with
+    no key block is allowed here (its rows come out as zeros); `empty_row_reason` finds one.
     """
     _check_positive("frames", frames)
     _check_positive("tokens_per_frame", tokens_per_frame)
@@ -98,6 +156,49 @@ def from_rule(
     dense = torch.ones(total, total, dtype=torch.bool)
     dense[prefix_blocks:video_end, prefix_blocks:video_end] = video
     return BlockLayout.from_dense(dense, _block_starts(grid, block_size), block_size, description, grid)
+
+
+def _video_block(layout: BlockLayout, index: int) -> str:
+    """Block `index` of a policy's layout as ``frame f, block b`` (or as a global-token block)."""
+    grid = layout.grid
+    if grid is None:
+        return f"block {index}"
+    prefix_blocks = math.ceil(grid.prefix_tokens / layout.block_size)
+    blocks_per_frame = math.ceil(grid.tokens_per_frame / layout.block_size)
+    video = index - prefix_blocks
+    if not 0 <= video < grid.frames * blocks_per_frame:
+        return f"global-token block {index}"
+    return f"frame {video // blocks_per_frame}, block {video % blocks_per_frame}"
+
+
+def empty_row_reason(layout: BlockLayout) -> str | None:
+    """Where a query block of `layout` keeps no key block (its output rows would be zeros), or None.
+
+    The op allows such rows, a mask policy must not have them: it approximates dense attention.
+    """
+    empty = (~layout.to_dense().any(dim=1)).nonzero()
+    if not len(empty):
+        return None
+    return (f"query block ({_video_block(layout, int(empty[0]))}) keeps no key block ({len(empty)} such query "
+            "blocks): its output rows would be zeros")
+
+
+def dense_reason(layout: BlockLayout) -> str | None:
+    """Why `layout` skips nothing (every query block keeps every key block), or None when it skips some.
+
+    A site rewritten with such a layout is dense attention in another kernel, not a sparse one.
+    """
+    if not bool(layout.to_dense().all()):
+        return None
+    grid = layout.grid
+    if grid is None:
+        return f"{layout.description or 'the layout'} keeps all {layout.num_blocks} x {layout.num_blocks} block pairs"
+    why = ""
+    if grid.tokens_per_frame <= layout.block_size:
+        why = (f" (block_size={layout.block_size} >= tokens_per_frame={grid.tokens_per_frame}: each frame is one "
+               f"block)")
+    return (f"{layout.description or 'the layout'} keeps every block pair of {grid.frames} frames of "
+            f"{math.ceil(grid.tokens_per_frame / layout.block_size)} block(s){why}: density 1.0, nothing to skip")
 
 
 def sculpt4d(

@@ -6,6 +6,8 @@ is allowed, before any graph is touched.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,8 @@ TOP_LEVEL_KEYS = ("layout", "sparse", "cache", "target", "strict", "verify", "tr
 CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps", "order")
 CACHE_LEVELS = ("block", "token", "chain")
 DEFAULT_POLICY = "sculpt4d"
+TRIAL_FRAMES, TRIAL_BLOCKS = 64, 3
+"""The grid a policy is tried on when the options are checked: more frames than video DiTs' latents have."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,8 @@ class Options:
 
 
 def _fail(option: str, value: Any, allowed: str) -> T4DOptionError:
-    return T4DOptionError(f"turbo4d option {option}={value!r} is not valid; allowed: {allowed}")
+    return T4DOptionError(f"turbo4d option {option}={value!r} is not valid; allowed: {allowed}",
+                          option=option, value=value, allowed=allowed)
 
 
 def _check_dict(option: str, value: Any, keys: tuple[str, ...], key_name: Callable[[str], str]) -> None:
@@ -146,11 +151,45 @@ def _parse_sparse(value: Any) -> SparseSpec | None:
     for key in spec.params:
         if key not in allowed:
             raise _fail(f"sparse[{key!r}]", spec.params[key], f"the parameters of {spec.name}: {list(allowed)}")
-    try:
-        masks.build(spec.policy, 2, 8, **spec.params)
-    except (ValueError, TypeError) as error:
-        raise T4DOptionError(f"turbo4d option sparse={dict(spec.params)!r} for {spec.name}: {error}") from None
+    _try_policy(spec)
     return spec
+
+
+def _try_policy(spec: SparseSpec) -> None:
+    """Build the policy on a trial grid (`TRIAL_FRAMES` frames of `TRIAL_BLOCKS` blocks): bad parameters, a
+    callable that raises, answers anything but bool or leaves a query block with no key block, and a policy
+    that skips nothing even there (strides all 1, a window or anchor wider than any video) fail here.
+
+    Whether a policy skips anything on a model's own grid is decided per site (`masks.dense_reason`).
+    """
+    block_size = spec.params.get("block_size", 128)
+    usable = isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 1
+    try:  # a bad block_size is refused by the policy itself, named as such
+        layout = masks.build(spec.policy, TRIAL_FRAMES, TRIAL_BLOCKS * block_size if usable else 8, **spec.params)
+    except (ValueError, TypeError) as error:
+        raise T4DOptionError(f"turbo4d option sparse={_shown(spec)}: {error}", option="sparse",
+                             value=spec.policy) from error
+    empty = masks.empty_row_reason(layout)
+    if empty is not None:
+        raise T4DOptionError(f"turbo4d option sparse={_shown(spec)}: on {TRIAL_FRAMES} frames of {TRIAL_BLOCKS} "
+                             f"blocks, {empty}; a policy keeps at least one key block per query block "
+                             "(its own, usually)", option="sparse", value=spec.policy)
+    if masks.dense_reason(layout) is not None:
+        raise T4DOptionError(f"turbo4d option sparse={_shown(spec)} keeps every block pair even of {TRIAL_FRAMES} "
+                             f"frames of {TRIAL_BLOCKS} blocks: it would skip nothing on any video (use sparse=None "
+                             "for dense attention)", option="sparse", value=spec.policy)
+
+
+def _shown(spec: SparseSpec) -> str:
+    return repr({"policy": spec.name, **spec.params})
+
+
+def _check_sparse_against_layout(spec: SparseSpec | None, layout: LayoutHints) -> None:
+    """Parameters the layout option itself contradicts (more anchor frames than frames)."""
+    anchors = spec.params.get("anchor_frames") if spec is not None else None
+    if anchors is not None and layout.frames is not None and anchors > layout.frames:
+        raise _fail("sparse['anchor_frames']", anchors,
+                    f"at most layout['frames']={layout.frames} (with every frame an anchor nothing is skipped)")
 
 
 def _count(option: str, value: Any, minimum: int) -> int:
@@ -159,35 +198,57 @@ def _count(option: str, value: Any, minimum: int) -> int:
     return value
 
 
-def _parse_cache(value: Any) -> CacheSpec | None:
+def cache_spec(fields: Mapping[str, Any], name: Callable[[str], str] = lambda key: f"cache[{key!r}]") -> CacheSpec:
+    """The `CacheSpec` of `fields` (names as in `CACHE_KEYS`, missing ones default), every value checked.
+
+    The one check of a cache schedule's values, for the backend's options and for a bundle's
+    manifest (`t4dopt.deploy`); `name` names a field in the `T4DOptionError` it raises.
+    """
+    unknown = sorted(set(fields) - set(CACHE_KEYS))
+    if unknown:
+        raise _fail(name(unknown[0]), fields[unknown[0]], f"the keys {list(CACHE_KEYS)}")
+    spec = {**dataclasses.asdict(CacheSpec()), **fields}
+    threshold = spec["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+        raise _fail(name("threshold"), threshold, "a number >= 0 (0 never reuses)")
+    for key, minimum in (("warmup", 0), ("final", 0), ("max_reuse", 1)):
+        _count(name(key), spec[key], minimum)
+    ratio = spec["token_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise _fail(name("token_ratio"), ratio, "a number in (0, 1]: the share of rows recomputed")
+    levels = spec["levels"]
+    if (not isinstance(levels, (list, tuple, set, frozenset)) or not levels
+            or not all(isinstance(level, str) and level in CACHE_LEVELS for level in levels)):
+        raise _fail(name("levels"), levels, f"a non-empty list drawn from {list(CACHE_LEVELS)} "
+                                            "(cache=None turns the cache off)")
+    steps = spec["steps"]
+    if steps is not None:
+        _count(name("steps"), steps, 1)
+    order = spec["order"]
+    if isinstance(order, bool) or not isinstance(order, int) or order not in (0, 1):
+        raise _fail(name("order"), order, "0 (reuse the residual as stored) or 1 (extrapolate it), an integer")
+    return CacheSpec(**{**spec, "threshold": float(threshold), "token_ratio": float(ratio),
+                        "levels": tuple(level for level in CACHE_LEVELS if level in levels)})
+
+
+def parse_cache(value: Any, recorded: Mapping[str, Any] | None = None) -> CacheSpec | None:
+    """The ``cache`` option: None / False (no cache), True (defaults), a `CacheSpec` or a dict of settings.
+
+    A dict's settings replace those of `recorded` (a bundle's schedule, `t4dopt.deploy.load`'s
+    ``cache=``), or the defaults.
+    """
     if value is None or value is False:
         return None
-    if isinstance(value, CacheSpec):
-        return value
     if value is True:
-        return CacheSpec()
+        return cache_spec(recorded or {})
+    if isinstance(value, CacheSpec):
+        return cache_spec(dataclasses.asdict(value))
     _check_dict("cache", value, CACHE_KEYS, lambda key: f"cache[{key!r}]")
-    fields = dict(value)
-    threshold = fields.get("threshold", CacheSpec.threshold)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < float("inf"):
-        raise _fail("cache['threshold']", threshold, "a number >= 0 (0 never reuses)")
-    fields["threshold"] = float(threshold)
-    for key, minimum in (("warmup", 0), ("final", 0), ("max_reuse", 1)):
-        if key in fields:
-            _count(f"cache[{key!r}]", fields[key], minimum)
-    ratio = fields.get("token_ratio", CacheSpec.token_ratio)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise _fail("cache['token_ratio']", ratio, "a number in (0, 1]: the share of rows recomputed")
-    fields["token_ratio"] = float(ratio)
-    levels = fields.get("levels", CACHE_LEVELS)
-    if not isinstance(levels, (list, tuple, set, frozenset)) or not all(isinstance(level, str) and level in CACHE_LEVELS for level in levels):
-        raise _fail("cache['levels']", levels, f"a list drawn from {list(CACHE_LEVELS)}")
-    fields["levels"] = tuple(level for level in CACHE_LEVELS if level in levels)
-    if fields.get("steps") is not None:
-        _count("cache['steps']", fields["steps"], 1)
-    if fields.get("order", 1) not in (0, 1) or isinstance(fields.get("order"), bool):
-        raise _fail("cache['order']", fields["order"], "0 (reuse the residual as stored) or 1 (extrapolate it)")
-    return CacheSpec(**fields)
+    spec = cache_spec({**(recorded or {}), **value})
+    if "final" in value and spec.final and spec.steps is None:
+        raise _fail("cache['final']", spec.final, "only together with cache['steps'] (the final steps are "
+                                                  "known only from the loop's length), or leave it out")
+    return spec
 
 
 def _parse_flag(name: str, value: Any) -> bool:
@@ -206,12 +267,24 @@ def parse_options(options: Mapping[str, Any] | Options | None) -> Options:
     target = options.get("target", "inductor")
     if target not in TARGETS:
         raise _fail("target", target, f"one of {list(TARGETS)}")
+    layout, sparse = _parse_layout(options.get("layout")), _parse_sparse(options.get("sparse"))
+    _check_sparse_against_layout(sparse, layout)
     return Options(
-        layout=_parse_layout(options.get("layout")),
-        sparse=_parse_sparse(options.get("sparse")),
-        cache=_parse_cache(options.get("cache")),
+        layout=layout,
+        sparse=sparse,
+        cache=parse_cache(options.get("cache")),
         target=target,
         strict=_parse_flag("strict", options.get("strict", False)),
         verify=_parse_flag("verify", options.get("verify", False)),
         trust_layout=_parse_flag("trust_layout", options.get("trust_layout", False)),
     )
+
+
+def check_options(options: Mapping[str, Any] | Options | None) -> Options:
+    """Check turbo4d options before the first call; raises `T4DOptionError` directly, returns them parsed.
+
+    The backend runs this same check on the first call, where dynamo wraps any error in
+    ``BackendCompilerFailed``. A callable policy is tried on a small grid here: one that raises,
+    answers anything but bool, or leaves a query block with no key block is refused.
+    """
+    return parse_options(options)

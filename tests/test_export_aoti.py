@@ -8,7 +8,8 @@ if not hasattr(torch._inductor, "aoti_compile_and_package"):
                 allow_module_level=True)
 
 from t4dopt.cli import build_parser  # noqa: E402
-from t4dopt.export import aoti  # noqa: E402
+from t4dopt.errors import T4DInputError  # noqa: E402
+from t4dopt.export import aoti, load_aoti  # noqa: E402
 from t4dopt.export.aoti_export import run_in_fresh_process  # noqa: E402
 from t4dopt.models import Sculpt4DDiT, make_inputs  # noqa: E402
 
@@ -50,6 +51,35 @@ def test_package_runs_in_a_fresh_process_and_matches_eager(tiny_package):
     got = run_in_fresh_process(result.path, args)   # a new python: torch.save'd inputs, load_aoti, run
     assert got.shape == expected.shape
     assert float((got - expected).abs().max()) <= TOLERANCE
+
+
+def test_package_records_the_inputs_it_was_exported_with(tiny_package):
+    result, args, _ = tiny_package
+    package = load_aoti(result.path)   # loaded, never run here (see load_aoti on running in the exporting process)
+    assert [(s.name, list(s.shape), s.dtype, s.device) for s in package.inputs] == [
+        (name, list(a.shape), "float32", "cpu") for name, a in zip(("x", "t", "cond"), args)]
+
+
+@pytest.mark.parametrize("change", [
+    lambda args: ((args[0][:, :2], *args[1:]), r"'x' must have shape \[1, 4, 40, 8\] .*got \[1, 2, 40, 8\]"),
+    lambda args: ((args[0][:, :, :24], *args[1:]), r"'x' must have shape \[1, 4, 40, 8\] .*got \[1, 4, 24, 8\]"),
+    lambda args: ((args[0], args[1], torch.cat([args[2], args[2]], 1)), r"'cond' must have shape"),
+    lambda args: ((args[0].double(), *args[1:]), r"'x' must have dtype float32 .*got float64"),
+    lambda args: ((args[0], args[1].half(), args[2]), r"'t' must have dtype float32 .*got float16"),
+    lambda args: ((args[0], 0.5, args[2]), r"'t' must be a tensor, got float"),
+])
+def test_package_refuses_inputs_it_was_not_exported_for_naming_the_input(tiny_package, change):
+    """Without the check a package given another shape returns a tensor of the exported shape, silently."""
+    result, args, _ = tiny_package
+    wrong, message = change(args)
+    with pytest.raises(T4DInputError, match=message):
+        load_aoti(result.path)(*wrong)
+
+
+def test_package_refuses_another_number_of_inputs(tiny_package):
+    result, args, _ = tiny_package
+    with pytest.raises(TypeError, match=r"takes 3 inputs \(x, t, cond\), got 2"):
+        load_aoti(result.path)(*args[:2])
 
 
 def test_suffix_tokens_and_a_key_mask_through_a_package(tmp_path):

@@ -342,3 +342,124 @@ def test_token_mask_refuses_huge_layouts():
     with pytest.raises(ValueError, match=r"token_mask\(\).*65536"):
         layout.token_mask()
     assert layout.to_dense().shape == (512, 512)
+
+
+# --- Callable policies: only bool answers, errors named with the block pair -------------------
+
+def _ints_on_tensors(qf, qb, kf, kb):
+    return (qb - kb) % 2
+
+
+def _floats_on_tensors(qf, qb, kf, kb):
+    return (qf == kf).float()
+
+
+def _wrong_shape(qf, qb, kf, kb):
+    return (qf == kf).flatten()
+
+
+def _extra_dimension(qf, qb, kf, kb):
+    return (qf == kf).unsqueeze(-1)
+
+
+def _int_per_pair(i, u, j, v):
+    return 1 if i == j else 0
+
+
+def _none_per_pair(i, u, j, v):
+    return None
+
+
+def _text_per_pair(i, u, j, v):
+    return "yes"
+
+
+def _forgets_to_return(qf, qb, kf, kb):
+    qf == kf  # noqa: B015  (a rule without its return: None on tensors and on ints)
+
+
+@pytest.mark.parametrize("rule, named", [
+    (_ints_on_tensors, "returned torch.int64 values"),
+    (_floats_on_tensors, "returned torch.float32 values"),
+    (_wrong_shape, "returned a tensor of shape [144] for 12 blocks"),
+    (_extra_dimension, "returned a tensor of shape [12, 12, 1]"),
+    (_int_per_pair, "returned 1 (int) for query (frame 0, block 0) and key (frame 0, block 0)"),
+    (_none_per_pair, "returned None (NoneType) for query (frame 0, block 0)"),
+    (_forgets_to_return, "returned None (NoneType) for query (frame 0, block 0)"),
+    (_text_per_pair, "returned 'yes' (str)"),
+    (lambda qf, qb, kf, kb: "yes", "returned 'yes' (str)"),
+])
+def test_a_rule_answering_anything_but_bool_is_refused(rule, named):
+    with pytest.raises(ValueError, match=re.escape(named)) as error:
+        masks.build(rule, 4, 48, block_size=16)
+    assert rule.__name__ in str(error.value)
+
+
+def _divides_by_frame_distance(i, u, j, v):
+    return 1 / (i - j) > 0 or u == v
+
+
+def _looks_up_a_missing_key(i, u, j, v):
+    return {0: True, 1: u == v}[abs(i - j)]
+
+
+@pytest.mark.parametrize("rule, error_type, where", [
+    (_divides_by_frame_distance, ZeroDivisionError, "query (frame 0, block 0) and key (frame 0, block 0)"),
+    (_looks_up_a_missing_key, KeyError, "query (frame 0, block 0) and key (frame 2, block 0)"),
+])
+def test_a_rule_that_raises_is_named_with_the_block_pair_it_raised_for(rule, error_type, where):
+    with pytest.raises(ValueError) as error:
+        masks.build(rule, 4, 48, block_size=16)
+    message = str(error.value)
+    assert rule.__name__ in message and error_type.__name__ in message and where in message
+    assert isinstance(error.value.__cause__, error_type)
+
+
+def test_bool_answers_of_every_kind_are_taken():
+    """Python bools pair by pair, 0-d bool tensors, numpy bools, and broadcastable bool tensors."""
+    import numpy as np
+
+    expected = masks.build(lambda qf, qb, kf, kb: qf == kf, 3, 40, block_size=16).to_dense()
+    rules = [lambda i, u, j, v: i == j, lambda i, u, j, v: torch.as_tensor(i == j), lambda i, u, j, v: np.bool_(i == j),
+             lambda qf, qb, kf, kb: (qf == kf).numpy()]
+    for rule in rules:
+        assert torch.equal(masks.build(rule, 3, 40, block_size=16).to_dense(), expected)
+    assert masks.build(lambda qf, qb, kf, kb: True, 3, 40, block_size=16).density == 1.0
+    assert torch.equal(masks.build(lambda qf, qb, kf, kb: kf < 1, 3, 40, block_size=16).to_dense()[:, :3],
+                       torch.ones(9, 3, dtype=torch.bool))
+
+
+# --- Layouts a policy must not be rewritten with --------------------------------------------
+
+def test_empty_row_reason_names_the_first_query_block_that_keeps_nothing():
+    layout = masks.from_rule(lambda qf, qb, kf, kb: (qb == kb) & (qb != 1), 3, 40, block_size=16, prefix_tokens=0)
+    assert masks.empty_row_reason(layout) == ("query block (frame 0, block 1) keeps no key block (3 such query "
+                                              "blocks): its output rows would be zeros")
+    # global tokens attend everything: the video's empty rows are still named by frame and block
+    layout = masks.from_rule(lambda qf, qb, kf, kb: qf < 0, 2, 40, block_size=16, prefix_tokens=20)
+    assert masks.empty_row_reason(layout) is None  # every video block keeps the prefix blocks
+    for policy in sorted(masks.POLICIES):
+        for frames in (1, 3, 9):
+            assert masks.empty_row_reason(masks.build(policy, frames, 40, block_size=16, prefix_tokens=5)) is None
+
+
+@pytest.mark.parametrize("layout, named", [
+    (masks.sculpt4d(4, 64, block_size=10**9), "block_size=1000000000 >= tokens_per_frame=64: each frame is one block"),
+    (masks.sculpt4d(4, 64, block_size=128), "block_size=128 >= tokens_per_frame=64"),
+    (masks.sculpt4d(4, 64, block_size=16, anchor_frames=5), "anchor_frames=5"),
+    (masks.sculpt4d(4, 64, block_size=16, anchor_frames=4), "keeps every block pair of 4 frames of 4 block(s)"),
+    (masks.fixed_stride(3, 64, block_size=16, anchor_frames=7), "anchor_frames=7"),
+    (masks.window(5, 64, block_size=16, window=4), "window(window=4) keeps every block pair"),
+    (masks.sculpt4d(6, 64, block_size=8, strides=(1,)), "strides=[1]"),
+    (masks.temporal_only(3, 40, block_size=64, prefix_tokens=9), "temporal-only keeps every block pair"),
+])
+def test_dense_reason_says_why_a_policy_skips_nothing(layout, named):
+    assert layout.density == 1.0
+    reason = masks.dense_reason(layout)
+    assert named in reason and "nothing to skip" in reason
+
+
+@pytest.mark.parametrize("policy", sorted(masks.POLICIES))
+def test_dense_reason_is_none_where_a_policy_skips_blocks(policy):
+    layout = masks.build(policy, 8, 64, block_size=16)
+    assert layout.density < 1.0 and masks.dense_reason(layout) is None

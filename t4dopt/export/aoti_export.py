@@ -14,12 +14,19 @@ AOTInductor ``.pt2`` package.
 So the process that runs a package with the opaque op must have it registered: `load_aoti`
 imports ``t4dopt.ops`` before ``torch._inductor.aoti_load_package``. `run_in_fresh_process` runs a
 package the way a deployment would: in a new Python process that only loads it.
+
+A package computes for the shapes, dtypes and device it was compiled for and does not check what
+it is given (another shape comes back as a tensor of the exported shape). So `export_aoti` records
+each input's `InputSpec` in the package's metadata (``aot_inductor.metadata``), and the callable
+`load_aoti` returns checks every call against them, naming the input that differs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import warnings
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -29,13 +36,17 @@ from typing import Any
 
 import torch
 
+from t4dopt.errors import T4DWarning
 from t4dopt.export.capture import capture_for_export
+from t4dopt.input_specs import InputSpec, check_inputs, input_names
 from t4dopt.options import Options
 from t4dopt.export.result import ExportedArtifact
 from t4dopt.report import count_rewritten
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
 
+INPUTS_METADATA = "t4dopt.inputs"
+"""The package metadata key holding the JSON list of the inputs' specs (null for an input that was no tensor)."""
 
 _RUN_PACKAGE = """
 import sys
@@ -99,20 +110,49 @@ def export_aoti(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     say("compiling with AOTInductor (C++; this takes a while)")
-    torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path))
+    specs = [InputSpec.of(name, value).to_json() if isinstance(value, torch.Tensor) else None
+             for name, value in zip(input_names(model.forward, len(args)), args)]
+    torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path), inductor_configs={
+        "aot_inductor.metadata": {INPUTS_METADATA: json.dumps(specs)}})
     result = AotiResult(path, sites, t4d_nodes=t4d_nodes)
     say(f"wrote {path} ({result.file_bytes / 2**20:.2f} MiB, {t4d_nodes} t4d nodes)")
     return result
 
 
-def load_aoti(path: str | os.PathLike) -> Callable[..., Any]:
+class LoadedPackage:
+    """An AOTInductor package loaded by `load_aoti`: called like the model, its inputs checked on every call."""
+
+    def __init__(self, path: Path, compiled: Callable[..., Any], inputs: list[InputSpec | None] | None):
+        self.path, self.compiled, self.inputs = path, compiled, inputs
+
+    def __call__(self, *args: Any) -> Any:
+        if self.inputs is not None:
+            check_inputs(f"AOTInductor package {self.path}", self.inputs, args)
+        return self.compiled(*args)
+
+
+def _recorded_inputs(path: Path, compiled: Any) -> list[InputSpec | None] | None:
+    recorded = compiled.get_metadata().get(INPUTS_METADATA)
+    if recorded is None:
+        warnings.warn(f"{path} records no input specs (exported by another tool or an earlier t4dopt): its inputs "
+                      "are not checked, and inputs of another shape or dtype give wrong results silently",
+                      T4DWarning, stacklevel=3)
+        return None
+    return [InputSpec.from_json(spec) if spec is not None else None for spec in json.loads(recorded)]
+
+
+def load_aoti(path: str | os.PathLike) -> LoadedPackage:
     """The compiled model in the ``.pt2`` package at `path`, callable on tensors like the original.
 
+    Every call checks its inputs against the shapes, dtypes and devices the package was exported
+    with: TypeError for their number, `t4dopt.errors.T4DInputError` naming the input that differs.
     This module imports ``t4dopt.ops`` first, so the op the package calls by name is registered.
     Load packages in a process that did not compile one: on torch 2.13 (CPU), a package loaded in
     the process that ran `export_aoti` sometimes hands the op garbage block-table tensors.
     """
-    return torch._inductor.aoti_load_package(os.fspath(path))
+    path = Path(path)
+    compiled = torch._inductor.aoti_load_package(os.fspath(path))
+    return LoadedPackage(path, compiled, _recorded_inputs(path, compiled))
 
 
 def run_in_fresh_process(path: str | os.PathLike, args: Sequence[torch.Tensor]) -> Any:

@@ -5,15 +5,14 @@ segments the cache runtime runs (`t4dopt.cache.build.prepare`). Each segment, an
 variants of camera and motion sublayers, is saved as a ``torch.export`` program (``.pt2``);
 the first segment holds the weights. ``manifest.json`` records the program (which segment
 feeds which, the sublayers and chains), the cache schedule, the layout and masks, the inputs
-and the versions. `t4dopt.deploy.load` runs it with the same runtime, so a sampling loop over
-the bundle reuses work exactly as the compiled model does, without the model's Python code.
+and the versions, sealed by a SHA-256 of each field and file (`t4dopt.manifest`).
+`t4dopt.deploy.load` runs it with the same runtime, so a sampling loop over the bundle reuses
+work exactly as the compiled model does, without the model's Python code.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,10 +25,11 @@ import torch.fx as fx
 import t4dopt
 from t4dopt.cache.build import prepare
 from t4dopt.cache.graph.segments import token_outputs
-from t4dopt.deploy import BUNDLE_FORMAT, MANIFEST
+from t4dopt import manifest as manifests
 from t4dopt.errors import T4DUnsupportedError
 from t4dopt.export.capture import capture_for_export, node_values
 from t4dopt.fx_utils import example_value
+from t4dopt.input_specs import InputSpec, input_names
 from t4dopt.options import CacheSpec, Options, parse_options
 from t4dopt.export.result import ExportedArtifact
 
@@ -68,17 +68,6 @@ def _save(module: fx.GraphModule, inputs: tuple, path: Path) -> str:
     program.example_inputs = None  # the manifest records the inputs; no need to store a copy per segment
     torch.export.save(program, os.fspath(path))
     return path.name
-
-
-def _input_names(model: torch.nn.Module, count: int) -> list[str]:
-    """The names of the first `count` parameters of ``model.forward`` (``input0``... where it has fewer)."""
-    names = [p.name for p in inspect.signature(model.forward).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return names[:count] if len(names) >= count else [f"input{i}" for i in range(count)]
-
-
-def _tensor_spec(value: Any) -> dict[str, Any]:
-    return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
 
 
 def export_bundle(
@@ -121,10 +110,9 @@ def export_bundle(
         artifacts.append(files)
     program = prepared.program
     manifest = {
-        "format": BUNDLE_FORMAT,
         "versions": {"t4dopt": t4dopt.__version__, "torch": torch.__version__},
         "model": type(model).__name__,
-        "inputs": [{"name": name, **_tensor_spec(value)} for name, value in zip(_input_names(model, len(args)), args)],
+        "inputs": [InputSpec.of(name, value).to_json() for name, value in zip(input_names(model.forward, len(args)), args)],
         "program": program.to_json(),
         "artifacts": artifacts,
         "cache": dataclasses.asdict(spec),
@@ -132,7 +120,7 @@ def export_bundle(
         "sites": [{"name": s.name, "kind": s.kind, "action": s.action, "density": s.density, "why": s.reason}
                   for s in sites],
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifests.write(folder, manifest)
     result = BundleResult(folder, sites, segments=len(artifacts), units=len(program.units), chains=len(program.chains))
     say(f"wrote {folder}: {result.segments} segments, {result.units} cache units, "
         f"{result.chains} chains, {result.file_bytes / 2**20:.2f} MiB")
