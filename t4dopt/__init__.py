@@ -8,7 +8,7 @@ rewrites joint spatio-temporal attention into Sculpt4D-style block-sparse attent
 from t4dopt import deploy, masks
 from t4dopt.backend import turbo4d
 from t4dopt.block_layout import BlockLayout
-from t4dopt.cache import CacheReport, cache_report, reset
+from t4dopt.cache import CacheReport, branch, cache_report, generation, reset
 from t4dopt.calibrate import Calibration, calibrate
 from t4dopt.errors import T4DOptionError, T4DUnsupportedError, T4DVerifyError, T4DWarning
 from t4dopt.explain import explain
@@ -28,10 +28,12 @@ __all__ = [
     "T4DVerifyError",
     "T4DWarning",
     "block_sparse_attention",
+    "branch",
     "cache_report",
     "calibrate",
     "deploy",
     "explain",
+    "generation",
     "masks",
     "reset",
     "turbo4d",

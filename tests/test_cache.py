@@ -238,7 +238,8 @@ def run_residual_stack(model: nn.Module, cache: dict | None) -> list[torch.Tenso
     compiled_model = torch.compile(model, backend="turbo4d", options={
         "target": "eager", "layout": {"frames": 4, "tokens_per_frame": 8}, **({"cache": cache} if cache else {})})
     x = torch.randn(1, 32, 4, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    # The same latents at every timestep is no sampling loop: an explicit scope says it is one generation.
+    with torch.no_grad(), t4dopt.generation(model):
         return [compiled_model(x, torch.full((1,), float(t))) for t in torch.linspace(1, 0, 6)]
 
 
@@ -343,8 +344,9 @@ def test_reset_restarts_a_generation_at_the_same_timestep(scm):
     times = flow_matching_timesteps(STEPS).tolist()
     with torch.no_grad():
         # A generation cut short after 4 steps, then the same generation from its start.
-        for t in times[:4]:
-            model(x, torch.full((1,), t), cond)
+        partial = x
+        for t, t_next in zip(times[:4], times[1:5]):
+            partial = partial + (t_next - t) * model(partial, torch.full((1,), t), cond)
         assert t4dopt.reset(scm) >= 1
         restarted = sample_flow_matching(model, x, cond, steps=STEPS)
     torch._dynamo.reset()
