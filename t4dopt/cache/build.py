@@ -45,11 +45,11 @@ def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) 
     if functional_residuals(gm.graph):
         gm.recompile()
     plan = find_regions(gm.graph, decisions, dict(gm.named_modules()))
-    if not plan.units:
-        return Prepared(plan, [], None)
-    timestep = find_timestep(gm, plan)
-    if timestep is None:
+    timestep = find_timestep(gm, plan) if plan.stream_input is not None else None
+    if plan.stream_input is not None and timestep is None:
         plan.reason = NOT_A_DENOISER
+        return Prepared(plan, [], None)
+    if not plan.units:
         return Prepared(plan, [], None)
     segments = split(gm, plan, spec.token_ratio)
     flops = [sum(d.site.dense_flops() * d.density for d in unit.sites) for unit in plan.units]
