@@ -13,6 +13,7 @@ from t4dopt.calibrate import Calibration, calibrate
 from t4dopt.errors import T4DOptionError, T4DUnsupportedError, T4DVerifyError, T4DWarning
 from t4dopt.explain import explain
 from t4dopt.ops import block_sparse_attention
+from t4dopt.pipelines import enable
 from t4dopt.report import Report, SiteReport
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "cache_report",
     "calibrate",
     "deploy",
+    "enable",
     "explain",
     "generation",
     "masks",
