@@ -314,3 +314,24 @@ def test_a_generation_of_known_length_is_freed_after_its_last_step(model):
     loop(model_c, noise(44), text(44), times(), uncond=torch.zeros_like(text(44)))
     (runtime,) = runtimes_of(model)
     assert runtime.held_bytes() == 0 and reused(model) > 0
+
+
+def test_inference_mode_sampling_reuses_and_equals_a_fresh_run(model):
+    """Tensors made under inference mode carry no version counter; continuity still works."""
+    x, cond = noise(45), text(45)
+
+    def run(model_c):
+        with torch.inference_mode():
+            return loop(model_c, x, cond, times(), uncond=torch.zeros_like(cond))
+
+    model_c = compiled(model)
+    run(model_c)
+    second = run(model_c)
+    assert reused(model) > 0
+    assert torch.equal(second, run(fresh(model)))
+
+
+def test_a_scope_names_models_or_bundles():
+    with pytest.raises(TypeError, match="neither a model"):
+        with t4dopt.generation("model"):
+            pass

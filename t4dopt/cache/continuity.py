@@ -24,7 +24,9 @@ small least-squares problems (`relative_residual`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +37,9 @@ TOLERANCE = 1e-2
 """Largest relative L2 distance from the span still taken as a continuation (bfloat16 rounding gives ~2e-3)."""
 PREDICTIONS_PER_STEP = 4
 """Predictions kept per step (guidance branches at one step); beyond, the oldest go."""
+HISTORY = 4 * WINDOW
+"""Steps kept per history (a few generations' windows)."""
+HISTORIES = 8
 _CHUNK = 1 << 22
 """Columns per piece of the Gram product (bounds its temporary memory)."""
 _DEPENDENT = 1e-12
@@ -52,29 +57,72 @@ def padded(prediction: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    return None if tensor.is_inference() else tensor._version
+
+
 @dataclass(eq=False)
 class Record:
     """One step as continuity sees it: a copy of the latents the step was called with, the predictions made from them.
 
     Predictions are the runtime's own outputs, kept by reference with their version: one
-    changed in place since is left out.
+    changed in place since is left out. Tensors made under ``torch.inference_mode`` have no
+    version; theirs are kept as they are.
     """
 
     latents: torch.Tensor
     fingerprint: tuple[float, ...]
     timestep: tuple[float, ...]
-    predictions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    predictions: list[tuple[torch.Tensor, int | None]] = field(default_factory=list)
 
     def add(self, prediction: torch.Tensor) -> None:
         vector = padded(prediction.detach(), self.latents)
-        self.predictions = (self.predictions + [(vector, vector._version)])[-PREDICTIONS_PER_STEP:]
+        self.predictions = (self.predictions + [(vector, _version(vector))])[-PREDICTIONS_PER_STEP:]
 
     def vectors(self) -> list[torch.Tensor]:
         """The latents, then each prediction not changed since it was kept."""
-        return [self.latents] + [p for p, version in self.predictions if p._version == version]
+        return [self.latents] + [p for p, version in self.predictions if _version(p) == version]
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.latents] + [p for p, _ in self.predictions]
+
+
+class History:
+    """The recent steps of one model in one thread, shared by every graph compiled from it.
+
+    Guidance branches may run in different compiled graphs (dynamo compiles again for inputs
+    of another kind, an inference-mode tensor say), yet the next latents combine all their
+    predictions: each graph adds its prediction to the step's one `Record`.
+    """
+
+    def __init__(self) -> None:
+        self.records: deque[Record] = deque(maxlen=HISTORY)
+
+    def step(self, latents: torch.Tensor, fingerprint: tuple[float, ...], timestep: tuple[float, ...]) -> Record:
+        """The record of the step called with these latents at this timestep, made (with a copy of them) if new."""
+        for record in self.records:
+            if (record.fingerprint == fingerprint and record.timestep == timestep
+                    and record.latents.shape == latents.shape and record.latents.dtype == latents.dtype):
+                return record
+        record = Record(latents.detach().clone(), fingerprint, timestep)
+        self.records.append(record)
+        return record
+
+
+_histories: OrderedDict[Hashable, History] = OrderedDict()
+_histories_lock = threading.Lock()
+
+
+def history(key: Hashable) -> History:
+    """The history kept under `key` (a thread and a model); the least recently used beyond `HISTORIES` go."""
+    with _histories_lock:
+        found = _histories.get(key)
+        if found is None:
+            found = _histories[key] = History()
+            while len(_histories) > HISTORIES:
+                _histories.popitem(last=False)
+        _histories.move_to_end(key)
+        return found
 
 
 @dataclass(frozen=True)

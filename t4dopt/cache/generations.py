@@ -96,6 +96,8 @@ class Placement(NamedTuple):
     domain: Domain
     latents: tuple[float, ...] | None
     """The latents' fingerprint (outside scopes; for `Generations.recorded`)."""
+    key: tuple[int, ...]
+    """The ids of the parameters the call was made with."""
 
 
 def _leaf_index(program: Program, name: str | None) -> int | None:
@@ -120,11 +122,11 @@ class Generations:
     def __init__(self, program: Program, owner: Any, parameter_ids: set[int]):
         # The owner by weak reference: a cycle would keep a runtime alive after dynamo drops it.
         self.program, self._owner, self.parameter_ids = program, weakref.ref(owner), parameter_ids
-        names = program.placeholders
-        self.static = [i for i, n in enumerate(names) if n in set(program.static)]
+        names, static = program.placeholders, set(program.static)
+        self.static = [i for i, n in enumerate(names) if n in static]
         self.stream = names.index(program.stream) if program.stream in names else None
         self.timestep = names.index(program.timestep) if program.timestep in names else None
-        self.dynamic = [i for i in range(len(names)) if i not in set(self.static)]
+        self.dynamic = [i for i, n in enumerate(names) if n not in static]
         self.conditioning = [i for i in self.dynamic if i not in (self.stream, self.timestep)]
         self.prediction = _leaf_index(program, program.prediction)
         self.domains: OrderedDict[tuple, Domain] = OrderedDict()
@@ -243,7 +245,7 @@ class Generations:
             track.timestep = now
             domain.epoch_advanced = True
         return Placement(track, new, new_epoch, track.step, track.first, max(now) if now else None, domain,
-                         fingerprint_of_latents)
+                         fingerprint_of_latents, key)
 
     def _records(self, domain: Domain, latents: Any) -> list[continuity.Record]:
         """The distinct records of the domain's tracks whose latents have the call's shape."""
@@ -297,19 +299,19 @@ class Generations:
                    for row in layout.target)
 
     def recorded(self, placement: Placement, args: tuple, outputs: Any) -> None:
-        """After a call outside a scope: keep its latents and prediction for checking the next call."""
+        """After a call outside a scope: keep its latents and prediction for checking the next call.
+
+        They go to the step's record in the history of this model and thread, which every
+        graph compiled from the model shares (`continuity.History`).
+        """
         if not placement.domain.detect or self.stream is None or self.prediction is None:
             return
-        latents = args[self.stream]
         leaves = pytree.tree_leaves(outputs)
         if self.prediction >= len(leaves) or not isinstance(leaves[self.prediction], torch.Tensor):
             return
-        track = placement.track
-        record = next((r for t in placement.domain.tracks for r in t.records
-                       if r.fingerprint == placement.latents and r.timestep == track.timestep
-                       and r.latents.shape == latents.shape), None)
-        if record is None:
-            record = continuity.Record(latents.detach().clone(), placement.latents, track.timestep)
+        track, key = placement.track, placement.key
+        shared = continuity.history((threading.get_ident(), key[0] if key else id(self._owner())))
+        record = shared.step(args[self.stream], placement.latents, track.timestep)
         record.add(leaves[self.prediction])
         if not track.records or track.records[-1] is not record:
             track.records.append(record)

@@ -42,10 +42,14 @@ class Target:
         """`models` are modules (compiled or not) or cache runtimes (`t4dopt.deploy` bundles hold one)."""
         parameters, runtimes = set(), set()
         for model in models:
+            runtime = getattr(model, "runtime", model)
             if isinstance(model, torch.nn.Module):
                 parameters.update(id(t) for t in itertools.chain(model.parameters(), model.buffers()))
+            elif callable(getattr(runtime, "end_scope", None)):
+                runtimes.add(id(runtime))
             else:
-                runtimes.add(id(getattr(model, "runtime", model)))
+                raise TypeError(f"t4dopt.generation: {type(model).__name__} is neither a model (torch.nn.Module) "
+                                "nor a loaded bundle")
         return cls(frozenset(parameters), frozenset(runtimes))
 
     @property
