@@ -16,20 +16,29 @@ call) are not in that span. Stochastic samplers (fresh noise each step), masked 
 either: their calls are not confirmed and compute in full, unless an explicit scope says
 they are one generation (`t4dopt.cache.scope`).
 
-The span test needs the Gram matrix of those vectors, computed on the device in float64
-(`gram`) and read back with everything else (`t4dopt.cache.readback`); the host solves the
-small least-squares problems (`relative_residual`).
+The test runs on a fixed sample of each vector's values (`t4dopt.cache.readback.sample`): a
+step of the same generation satisfies the combination in every value, another generation
+misses it nearly everywhere. A `History` keeps, per model, thread and latent shape, the
+sampled rows of recent steps in one float64 buffer on the device and their dot products on
+the host; each call computes its latents' products with the buffer (read back with
+everything else), and each prediction's products are computed when it is kept and read back
+at the next call. The host then solves the small least-squares problems
+(`relative_residual`). Nothing of the full latents or predictions is kept.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+
+from t4dopt.cache.readback import sample
 
 WINDOW = 3
 """Steps kept per generation: UniPC's corrector reaches two steps back from the current one."""
@@ -39,17 +48,20 @@ PREDICTIONS_PER_STEP = 4
 """Predictions kept per step (guidance branches at one step); beyond, the oldest go."""
 HISTORY = 4 * WINDOW
 """Steps kept per history (a few generations' windows)."""
+ROWS = HISTORY * (1 + PREDICTIONS_PER_STEP)
+"""Rows of the buffer per batch element: every vector of every kept step."""
 HISTORIES = 8
-_CHUNK = 1 << 22
-"""Columns per piece of the Gram product (bounds its temporary memory)."""
 _DEPENDENT = 1e-12
+SAME = 1e-12
+"""Squared distance, relative to the squared norm, under which two latents are the same."""
+_uids = itertools.count()
 
 
-def padded(prediction: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def padded(prediction: torch.Tensor, latents_shape: torch.Size) -> torch.Tensor:
     """`prediction` as a vector of the latents' space: itself, or zero-padded where it is shorter."""
-    if prediction.shape == latents.shape:
+    if prediction.shape == latents_shape:
         return prediction
-    out = prediction.new_zeros(latents.shape)
+    out = prediction.new_zeros(latents_shape)
     region = out
     for dim, size in enumerate(prediction.shape):
         region = region.narrow(dim, 0, size)
@@ -57,126 +69,207 @@ def padded(prediction: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _version(tensor: torch.Tensor) -> int | None:
-    return None if tensor.is_inference() else tensor._version
-
-
 @dataclass(eq=False)
 class Record:
-    """One step as continuity sees it: a copy of the latents the step was called with, the predictions made from them.
+    """One step as continuity sees it: the rows (by id, one per batch element) of its latents and predictions."""
 
-    Predictions are the runtime's own outputs, kept by reference with their version: one
-    changed in place since is left out. Tensors made under ``torch.inference_mode`` have no
-    version; theirs are kept as they are.
-    """
-
-    latents: torch.Tensor
-    fingerprint: tuple[float, ...]
     timestep: tuple[float, ...]
-    predictions: list[tuple[torch.Tensor, int | None]] = field(default_factory=list)
+    latents: tuple[int, ...]
+    predictions: list[tuple[int, ...]] = field(default_factory=list)
 
-    def add(self, prediction: torch.Tensor) -> None:
-        vector = padded(prediction.detach(), self.latents)
-        self.predictions = (self.predictions + [(vector, _version(vector))])[-PREDICTIONS_PER_STEP:]
+    def rows(self) -> list[int]:
+        return list(self.latents) + [row for prediction in self.predictions for row in prediction]
 
-    def vectors(self) -> list[torch.Tensor]:
-        """The latents, then each prediction not changed since it was kept."""
-        return [self.latents] + [p for p, version in self.predictions if _version(p) == version]
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.latents] + [p for p, _ in self.predictions]
+class Probe(NamedTuple):
+    """A call's latents as sampled rows, and their dot products with the buffer's rows and each other (device)."""
+
+    target: torch.Tensor
+    products: torch.Tensor
+    """[batch, buffer rows + batch]."""
+    rows: tuple[int | None, ...]
+    """The row id in each buffer slot when the products were taken."""
+    column: dict[int, int]
+    """Their columns in `products`, by row id."""
+
+
+def relative_residual(entry, target: int, basis: Sequence[int]) -> float | None:
+    """Distance of vector `target` from the span of vectors `basis`, relative to its norm.
+
+    `entry(i, j)` gives their dot products (None when unknown, and then so is the answer). An
+    incremental Cholesky factorisation leaves out basis vectors dependent on earlier ones.
+    """
+    factors: list[tuple[int, list[float], float]] = []
+    for j in basis:
+        weights = []
+        for p, (index, row, diagonal) in enumerate(factors):
+            product = entry(index, j)
+            if product is None:
+                return None
+            weights.append((product - sum(row[q] * weights[q] for q in range(p))) / diagonal)
+        norm = entry(j, j)
+        if norm is None:
+            return None
+        remainder = norm - sum(w * w for w in weights)
+        if remainder > _DEPENDENT * max(norm, 1e-300):
+            factors.append((j, weights, math.sqrt(remainder)))
+    norm = entry(target, target)
+    if not norm or norm <= 0:
+        return 0.0 if norm is not None else None
+    projection = []
+    for p, (index, row, diagonal) in enumerate(factors):
+        product = entry(index, target)
+        if product is None:
+            return None
+        projection.append((product - sum(row[q] * projection[q] for q in range(p))) / diagonal)
+    return math.sqrt(max(norm - sum(y * y for y in projection), 0.0) / norm)
 
 
 class History:
-    """The recent steps of one model in one thread, shared by every graph compiled from it.
+    """The recent steps of one model in one thread at one latent shape, shared by every graph compiled from it.
 
     Guidance branches may run in different compiled graphs (dynamo compiles again for inputs
     of another kind, an inference-mode tensor say), yet the next latents combine all their
     predictions: each graph adds its prediction to the step's one `Record`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
         self.records: deque[Record] = deque(maxlen=HISTORY)
+        self.buffer: torch.Tensor | None = None
+        self.slots: list[int | None] = [None] * (ROWS * batch)
+        self.slot_of: dict[int, int] = {}
+        self.gram: dict[int, dict[int, float]] = {}
+        self._next = 0
+        self._pending: tuple[tuple[int, ...], torch.Tensor, tuple[int | None, ...]] | None = None
+        """Rows kept at the last call, their products with the buffer then (not read yet), the buffer's rows then."""
 
-    def step(self, latents: torch.Tensor, fingerprint: tuple[float, ...], timestep: tuple[float, ...]) -> Record:
-        """The record of the step called with these latents at this timestep, made (with a copy of them) if new."""
+    # --- per call -------------------------------------------------------------------------------
+
+    def probe(self, latents: torch.Tensor) -> Probe:
+        """The call's sampled latents and their products with everything kept (computed on the device)."""
+        target = sample(latents, self.batch)
+        own = target @ target.T
+        products = own if self.buffer is None else torch.cat([target @ self.buffer.T, own], dim=1)
+        rows = tuple(self.slots) if self.buffer is not None else ()
+        return Probe(target, products, rows, {row: c for c, row in enumerate(rows) if row is not None})
+
+    def pending(self) -> torch.Tensor | None:
+        """The products of the rows kept at the last call, to read back with this call's."""
+        return self._pending[1] if self._pending is not None else None
+
+    def learn(self, values: Sequence[float]) -> None:
+        """Take in the products of the rows kept at the last call (`pending`), as read back."""
+        if self._pending is None:
+            return
+        rows, products, slots = self._pending
+        width = products.shape[1]
+        for r, row in enumerate(rows):
+            for column in range(width):
+                other = slots[column] if column < len(slots) else rows[column - len(slots)]
+                if other is not None and row in self.slot_of and other in self.slot_of:
+                    self._set(row, other, values[r * width + column])
+        self._pending = None
+
+    def _entry(self, probe: Probe, values: Sequence[float], target: int):
+        """Dot products among batch element `target` of the probed latents (row None) and kept rows."""
+        width, column = len(probe.rows) + self.batch, probe.column
+
+        def entry(a: int | None, b: int | None) -> float | None:
+            if a is None and b is None:
+                return values[target * width + len(probe.rows) + target]
+            if a is None or b is None:
+                other = a if b is None else b
+                return values[target * width + column[other]] if other in column else None
+            return self.gram.get(a, {}).get(b)
+
+        return entry, column
+
+    def residual(self, probe: Probe, values: Sequence[float], target: int, basis: Sequence[int]) -> float | None:
+        """Relative distance of batch element `target` of the probed latents from the span of rows `basis`."""
+        entry, column = self._entry(probe, values, target)
+        rows = [None] + [row for row in basis if row in column]
+        if len(rows) == 1:
+            return None
+        return relative_residual(lambda i, j: entry(rows[i], rows[j]), 0, range(1, len(rows)))
+
+    def same(self, probe: Probe, values: Sequence[float], record: Record) -> bool:
+        """Whether the probed latents are `record`'s (every batch element within `SAME`)."""
+        for target, row in enumerate(record.latents):
+            entry, _ = self._entry(probe, values, target)
+            own, cross, other = entry(None, None), entry(None, row), entry(row, row)
+            if cross is None or other is None or own - 2 * cross + other > SAME * max(own, 1e-300):
+                return False
+        return True
+
+    # --- keeping a step ---------------------------------------------------------------------------
+
+    def step(self, probe: Probe, values: Sequence[float], timestep: tuple[float, ...]) -> Record:
+        """The record of the step called with the probed latents at `timestep`; kept (their rows too) if new."""
         for record in self.records:
-            if (record.fingerprint == fingerprint and record.timestep == timestep
-                    and record.latents.shape == latents.shape and record.latents.dtype == latents.dtype):
+            if record.timestep == timestep and self.same(probe, values, record):
                 return record
-        record = Record(latents.detach().clone(), fingerprint, timestep)
+        rows = self._insert(probe.target)
+        width = len(probe.rows) + self.batch
+        for b, row in enumerate(rows):
+            for c, other in enumerate(probe.rows):
+                if other is not None and other in self.slot_of:
+                    self._set(row, other, values[b * width + c])
+            for b2, row2 in enumerate(rows):
+                self._set(row, row2, values[b * width + len(probe.rows) + b2])
+        record = Record(timestep, rows)
         self.records.append(record)
         return record
+
+    def predicted(self, record: Record, prediction: torch.Tensor, latents_shape: torch.Size) -> None:
+        """Keep `prediction` (made at `record`'s step) as rows; its products are read back at the next call."""
+        vector = sample(padded(prediction, latents_shape), self.batch)
+        rows = self._insert(vector)
+        record.predictions = (record.predictions + [rows])[-PREDICTIONS_PER_STEP:]
+        products = torch.cat([vector @ self.buffer.T, vector @ vector.T], dim=1)
+        # Products of an earlier keep no call has read yet are dropped: those rows stay unknown.
+        self._pending = (rows, products, tuple(self.slots))
+
+    def _insert(self, vectors: torch.Tensor) -> tuple[int, ...]:
+        if self.buffer is None:
+            self.buffer = vectors.new_zeros(len(self.slots), vectors.shape[1])
+        rows = []
+        for vector in vectors:
+            slot = self._next
+            self._next = (self._next + 1) % len(self.slots)
+            self._forget(self.slots[slot])
+            row = next(_uids)
+            self.buffer[slot] = vector
+            self.slots[slot], self.slot_of[row] = row, slot
+            rows.append(row)
+        return tuple(rows)
+
+    def _forget(self, row: int | None) -> None:
+        if row is None:
+            return
+        self.slot_of.pop(row, None)
+        for other in self.gram.pop(row, {}):
+            self.gram.get(other, {}).pop(row, None)
+
+    def _set(self, a: int, b: int, value: float) -> None:
+        self.gram.setdefault(a, {})[b] = value
+        self.gram.setdefault(b, {})[a] = value
+
+    def held_bytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size() if self.buffer is not None else 0
 
 
 _histories: OrderedDict[Hashable, History] = OrderedDict()
 _histories_lock = threading.Lock()
 
 
-def history(key: Hashable) -> History:
-    """The history kept under `key` (a thread and a model); the least recently used beyond `HISTORIES` go."""
+def history(key: Hashable, batch: int) -> History:
+    """The history kept under `key` (thread, model, latent shape); the least recently used beyond `HISTORIES` go."""
     with _histories_lock:
         found = _histories.get(key)
         if found is None:
-            found = _histories[key] = History()
+            found = _histories[key] = History(batch)
             while len(_histories) > HISTORIES:
                 _histories.popitem(last=False)
         _histories.move_to_end(key)
         return found
-
-
-@dataclass(frozen=True)
-class GramLayout:
-    """Which rows of a Gram matrix hold what: the call's latents first (one row per batch element), then each record's."""
-
-    size: int
-    target: tuple[int, ...]
-    rows: dict[int, tuple[int, ...]]
-    """Per record (by id), its rows."""
-
-
-def gram(latents: torch.Tensor, records: Sequence[Record]) -> tuple[torch.Tensor, GramLayout]:
-    """The float64 Gram matrix of the batch elements of `latents` and of every vector of `records`, and its layout."""
-    batch = latents.shape[0]
-    slices = [latents.reshape(batch, -1)]
-    rows: dict[int, tuple[int, ...]] = {}
-    start = batch
-    for record in records:
-        vectors = record.vectors()
-        slices += [v.reshape(batch, -1) for v in vectors]
-        rows[id(record)] = tuple(range(start, start + batch * len(vectors)))
-        start += batch * len(vectors)
-    columns = slices[0].shape[1]
-    step = max(1, _CHUNK // start)
-    product = torch.zeros(start, start, dtype=torch.float64, device=latents.device)
-    for first in range(0, columns, step):
-        block = torch.cat([s[:, first:first + step] for s in slices]).to(torch.float64)
-        product += block @ block.T
-    return product, GramLayout(start, tuple(range(batch)), rows)
-
-
-def relative_residual(matrix: Sequence[float], size: int, target: int, basis: Sequence[int]) -> float:
-    """Distance of vector `target` from the span of vectors `basis`, relative to its norm, from their Gram `matrix`.
-
-    `matrix` is the row-major Gram matrix as floats. An incremental Cholesky factorisation
-    leaves out basis vectors dependent on earlier ones.
-    """
-
-    def entry(i: int, j: int) -> float:
-        return matrix[i * size + j]
-
-    factors: list[tuple[int, list[float], float]] = []
-    for j in basis:
-        weights = []
-        for p, (index, row, diagonal) in enumerate(factors):
-            weights.append((entry(index, j) - sum(row[q] * weights[q] for q in range(p))) / diagonal)
-        remainder = entry(j, j) - sum(w * w for w in weights)
-        if remainder > _DEPENDENT * max(entry(j, j), 1e-300):
-            factors.append((j, weights, math.sqrt(remainder)))
-    norm = entry(target, target)
-    if norm <= 0:
-        return 0.0
-    projection = []
-    for p, (index, row, diagonal) in enumerate(factors):
-        projection.append((entry(index, target) - sum(row[q] * projection[q] for q in range(p))) / diagonal)
-    return math.sqrt(max(norm - sum(y * y for y in projection), 0.0) / norm)

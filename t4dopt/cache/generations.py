@@ -84,6 +84,14 @@ class Domain:
         return self.scope is None
 
 
+class Continuity(NamedTuple):
+    """A call's continuity check outside a scope: its history, its latents probed, their products as read."""
+
+    history: continuity.History
+    probe: continuity.Probe
+    products: list[float]
+
+
 class Placement(NamedTuple):
     """Where a call falls: its track, whether the track is new, whether the report starts a new generation."""
 
@@ -94,10 +102,8 @@ class Placement(NamedTuple):
     first_timestep: float | None
     timestep: float | None
     domain: Domain
-    latents: tuple[float, ...] | None
-    """The latents' fingerprint (outside scopes; for `Generations.recorded`)."""
-    key: tuple[int, ...]
-    """The ids of the parameters the call was made with."""
+    check: Continuity | None
+    """Outside scopes, for `Generations.recorded`."""
 
 
 def _leaf_index(program: Program, name: str | None) -> int | None:
@@ -199,13 +205,13 @@ class Generations:
             for index in self.conditioning:
                 if isinstance(args[index], torch.Tensor):
                     readback.add(f"input{index}", fingerprint(args[index]))
-        records = self._records(domain, latents) if domain.detect else []
-        layout = None
-        if domain.detect and isinstance(latents, torch.Tensor):
-            readback.add("latents", fingerprint(latents))
-            if records and self.prediction is not None:
-                matrix, layout = continuity.gram(latents, records)
-                readback.add("gram", matrix)
+        shared = self._history(key, latents) if domain.detect else None
+        probe = shared.probe(latents) if shared is not None else None
+        if probe is not None:
+            readback.add("products", probe.products)
+            pending = shared.pending()
+            if pending is not None:
+                readback.add("pending", pending)
         readings: list[DriftReading] = []
         for track in domain.tracks:
             readings += track.slot.readings
@@ -221,8 +227,11 @@ class Generations:
         signature = self._signature(args)
         lane = (signature, "branch", name) if name is not None else (
             signature, tuple(tuple(values[f"input{i}"]) for i in self.conditioning if f"input{i}" in values))
-        fingerprint_of_latents = tuple(values["latents"]) if "latents" in values else None
-        track = self._continued(domain, lane, now, fingerprint_of_latents, values.get("gram"), layout)
+        check = None
+        if probe is not None:
+            shared.learn(values.get("pending", ()))
+            check = Continuity(shared, probe, values["products"])
+        track = self._continued(domain, lane, now, check)
         new = track is None
         new_epoch = new_domain
         if new:
@@ -244,22 +253,17 @@ class Generations:
             track.step += 1
             track.timestep = now
             domain.epoch_advanced = True
-        return Placement(track, new, new_epoch, track.step, track.first, max(now) if now else None, domain,
-                         fingerprint_of_latents, key)
+        return Placement(track, new, new_epoch, track.step, track.first, max(now) if now else None, domain, check)
 
-    def _records(self, domain: Domain, latents: Any) -> list[continuity.Record]:
-        """The distinct records of the domain's tracks whose latents have the call's shape."""
-        if not isinstance(latents, torch.Tensor):
-            return []
-        seen: dict[int, continuity.Record] = {}
-        for track in domain.tracks:
-            for record in track.records:
-                if record.latents.shape == latents.shape and record.latents.dtype == latents.dtype:
-                    seen[id(record)] = record
-        return list(seen.values())
+    def _history(self, key: tuple[int, ...], latents: Any) -> continuity.History | None:
+        """The continuity history of this model, thread and latent shape (None when it cannot be checked)."""
+        if not isinstance(latents, torch.Tensor) or self.prediction is None:
+            return None
+        model = key[0] if key else id(self._owner())
+        return continuity.history((threading.get_ident(), model, tuple(latents.shape), latents.dtype, latents.device),
+                                  latents.shape[0])
 
-    def _continued(self, domain: Domain, lane: Hashable, now: tuple[float, ...], latents: tuple[float, ...] | None,
-                   matrix: list[float] | None, layout: continuity.GramLayout | None) -> Track | None:
+    def _continued(self, domain: Domain, lane: Hashable, now: tuple[float, ...], check: Continuity | None) -> Track | None:
         """The track the call continues, or None for a new one (rules 3 and 4 of the module doc)."""
         in_lane = [t for t in reversed(domain.tracks) if t.lane == lane and len(t.timestep) == len(now)]
         if not domain.detect:
@@ -272,7 +276,7 @@ class Generations:
             return None
         candidates = [t for t in in_lane if _progressed(now, t.timestep)]
         for track in candidates:
-            if self._continues(track, latents, matrix, layout):
+            if check is not None and self._continues(track, check):
                 return track
         if candidates:
             domain.tracks.remove(candidates[0])
@@ -287,32 +291,34 @@ class Generations:
                        "t4dopt.enable(pipe))")
         return None
 
-    def _continues(self, track: Track, latents: tuple[float, ...] | None, matrix: list[float] | None,
-                   layout: continuity.GramLayout | None) -> bool:
+    @staticmethod
+    def _continues(track: Track, check: Continuity) -> bool:
         """Whether the call's latents are the sampler's next step from `track`'s recent steps."""
-        if matrix is None or layout is None or not track.records:
+        history, probe, products = check
+        if not track.records or any(history.same(probe, products, record) for record in track.records):
             return False
-        if any(record.fingerprint == latents for record in track.records):
-            return False
-        basis = [row for record in track.records for row in layout.rows.get(id(record), ())]
-        return bool(basis) and all(continuity.relative_residual(matrix, layout.size, row, basis) <= continuity.TOLERANCE
-                   for row in layout.target)
+        basis = [row for record in track.records for row in record.rows()]
+        for target in range(history.batch):
+            residual = history.residual(probe, products, target, basis)
+            if residual is None or residual > continuity.TOLERANCE:
+                return False
+        return True
 
     def recorded(self, placement: Placement, args: tuple, outputs: Any) -> None:
         """After a call outside a scope: keep its latents and prediction for checking the next call.
 
-        They go to the step's record in the history of this model and thread, which every
-        graph compiled from the model shares (`continuity.History`).
+        They go to the step's record in the history of this model, thread and latent shape,
+        which every graph compiled from the model shares (`continuity.History`).
         """
-        if not placement.domain.detect or self.stream is None or self.prediction is None:
+        check = placement.check
+        if check is None:
             return
         leaves = pytree.tree_leaves(outputs)
         if self.prediction >= len(leaves) or not isinstance(leaves[self.prediction], torch.Tensor):
             return
-        track, key = placement.track, placement.key
-        shared = continuity.history((threading.get_ident(), key[0] if key else id(self._owner())))
-        record = shared.step(args[self.stream], placement.latents, track.timestep)
-        record.add(leaves[self.prediction])
+        track = placement.track
+        record = check.history.step(check.probe, check.products, track.timestep)
+        check.history.predicted(record, leaves[self.prediction].detach(), args[self.stream].shape)
         if not track.records or track.records[-1] is not record:
             track.records.append(record)
 
@@ -331,6 +337,4 @@ def _tensors_of(track: Track) -> list[torch.Tensor]:
             tensors += list(saved.rows)
     for kept in track.slot.sums.values():
         tensors += [t for t in (kept.residual, kept.slope) if t is not None]
-    for record in track.records:
-        tensors += record.tensors()
     return tensors

@@ -1,47 +1,75 @@
-"""The runtime's one device-to-host transfer per call, and the fingerprints it reads.
+"""The runtime's one device-to-host transfer per call, and the samples and fingerprints it reads.
 
 Everything the host needs before a call runs (the timestep, which inputs it was called with,
 the drifts measured during earlier calls, the continuity check of `t4dopt.cache.continuity`)
 is computed on the device, gathered into one float64 vector and read back at once:
 `Readback.add` names a part, `Readback.read` returns every part as a list of floats.
+
+Large tensors are compared through a fixed sample of their values (`sample`, at most
+`SAMPLE` per row): a call of another generation, another prompt or another guidance branch
+differs from this one nearly everywhere, so a few thousand values tell them apart as well
+as all of them, at a cost that does not grow with the video.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
 
+SAMPLE = 4096
+"""Values sampled per row of a tensor compared across calls."""
 FINGERPRINT_SIZE = 3
-_WEIGHTS: OrderedDict[tuple[int, torch.device], torch.Tensor] = OrderedDict()
-_WEIGHT_TABLES = 8
+_TABLES = 16
+_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_tables_lock = threading.Lock()
+
+
+def _table(key: tuple, build) -> torch.Tensor:
+    """A small tensor kept per `key` (the least recently used beyond `_TABLES` go)."""
+    with _tables_lock:
+        table = _tables.get(key)
+        if table is None:
+            table = _tables[key] = build()
+            while len(_tables) > _TABLES:
+                _tables.popitem(last=False)
+        _tables.move_to_end(key)
+        return table
+
+
+def _positions(count: int, device: torch.device) -> torch.Tensor:
+    """`SAMPLE` of `count` positions, the same ones in every process."""
+    def build() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(count)
+        return torch.randperm(count, generator=generator)[:SAMPLE].sort().values.to(device)
+    return _table(("positions", count, device), build)
+
+
+def sample(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` as `rows` rows (one per batch element) of at most `SAMPLE` fixed positions each, in float64."""
+    flat = tensor.detach().reshape(rows, -1)
+    if flat.shape[1] > SAMPLE:
+        flat = flat.index_select(1, _positions(flat.shape[1], flat.device))
+    return flat.to(torch.float64)
 
 
 def _weights(count: int, device: torch.device) -> torch.Tensor:
-    """A fixed pattern of `count` weights in [-0.5, 0.5) (a few tables kept, per size and device)."""
-    key = (count, device)
-    weights = _WEIGHTS.get(key)
-    if weights is None:
+    """A fixed pattern of `count` weights in [-0.5, 0.5)."""
+    def build() -> torch.Tensor:
         index = torch.arange(count, dtype=torch.int64, device=device)
-        weights = ((index * 2654435761) % 1021).to(torch.float32) / 1021 - 0.5
-        _WEIGHTS[key] = weights
-        while len(_WEIGHTS) > _WEIGHT_TABLES:
-            _WEIGHTS.popitem(last=False)
-    _WEIGHTS.move_to_end(key)
-    return weights
+        return ((index * 2654435761) % 1021).to(torch.float64) / 1021 - 0.5
+    return _table(("weights", count, device), build)
 
 
 def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
-    """Three float64 numbers that are equal for tensors of equal content and shape, and differ otherwise.
+    """Three float64 numbers, equal for tensors of equal content and shape, different otherwise (`sample`d).
 
-    The sum, the sum of squares and a position-weighted sum, each over the contiguous values:
-    the same values in the same order always give the same numbers; other values (a reordering
-    included) almost never do.
+    The sum, the sum of squares and a position-weighted sum of the sampled values: the same
+    values in the same order always give the same numbers; other values almost never do.
     """
-    flat = tensor.detach().reshape(-1)
-    values = flat.to(torch.float64)
-    weighted = (flat.to(torch.float32) * _weights(flat.numel(), flat.device)).sum(dtype=torch.float64)
-    return torch.stack([values.sum(), (values * values).sum(), weighted])
+    values = sample(tensor, 1)[0]
+    return torch.stack([values.sum(), (values * values).sum(), (values * _weights(values.numel(), values.device)).sum()])
 
 
 class Readback:
