@@ -81,16 +81,43 @@ class Record:
         return list(self.latents) + [row for prediction in self.predictions for row in prediction]
 
 
+class Products(NamedTuple):
+    """Dot products of a group of rows (a call's latents, or rows kept together) with the buffer and each other.
+
+    Row r of the group has ``values[r * width + c]``: first one per buffer slot (`columns`
+    maps each row id the buffer held then to its slot; `slots` is how many there were, 0
+    for an empty buffer), then one per row of the group.
+    """
+
+    values: Sequence[float]
+    columns: dict[int, int]
+    slots: int
+    group: int
+
+    @property
+    def width(self) -> int:
+        return self.slots + self.group
+
+    def with_row(self, position: int, other: int) -> float | None:
+        """Product of the group's row at `position` with the kept row `other`, if it was taken."""
+        column = self.columns.get(other)
+        return self.values[position * self.width + column] if column is not None else None
+
+    def within(self, a: int, b: int) -> float:
+        """Product of the group's rows at positions `a` and `b`."""
+        return self.values[a * self.width + self.slots + b]
+
+
 class Probe(NamedTuple):
-    """A call's latents as sampled rows, and their dot products with the buffer's rows and each other (device)."""
+    """A call's latents as sampled rows, and their dot products with the buffer and each other (on the device)."""
 
     target: torch.Tensor
     products: torch.Tensor
-    """[batch, buffer rows + batch]."""
-    rows: tuple[int | None, ...]
-    """The row id in each buffer slot when the products were taken."""
-    column: dict[int, int]
-    """Their columns in `products`, by row id."""
+    columns: dict[int, int]
+    slots: int
+
+    def read(self, values: Sequence[float]) -> Products:
+        return Products(values, self.columns, self.slots, self.target.shape[0])
 
 
 def relative_residual(entry, target: int, basis: Sequence[int]) -> float | None:
@@ -131,6 +158,9 @@ class History:
     Guidance branches may run in different compiled graphs (dynamo compiles again for inputs
     of another kind, an inference-mode tensor say), yet the next latents combine all their
     predictions: each graph adds its prediction to the step's one `Record`.
+
+    Row ids grow with time; the product of two kept rows is held by the newer one, which was
+    compared with everything in the buffer when it was kept (`known`).
     """
 
     def __init__(self, batch: int) -> None:
@@ -138,11 +168,14 @@ class History:
         self.records: deque[Record] = deque(maxlen=HISTORY)
         self.buffer: torch.Tensor | None = None
         self.slots: list[int | None] = [None] * (ROWS * batch)
-        self.slot_of: dict[int, int] = {}
-        self.gram: dict[int, dict[int, float]] = {}
+        self.known: dict[int, tuple[int, tuple[int, ...], Products]] = {}
+        """Per kept row id: its position in its group, the group's rows, the group's products."""
         self._next = 0
-        self._pending: tuple[tuple[int, ...], torch.Tensor, tuple[int | None, ...]] | None = None
-        """Rows kept at the last call, their products with the buffer then (not read yet), the buffer's rows then."""
+        self._pending: tuple[tuple[int, ...], torch.Tensor, dict[int, int]] | None = None
+        """Rows kept at the last call, their products (not read yet), the slots of the rows held then."""
+
+    def _columns(self) -> dict[int, int]:
+        return {row: slot for slot, row in enumerate(self.slots) if row is not None}
 
     # --- per call -------------------------------------------------------------------------------
 
@@ -150,9 +183,9 @@ class History:
         """The call's sampled latents and their products with everything kept (computed on the device)."""
         target = sample(latents, self.batch)
         own = target @ target.T
-        products = own if self.buffer is None else torch.cat([target @ self.buffer.T, own], dim=1)
-        rows = tuple(self.slots) if self.buffer is not None else ()
-        return Probe(target, products, rows, {row: c for c, row in enumerate(rows) if row is not None})
+        if self.buffer is None:
+            return Probe(target, own, {}, 0)
+        return Probe(target, torch.cat([target @ self.buffer.T, own], dim=1), self._columns(), len(self.slots))
 
     def pending(self) -> torch.Tensor | None:
         """The products of the rows kept at the last call, to read back with this call's."""
@@ -162,41 +195,42 @@ class History:
         """Take in the products of the rows kept at the last call (`pending`), as read back."""
         if self._pending is None:
             return
-        rows, products, slots = self._pending
-        width = products.shape[1]
-        for r, row in enumerate(rows):
-            for column in range(width):
-                other = slots[column] if column < len(slots) else rows[column - len(slots)]
-                if other is not None and row in self.slot_of and other in self.slot_of:
-                    self._set(row, other, values[r * width + column])
+        rows, _, columns = self._pending
+        self._know(rows, Products(values, columns, len(self.slots), len(rows)))
         self._pending = None
 
-    def _entry(self, probe: Probe, values: Sequence[float], target: int):
-        """Dot products among batch element `target` of the probed latents (row None) and kept rows."""
-        width, column = len(probe.rows) + self.batch, probe.column
+    def product(self, a: int, b: int) -> float | None:
+        """The product of kept rows `a` and `b`, if known (the newer one holds it)."""
+        newer, older = (a, b) if a >= b else (b, a)
+        if newer not in self.known or older not in self.known:
+            return None
+        position, group, products = self.known[newer]
+        if older in group:
+            return products.within(position, group.index(older))
+        return products.with_row(position, older)
 
+    def _entries(self, call: Products, target: int):
+        """Products among batch element `target` of the call's latents (row None) and kept rows."""
         def entry(a: int | None, b: int | None) -> float | None:
             if a is None and b is None:
-                return values[target * width + len(probe.rows) + target]
+                return call.within(target, target)
             if a is None or b is None:
-                other = a if b is None else b
-                return values[target * width + column[other]] if other in column else None
-            return self.gram.get(a, {}).get(b)
+                return call.with_row(target, a if b is None else b)
+            return self.product(a, b)
+        return entry
 
-        return entry, column
-
-    def residual(self, probe: Probe, values: Sequence[float], target: int, basis: Sequence[int]) -> float | None:
-        """Relative distance of batch element `target` of the probed latents from the span of rows `basis`."""
-        entry, column = self._entry(probe, values, target)
-        rows = [None] + [row for row in basis if row in column]
+    def residual(self, call: Products, target: int, basis: Sequence[int]) -> float | None:
+        """Relative distance of batch element `target` of the call's latents from the span of kept rows `basis`."""
+        entry = self._entries(call, target)
+        rows = [None] + [row for row in basis if row in call.columns and row in self.known]
         if len(rows) == 1:
             return None
         return relative_residual(lambda i, j: entry(rows[i], rows[j]), 0, range(1, len(rows)))
 
-    def same(self, probe: Probe, values: Sequence[float], record: Record) -> bool:
-        """Whether the probed latents are `record`'s (every batch element within `SAME`)."""
+    def same(self, call: Products, record: Record) -> bool:
+        """Whether the call's latents are `record`'s (every batch element within `SAME`)."""
         for target, row in enumerate(record.latents):
-            entry, _ = self._entry(probe, values, target)
+            entry = self._entries(call, target)
             own, cross, other = entry(None, None), entry(None, row), entry(row, row)
             if cross is None or other is None or own - 2 * cross + other > SAME * max(own, 1e-300):
                 return False
@@ -204,19 +238,13 @@ class History:
 
     # --- keeping a step ---------------------------------------------------------------------------
 
-    def step(self, probe: Probe, values: Sequence[float], timestep: tuple[float, ...]) -> Record:
+    def step(self, probe: Probe, call: Products, timestep: tuple[float, ...]) -> Record:
         """The record of the step called with the probed latents at `timestep`; kept (their rows too) if new."""
         for record in self.records:
-            if record.timestep == timestep and self.same(probe, values, record):
+            if record.timestep == timestep and self.same(call, record):
                 return record
         rows = self._insert(probe.target)
-        width = len(probe.rows) + self.batch
-        for b, row in enumerate(rows):
-            for c, other in enumerate(probe.rows):
-                if other is not None and other in self.slot_of:
-                    self._set(row, other, values[b * width + c])
-            for b2, row2 in enumerate(rows):
-                self._set(row, row2, values[b * width + len(probe.rows) + b2])
+        self._know(rows, call)
         record = Record(timestep, rows)
         self.records.append(record)
         return record
@@ -224,11 +252,16 @@ class History:
     def predicted(self, record: Record, prediction: torch.Tensor, latents_shape: torch.Size) -> None:
         """Keep `prediction` (made at `record`'s step) as rows; its products are read back at the next call."""
         vector = sample(padded(prediction, latents_shape), self.batch)
+        columns = self._columns()
         rows = self._insert(vector)
         record.predictions = (record.predictions + [rows])[-PREDICTIONS_PER_STEP:]
         products = torch.cat([vector @ self.buffer.T, vector @ vector.T], dim=1)
         # Products of an earlier keep no call has read yet are dropped: those rows stay unknown.
-        self._pending = (rows, products, tuple(self.slots))
+        self._pending = (rows, products, columns)
+
+    def _know(self, rows: tuple[int, ...], products: Products) -> None:
+        for position, row in enumerate(rows):
+            self.known[row] = (position, rows, products)
 
     def _insert(self, vectors: torch.Tensor) -> tuple[int, ...]:
         if self.buffer is None:
@@ -237,23 +270,12 @@ class History:
         for vector in vectors:
             slot = self._next
             self._next = (self._next + 1) % len(self.slots)
-            self._forget(self.slots[slot])
+            self.known.pop(self.slots[slot], None)
             row = next(_uids)
             self.buffer[slot] = vector
-            self.slots[slot], self.slot_of[row] = row, slot
+            self.slots[slot] = row
             rows.append(row)
         return tuple(rows)
-
-    def _forget(self, row: int | None) -> None:
-        if row is None:
-            return
-        self.slot_of.pop(row, None)
-        for other in self.gram.pop(row, {}):
-            self.gram.get(other, {}).pop(row, None)
-
-    def _set(self, a: int, b: int, value: float) -> None:
-        self.gram.setdefault(a, {})[b] = value
-        self.gram.setdefault(b, {})[a] = value
 
     def held_bytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size() if self.buffer is not None else 0

@@ -89,7 +89,7 @@ class Continuity(NamedTuple):
 
     history: continuity.History
     probe: continuity.Probe
-    products: list[float]
+    products: continuity.Products
 
 
 class Placement(NamedTuple):
@@ -195,8 +195,30 @@ class Generations:
         active = scope.active_scope(owner, key)
         name = scope.active_branch(owner, key)
         domain, new_domain = self._domain(args, key, active)
-        latents = args[self.stream] if self.stream is not None else None
+        values, check = self._read(args, key, name, domain)
+        timestep = args[self.timestep] if self.timestep is not None else None
+        now = tuple(values["timestep"]) if "timestep" in values else (
+            (float(timestep),) if isinstance(timestep, (int, float)) else ())
+        signature = self._signature(args)
+        lane = (signature, "branch", name) if name is not None else (
+            signature, tuple(tuple(values[f"input{i}"]) for i in self.conditioning if f"input{i}" in values))
+        track = self._continued(domain, lane, now, check)
+        new = track is None
+        if new:
+            track = Track(lane, SlotState.empty(units, chains), max(now) if now else None, now)
+            new_epoch = self._start(domain, track) or new_domain
+        else:
+            domain.tracks.remove(track)
+            domain.tracks.append(track)
+            track.step, track.timestep, domain.epoch_advanced = track.step + 1, now, True
+            new_epoch = new_domain
+        return Placement(track, new, new_epoch, track.step, track.first, max(now) if now else None, domain, check)
 
+    def _read(self, args: tuple, key: tuple[int, ...], name: str | None,
+              domain: Domain) -> tuple[dict[str, list[float]], Continuity | None]:
+        """The one device read: the timestep, the conditioning's fingerprints (without a branch name), the
+        continuity products (outside scopes) and the drifts the domain's tracks measured; the drifts are
+        handed to their states."""
         readback = Readback()
         timestep = args[self.timestep] if self.timestep is not None else None
         if isinstance(timestep, torch.Tensor):
@@ -205,13 +227,13 @@ class Generations:
             for index in self.conditioning:
                 if isinstance(args[index], torch.Tensor):
                     readback.add(f"input{index}", fingerprint(args[index]))
+        latents = args[self.stream] if self.stream is not None else None
         shared = self._history(key, latents) if domain.detect else None
         probe = shared.probe(latents) if shared is not None else None
         if probe is not None:
             readback.add("products", probe.products)
-            pending = shared.pending()
-            if pending is not None:
-                readback.add("pending", pending)
+            if shared.pending() is not None:
+                readback.add("pending", shared.pending())
         readings: list[DriftReading] = []
         for track in domain.tracks:
             readings += track.slot.readings
@@ -221,39 +243,26 @@ class Generations:
         values = readback.read()
         for reading, value in zip(readings, values.get("drifts", [])):
             reading.state.measured(value, reading.distance)
+        if probe is None:
+            return values, None
+        shared.learn(values.get("pending", ()))
+        return values, Continuity(shared, probe, probe.read(values["products"]))
 
-        now = tuple(values["timestep"]) if "timestep" in values else (
-            (float(timestep),) if isinstance(timestep, (int, float)) else ())
-        signature = self._signature(args)
-        lane = (signature, "branch", name) if name is not None else (
-            signature, tuple(tuple(values[f"input{i}"]) for i in self.conditioning if f"input{i}" in values))
-        check = None
-        if probe is not None:
-            shared.learn(values.get("pending", ()))
-            check = Continuity(shared, probe, values["products"])
-        track = self._continued(domain, lane, now, check)
-        new = track is None
-        new_epoch = new_domain
-        if new:
-            track = Track(lane, SlotState.empty(units, chains), max(now) if now else None, now)
-            domain.tracks.append(track)
-            while len(domain.tracks) > MAX_TRACKS:
-                domain.tracks.pop(0)
-            # Another branch of the first step of the generation counted now joins it; any other starts one.
-            if domain.epoch_advanced or domain.epoch != now:
-                new_epoch, domain.epoch, domain.epoch_advanced = True, now, False
-            domain.lanes_started += 1
-            if not domain.detect and domain.lanes_started > 4 * MAX_TRACKS:
-                self._warn("lanes", "turbo4d cache: calls in one t4dopt.generation scope keep arriving with new "
-                           "conditioning inputs, so each computes in full; name the branches with "
-                           "t4dopt.branch(model, name) (diffusers: transformer.cache_context(name))")
-        else:
-            domain.tracks.remove(track)
-            domain.tracks.append(track)
-            track.step += 1
-            track.timestep = now
-            domain.epoch_advanced = True
-        return Placement(track, new, new_epoch, track.step, track.first, max(now) if now else None, domain, check)
+    def _start(self, domain: Domain, track: Track) -> bool:
+        """Add a new `track` to `domain`; whether the report starts counting a new generation."""
+        domain.tracks.append(track)
+        while len(domain.tracks) > MAX_TRACKS:
+            domain.tracks.pop(0)
+        domain.lanes_started += 1
+        if not domain.detect and domain.lanes_started > 4 * MAX_TRACKS:
+            self._warn("lanes", "turbo4d cache: calls in one t4dopt.generation scope keep arriving with new "
+                       "conditioning inputs, so each computes in full; name the branches with "
+                       "t4dopt.branch(model, name) (diffusers: transformer.cache_context(name))")
+        # Another branch of the first step of the generation counted now joins it; any other starts one.
+        if domain.epoch_advanced or domain.epoch != track.timestep:
+            domain.epoch, domain.epoch_advanced = track.timestep, False
+            return True
+        return False
 
     def _history(self, key: tuple[int, ...], latents: Any) -> continuity.History | None:
         """The continuity history of this model, thread and latent shape (None when it cannot be checked)."""
@@ -295,11 +304,11 @@ class Generations:
     def _continues(track: Track, check: Continuity) -> bool:
         """Whether the call's latents are the sampler's next step from `track`'s recent steps."""
         history, probe, products = check
-        if not track.records or any(history.same(probe, products, record) for record in track.records):
+        if not track.records or any(history.same(products, record) for record in track.records):
             return False
         basis = [row for record in track.records for row in record.rows()]
         for target in range(history.batch):
-            residual = history.residual(probe, products, target, basis)
+            residual = history.residual(products, target, basis)
             if residual is None or residual > continuity.TOLERANCE:
                 return False
         return True
