@@ -8,12 +8,13 @@ rewrites joint spatio-temporal attention into Sculpt4D-style block-sparse attent
 from t4dopt import deploy, masks
 from t4dopt.backend import turbo4d
 from t4dopt.block_layout import BlockLayout
-from t4dopt.cache import CacheReport, cache_report, reset
+from t4dopt.cache import CacheReport, branch, cache_report, generation, reset
 from t4dopt.calibrate import Calibration, calibrate
 from t4dopt.errors import T4DInputError, T4DOptionError, T4DUnsupportedError, T4DVerifyError, T4DWarning
 from t4dopt.explain import explain
 from t4dopt.options import check_options
 from t4dopt.ops import block_sparse_attention
+from t4dopt.pipelines import enable
 from t4dopt.report import Report, SiteReport
 
 __version__ = "0.1.0"
@@ -30,11 +31,14 @@ __all__ = [
     "T4DVerifyError",
     "T4DWarning",
     "block_sparse_attention",
+    "branch",
     "cache_report",
     "calibrate",
     "check_options",
     "deploy",
+    "enable",
     "explain",
+    "generation",
     "masks",
     "reset",
     "turbo4d",

@@ -50,11 +50,11 @@ class DeployedModel:
         steps = steps or self.runtime.spec.steps
         if steps is None:
             raise ValueError("bundle.sample needs steps= (the manifest's cache schedule has none)")
-        self.reset()
-        return sample_flow_matching(self, noise, cond, steps=steps, shift=shift)
+        with self.runtime.generation():
+            return sample_flow_matching(self, noise, cond, steps=steps, shift=shift)
 
     def reset(self) -> None:
-        """Start a new generation (also detected from the timestep on its own)."""
+        """Drop the cached state (generations are also told apart on their own, `t4dopt.cache.generations`)."""
         self.runtime.reset()
 
     def cache_table(self) -> str:

@@ -15,6 +15,7 @@ from support import NoResidual
 from reference import dense_masked_attention
 from t4dopt.cache.arithmetic import Arithmetic, rebuilt
 from t4dopt.cache.build import prepare
+from t4dopt.cache.lowered import LazyLowered
 from t4dopt.cache.registry import runtimes_of
 from t4dopt.models import SCMNet, Sculpt4DDiT
 from t4dopt.export.capture import node_values
@@ -238,7 +239,8 @@ def run_residual_stack(model: nn.Module, cache: dict | None) -> list[torch.Tenso
     compiled_model = torch.compile(model, backend="turbo4d", options={
         "target": "eager", "layout": {"frames": 4, "tokens_per_frame": 8}, **({"cache": cache} if cache else {})})
     x = torch.randn(1, 32, 4, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    # The same latents at every timestep is no sampling loop: an explicit scope says it is one generation.
+    with torch.no_grad(), t4dopt.generation(model):
         return [compiled_model(x, torch.full((1,), float(t))) for t in torch.linspace(1, 0, 6)]
 
 
@@ -343,8 +345,9 @@ def test_reset_restarts_a_generation_at_the_same_timestep(scm):
     times = flow_matching_timesteps(STEPS).tolist()
     with torch.no_grad():
         # A generation cut short after 4 steps, then the same generation from its start.
-        for t in times[:4]:
-            model(x, torch.full((1,), t), cond)
+        partial = x
+        for t, t_next in zip(times[:4], times[1:5]):
+            partial = partial + (t_next - t) * model(partial, torch.full((1,), t), cond)
         assert t4dopt.reset(scm) >= 1
         restarted = sample_flow_matching(model, x, cond, steps=STEPS)
     torch._dynamo.reset()
@@ -503,3 +506,74 @@ def test_inductor_segments_match_eager_segments():
     inductor = sample(compiled(model, cache, target="inductor"), 15, steps=5)
     assert (inductor - eager).abs().max() <= 1e-4 * eager.abs().max()
     assert not math.isnan(float(inductor.sum()))
+
+
+# --- lowered graphs: what they are keyed by ------------------------------------------------------
+
+
+def test_lowered_graphs_are_keyed_by_strides_and_grad_mode():
+    graph = torch.fx.symbolic_trace(lambda a: a * 2)
+    lowerings = []
+
+    def lower(gm, example_inputs):
+        lowerings.append([(tuple(a.shape), a.stride()) for a in example_inputs])
+        return gm
+
+    lazy = LazyLowered(graph, lower)
+    base = torch.randn(3, 4)
+    lazy(base)
+    lazy(base.clone())                 # same shape and strides: no new lowering
+    lazy(base.t().contiguous().t())    # same shape, transposed strides
+    with torch.no_grad():
+        lazy(base)                     # no autograd
+    assert lowerings == [[((3, 4), (4, 1))], [((3, 4), (1, 3))], [((3, 4), (4, 1))]]
+
+
+class FusedCamera(nn.Module):
+    """Camera attention over [B*T*P, V] rows, from one fused qkv projection of the permuted tokens.
+
+    Its queries are a strided view of the projection: tapped from the whole-call graph they
+    arrive non-contiguous, from the previous prune contiguous.
+    """
+
+    GRID = {"views": 4, "frames": 3, "tokens_per_frame": 5}
+
+    def __init__(self, channels=16, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.channels, self.heads = channels, heads
+        self.embed, self.time, self.head = nn.Linear(4, channels), nn.Linear(1, channels), nn.Linear(channels, 4)
+        self.cond = nn.Linear(4, channels)
+        self.qkv, self.out = nn.Linear(channels, 3 * channels), nn.Linear(channels, channels)
+
+    def forward(self, x, t, cond):
+        b, v, f, p, _ = x.shape
+        c = self.channels
+        h = self.embed(x) + self.time(t.view(-1, 1, 1, 1, 1)) + self.cond(cond).mean(1).view(b, 1, 1, 1, c)
+        rows = h.permute(0, 2, 3, 1, 4).reshape(b * f * p, v, c)
+        q, k, value = self.qkv(rows).view(b * f * p, v, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attention = F.scaled_dot_product_attention(q, k, value).transpose(1, 2).reshape(b, f, p, v, c)
+        h = h + self.out(attention.permute(0, 3, 1, 2, 4))
+        return self.head(h)
+
+
+@pytest.mark.inductor
+def test_pruned_rows_arriving_with_other_strides_get_their_own_lowering():
+    model = FusedCamera().eval()
+    grid = FusedCamera.GRID
+    x = torch.randn(1, grid["views"], grid["frames"], grid["tokens_per_frame"], 4, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(1))
+    # Step 0 computes; steps 1-3 prune (the first from tapped rows, the next from pruned ones); 4 computes; 5 prunes.
+    cache = {"threshold": 10.0, "levels": ["token"], "warmup": 1, "max_reuse": 3}
+    results = {}
+    for target in ("eager", "inductor"):
+        torch._dynamo.reset()
+        model_c = torch.compile(model, backend="turbo4d", options={"target": target, "layout": grid, "cache": cache})
+        with torch.no_grad():
+            results[target] = sample_flow_matching(model_c, x, cond, steps=6)
+        (unit,) = t4dopt.cache_report(model).units
+        assert (unit.kind, unit.computed, unit.pruned) == ("view", 3, 3)
+    (runtime,) = runtimes_of(model)
+    (pruned,) = [r.pruned for r in runtime.executor.segments.runners if r.pruned is not None]
+    assert len(pruned.lowered) == 2, "the rows came with two layouts, each lowered for its own"
+    assert (results["inductor"] - results["eager"]).abs().max() <= 1e-4 * results["eager"].abs().max()

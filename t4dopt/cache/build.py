@@ -21,6 +21,13 @@ from t4dopt.options import CacheSpec
 from t4dopt.sites import SiteDecision
 
 
+NOT_A_DENOISER = (
+    "the graph has no timestep input, so it is not a whole denoiser: a block of a regionally compiled model "
+    "(diffusers' compile_repeated_blocks), or a piece of a model split by a graph break. The cache tells "
+    "denoising steps and generations apart by the timestep and the latents, so it needs them in one graph: "
+    "compile the whole model (torch.compile(transformer, backend='turbo4d', ...)) to use it")
+
+
 @dataclass
 class Prepared:
     """A graph cut for the cache: its region plan, segments and the program the runtime runs."""
@@ -38,11 +45,15 @@ def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) 
     if functional_residuals(gm.graph):
         gm.recompile()
     plan = find_regions(gm.graph, decisions, dict(gm.named_modules()))
+    timestep = find_timestep(gm, plan) if plan.stream_input is not None else None
+    if plan.stream_input is not None and timestep is None:
+        plan.reason = NOT_A_DENOISER
+        return Prepared(plan, [], None)
     if not plan.units:
         return Prepared(plan, [], None)
     segments = split(gm, plan, spec.token_ratio)
     flops = [sum(d.site.dense_flops() * d.density for d in unit.sites) for unit in plan.units]
-    return Prepared(plan, segments, program_of(gm, plan, segments, find_timestep(gm, plan), flops, spec.token_ratio))
+    return Prepared(plan, segments, program_of(gm, plan, segments, timestep, flops, spec.token_ratio))
 
 
 def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: Lower) -> StepGraphs | None:

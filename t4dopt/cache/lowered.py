@@ -1,6 +1,6 @@
 """The graphs a cache runtime calls, lowered: per segment its runners, and the whole-call graphs.
 
-Graphs are lowered on first use (`LazyLowered`), once per input signature. A whole-call graph
+Graphs are lowered on first use (`LazyLowered`), once per `input_signature` (strides included). A whole-call graph
 is called with named values and answers with named values: it flattens its inputs and reads
 its flat outputs back with the spec its builder (`t4dopt.cache.graph.step_graphs`) returned.
 The runtime's own arithmetic is lowered the same way (`t4dopt.cache.arithmetic.Arithmetic`).
@@ -8,6 +8,7 @@ The runtime's own arithmetic is lowered the same way (`t4dopt.cache.arithmetic.A
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -20,22 +21,42 @@ from t4dopt.cache.graph.step_graphs import Reused, ReusedOutputs, Tapped, Tapped
 from t4dopt.lowering import Lower
 
 
+def input_signature(args: Sequence[Any]) -> tuple:
+    """What a graph lowered for `args` depends on: per tensor its shape, strides, dtype, device and whether it
+    requires grad, whether autograd records, and the values of the other arguments.
+
+    Inductor specialises a graph to its inputs' strides (its generated code asserts them), and
+    a graph lowered without autograd computes no gradients: a tensor arriving with other
+    strides (a transposed view first, a contiguous copy later) or another grad mode gets its
+    own lowering.
+    """
+    return (torch.is_grad_enabled(),) + tuple(
+        (tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor) else a
+        for a in args)
+
+
 class LazyLowered:
-    """A graph lowered on its first call with each input signature (shapes, dtypes, integer values).
+    """A graph lowered on its first call with each `input_signature`.
 
     A graph with dynamic shapes runs its segments at several sizes; each size gets its own
-    lowering instead of reusing one specialised to another size.
+    lowering instead of reusing one specialised to another size. Lowering holds a lock, so
+    threads calling at once lower a graph once.
     """
+
+    _lowering = threading.Lock()
 
     def __init__(self, gm: fx.GraphModule, lower: Lower):
         self.gm, self.lower = gm, lower
         self.lowered: dict[tuple, Callable] = {}
 
     def __call__(self, *args: Any) -> Any:
-        signature = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+        signature = input_signature(args)
         fn = self.lowered.get(signature)
         if fn is None:
-            fn = self.lowered[signature] = self.lower(self.gm, list(args))
+            with self._lowering:
+                fn = self.lowered.get(signature)
+                if fn is None:
+                    fn = self.lowered[signature] = self.lower(self.gm, list(args))
         return fn(*args)
 
 

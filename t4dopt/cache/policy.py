@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from t4dopt.cache.schedule import Position
+from t4dopt.cache.generations import Placement
 from t4dopt.cache.state import DriftState
 from t4dopt.options import CacheSpec
 
@@ -42,7 +42,7 @@ def forced(spec: CacheSpec, step: int) -> bool:
     return step < spec.warmup or (spec.steps is not None and step >= spec.steps - spec.final)
 
 
-def progress_of(spec: CacheSpec, position: Position) -> float:
+def progress_of(spec: CacheSpec, position: Placement) -> float:
     """How far through the schedule a call is, 0 to 1: from the step count, else the timestep, else 0.5."""
     if spec.steps:
         return min(position.step / max(spec.steps - 1, 1), 1.0)

@@ -16,7 +16,8 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from t4dopt.compat import treespec_dumps, treespec_loads
-from t4dopt.cache.graph.regions import RegionPlan, is_in_place
+from t4dopt.fx_utils import is_parameter_input
+from t4dopt.cache.graph.regions import RegionPlan, find_prediction, is_in_place
 from t4dopt.cache.graph.segments import Segment, token_rows
 
 
@@ -68,6 +69,12 @@ class Program:
     chains: list[tuple[int, ...]] = field(default_factory=list)
     mutates: bool = True
     """Whether the graph changes tensors in place; if not, stored inputs need no copy."""
+    stream: str | None = None
+    """The input carrying the latents (the token stream's source)."""
+    prediction: str | None = None
+    """The output value holding the prediction for the latents (`find_prediction`), if there is one."""
+    static: list[str] = field(default_factory=list)
+    """Inputs that are the model's parameters and buffers: the same tensors call after call."""
 
     def outputs(self, env: dict[str, Any]) -> Any:
         """The graph's output structure filled from `env` (leaves that name values are looked up)."""
@@ -113,6 +120,9 @@ class Program:
             units=[UnitSpec(**u) for u in data["units"]],
             chains=[tuple(c) for c in data["chains"]],
             mutates=bool(data.get("mutates", True)),
+            stream=data.get("stream"),
+            prediction=data.get("prediction"),
+            static=list(data.get("static", [])),
         )
 
 
@@ -120,8 +130,10 @@ def program_of(gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], ti
                flops: list[float], token_ratio: float) -> Program:
     output = next(n for n in gm.graph.nodes if n.op == "output")
     leaves, spec = pytree.tree_flatten(output.args[0])
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    prediction = find_prediction(gm, plan.stream_input)
     return Program(
-        placeholders=[n.name for n in gm.graph.nodes if n.op == "placeholder"],
+        placeholders=[n.name for n in placeholders],
         output_leaves=[{"value": leaf.name} if isinstance(leaf, fx.Node) else leaf for leaf in leaves],
         output_spec=treespec_dumps(spec),
         timestep=timestep.name if timestep is not None else None,
@@ -131,4 +143,7 @@ def program_of(gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], ti
                for u, f in zip(plan.units, flops)],
         chains=[c.units for c in plan.chains],
         mutates=any(is_in_place(n) for n in gm.graph.nodes),
+        stream=plan.stream_input.name,
+        prediction=prediction.name if prediction is not None else None,
+        static=[n.name for n in placeholders if is_parameter_input(n)],
     )

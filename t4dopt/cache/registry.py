@@ -28,8 +28,8 @@ def runtimes_of(model: torch.nn.Module | None) -> list[CacheRuntime]:
 def reset(model: torch.nn.Module | None = None) -> int:
     """Drop the cached state of `model` (every compiled model when None); returns how many graphs were reset.
 
-    Not needed between ordinary generations: a timestep that moves back or inputs of a new
-    shape start a new generation by themselves.
+    Not needed between generations: they are told apart on their own (`t4dopt.cache.generations`),
+    or marked with ``t4dopt.generation(model)``.
     """
     runtimes = runtimes_of(model)
     for runtime in runtimes:
@@ -39,9 +39,13 @@ def reset(model: torch.nn.Module | None = None) -> int:
 
 @dataclass(frozen=True)
 class CacheReport:
-    """What the cache did in the last generation, per unit (attention sublayer) of every graph."""
+    """What the cache did in the last generation, per unit (attention sublayer) of every graph.
+
+    ``held_bytes`` is the device memory the cached state of every graph holds now.
+    """
 
     units: list[UnitReport]
+    held_bytes: int = 0
 
     @property
     def flops_saved(self) -> float:
@@ -58,4 +62,6 @@ class CacheReport:
 
 def cache_report(model: torch.nn.Module) -> CacheReport:
     """Per unit of `model`'s compiled graphs: calls computed, reused, pruned and bypassed, FLOPs saved."""
-    return CacheReport([unit for runtime in runtimes_of(model) for unit in runtime.stats.report()])
+    runtimes = runtimes_of(model)
+    return CacheReport([unit for runtime in runtimes for unit in runtime.stats.report()],
+                       sum(runtime.held_bytes() for runtime in runtimes))

@@ -1,18 +1,23 @@
 """Run a segmented graph call after call, reusing work across denoising steps.
 
 One `CacheRuntime` serves one compiled graph. Per call it reads back, in one transfer, the
-timestep and the drifts measured during earlier calls (`state.GenerationState.read_back`),
-places the call in its generation, step and guidance slot (`schedule.StepTracker`), lets the
-policy choose each unit's mode (`policy.choose`), and hands the call to the `Executor`, which
-picks its path before running it. Everything else stays on the device.
+timestep, what identifies the call and the drifts measured during earlier calls
+(`readback`), places the call in its generation, guidance branch and step
+(`generations.Generations`, honouring explicit scopes from `scope`), lets the policy choose
+each unit's mode (`policy.choose`), and hands the call to the `Executor`, which picks its
+path before running it. Everything else stays on the device.
 
-Where each part lives: per-generation and per-slot state in `state`, the lowered graphs in
-`lowered` (whole-call graphs) and `arithmetic` (reuse and save kernels), the paths in
-`executor` and `segmented`, the counts users read in `stats`.
+Where each part lives: per-track state in `state`, the lowered graphs in `lowered`
+(whole-call graphs) and `arithmetic` (reuse and save kernels), the paths in `executor` and
+`segmented`, the counts users read in `stats`.
+
+Calls from several threads are safe: placing a call and counting it hold a lock; running it
+does not (each thread's calls go to its own tracks).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any
 
@@ -21,10 +26,10 @@ import torch
 from t4dopt.cache import policy
 from t4dopt.cache.arithmetic import Arithmetic
 from t4dopt.cache.executor import Executor
+from t4dopt.cache.generations import Generations
 from t4dopt.cache.lowered import LazyLowered, SegmentRunners, StepGraphs
 from t4dopt.cache.program import Program
-from t4dopt.cache.schedule import StepTracker
-from t4dopt.cache.state import GenerationState
+from t4dopt.cache.scope import Scope, generation
 from t4dopt.cache.stats import CacheStats
 from t4dopt.errors import T4DWarning
 from t4dopt.lowering import Lower
@@ -36,7 +41,7 @@ class CacheRuntime:
 
     `runners` run the segments of `program` (lowered here, or loaded from a bundle);
     `parameter_ids` are the ids of the parameter tensors among the inputs (to find a model's
-    runtimes and to leave them out of the input signature). `spec` may be replaced between
+    runtimes; calls with other modules' parameters add theirs). `spec` may be replaced between
     generations (`t4dopt.calibrate` does), except its ``levels``.
     """
 
@@ -46,38 +51,59 @@ class CacheRuntime:
         arithmetic = Arithmetic(lambda gm: LazyLowered(gm, lower) if lower is not None else gm,
                                 limit=max(spec.max_reuse + 2, 64))
         self.executor = Executor(program, runners, step_graphs, arithmetic, keep_rows="token" in spec.levels)
-        self.timestep_index = program.placeholders.index(program.timestep) if program.timestep is not None else None
         self.prunable = [u.token_share is not None for u in program.units]
         self.stats = CacheStats([u.name for u in program.units], [u.kind for u in program.units],
                                 [u.flops for u in program.units], [u.token_share or 1.0 for u in program.units])
-        self.tracker = StepTracker()
-        self.generation = GenerationState(len(program.units), len(program.chains))
+        self.generations = Generations(program, self, parameter_ids)
+        self._lock = threading.Lock()
         self._warned_grad = False
 
     def reset(self) -> None:
-        """Drop every stored tensor; the next call starts a new generation."""
-        self.tracker.reset()
-        self.generation.reset()
-        self.stats.close_generation()
+        """Drop every stored tensor; each next call starts a new generation."""
+        with self._lock:
+            self.generations.reset()
+            self.stats.close_generation()
+
+    def end_scope(self, scope: Scope) -> None:
+        """`scope` ended: free the state its calls kept."""
+        with self._lock:
+            self.generations.end_scope(scope)
+
+    def generation(self) -> Any:
+        """``with runtime.generation():`` the calls inside are one generation (for runtimes outside a model)."""
+        return generation(self)
+
+    def held_bytes(self) -> int:
+        """Device memory the cached state holds now."""
+        with self._lock:
+            return self.generations.held_bytes()
 
     def __call__(self, *args: Any) -> Any:
         if self._needs_gradients(args):
             return self.executor.run(self.executor.plan(), args)
-        timestep = self.generation.read_back(self._timestep(args))
-        position = self.tracker.observe(timestep, self._signature(args))
-        if position.new_generation:
-            self.stats.close_generation()
-            self.generation.reset()
-        if self.spec.threshold == 0:
-            self.stats.count([policy.Mode.COMPUTE] * len(self.program.units))
-            return self.executor.run(self.executor.plan(), args)
-        slot = self.generation.slot(position.slot)
-        slot.begin_call()
-        modes = policy.choose(self.spec, position.step, policy.progress_of(self.spec, position),
-                              [m.drift for m in slot.units], [m.drift for m in slot.chains], self.program.chains,
-                              self.prunable)
-        self.stats.count(modes)
-        return self.executor.run(self.executor.plan(slot, modes, self.spec.order), args)
+        units, chains = len(self.program.units), len(self.program.chains)
+        with self._lock:
+            placement = self.generations.place(args, units, chains)
+            if placement.new_epoch:
+                self.stats.close_generation()
+            if self.spec.threshold == 0:
+                modes = [policy.Mode.COMPUTE] * units
+                plan = self.executor.plan()
+            else:
+                slot = placement.track.slot
+                slot.begin_call()
+                modes = policy.choose(self.spec, placement.step, policy.progress_of(self.spec, placement),
+                                      [m.drift for m in slot.units], [m.drift for m in slot.chains],
+                                      self.program.chains, self.prunable)
+                plan = self.executor.plan(slot, modes, self.spec.order)
+            self.stats.count(modes)
+        outputs = self.executor.run(plan, args)
+        with self._lock:
+            if self.spec.steps is not None and placement.step >= self.spec.steps - 1:
+                self.generations.free(placement)
+            else:
+                self.generations.recorded(placement, args, outputs)
+        return outputs
 
     def _needs_gradients(self, args: tuple) -> bool:
         """Whether autograd records this call (then it computes in full, with a warning the first time)."""
@@ -89,11 +115,3 @@ class CacheRuntime:
                           "sample under torch.no_grad() or torch.inference_mode() to reuse work", T4DWarning,
                           stacklevel=3)
         return True
-
-    def _timestep(self, args: tuple) -> torch.Tensor | float | None:
-        return args[self.timestep_index] if self.timestep_index is not None else None
-
-    def _signature(self, args: tuple) -> tuple:
-        """The input shapes a generation keeps (parameters and the timestep left out)."""
-        return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a
-                     for i, a in enumerate(args) if id(a) not in self.parameter_ids and i != self.timestep_index)

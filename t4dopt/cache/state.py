@@ -1,10 +1,10 @@
 """What the cache runtime holds between calls, in small objects each with its own reset.
 
-Per generation (`GenerationState`) there is one `SlotState` per guidance slot (the n-th call
-of each step). A slot holds one `Memory` per unit and per chain: the policy's host-side
+Each track (one guidance branch of one generation, `t4dopt.cache.generations`) has one
+`SlotState`. A slot holds one `Memory` per unit and per chain: the policy's host-side
 `DriftState` and the tensors `Saved` on the device since its last computation. Drifts
 measured on the device wait in the slot as `DriftReading`s until the next call reads them
-all back in one transfer (`GenerationState.read_back`).
+all back in one transfer (`t4dopt.cache.readback`).
 
 A `DriftState` changes only through its own methods, called from the slot's methods here and
 from `t4dopt.cache.residuals.reused`.
@@ -102,7 +102,7 @@ class Sum(NamedTuple):
 
 @dataclass
 class SlotState:
-    """State of one guidance slot within a generation.
+    """State of one track (a guidance branch of a generation).
 
     ``sums`` keeps, per group of terms reused together, their summed residuals and slopes; a
     sum is valid while its `Sum.sources` are still the saved tensors.
@@ -149,42 +149,3 @@ class SlotState:
         """`memory`'s unit recomputed only its most-moved rows: keep them; it counts as a reuse."""
         memory.saved.rows = rows
         memory.drift.reused()
-
-
-class GenerationState:
-    """The slots of the running generation; `reset` forgets them all."""
-
-    def __init__(self, units: int, chains: int):
-        self.units, self.chains = units, chains
-        self.slots: list[SlotState] = []
-
-    def reset(self) -> None:
-        self.slots = []
-
-    def slot(self, index: int) -> SlotState:
-        while len(self.slots) <= index:
-            self.slots.append(SlotState.empty(self.units, self.chains))
-        return self.slots[index]
-
-    def read_back(self, timestep: torch.Tensor | float | None) -> float | None:
-        """The timestep as a number, read in the same device-to-host transfer as every waiting drift.
-
-        The drifts are handed to their states; `timestep` is a 0-d or 1-d tensor (its first
-        value counts), a number, or None.
-        """
-        readings = [reading for slot in self.slots for reading in slot.readings]
-        for slot in self.slots:
-            slot.readings = []
-        on_device = isinstance(timestep, torch.Tensor)
-        if not readings and not on_device:
-            return timestep
-        tensors = [reading.drift.reshape(1) for reading in readings]
-        if on_device:
-            first = timestep.reshape(-1)[:1].float()
-            tensors.insert(0, first.to(tensors[0].device) if readings else first)
-        values = torch.cat(tensors).tolist()
-        if on_device:
-            timestep, values = values[0], values[1:]
-        for reading, value in zip(readings, values):
-            reading.state.measured(value, reading.distance)
-        return timestep

@@ -26,6 +26,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 
 from t4dopt.fx_utils import (CAST_METHODS, example_tensor, example_value, is_parameter_input, is_size, module_path,
                              named_like_timestep, sizes_of)
@@ -320,9 +321,13 @@ def _output_node(decision: SiteDecision) -> fx.Node:
 
 
 def find_timestep(gm: fx.GraphModule, plan: RegionPlan) -> fx.Node | None:
-    """The input of `gm` holding the timestep: a non-parameter tensor of shape [] or [batch], not the stream.
+    """The input of `gm` holding the timestep, or None.
 
-    When several qualify, one named like a timestep (``t``, ``timestep``, ``sigma``) wins.
+    A non-parameter tensor input other than the stream: shape [], [1] or [batch], or per element
+    (``[batch, frames]`` for diffusion forcing, ``[batch, tokens]`` for Wan 2.2) when it is named
+    like a timestep. When several qualify, one named like a timestep (``t``, ``timestep``,
+    ``sigma``) wins. A regionally compiled block gets the embedded timestep, not the timestep,
+    and has none.
     """
     batch = sizes_of(plan.stream_input)[0]
     candidates = []
@@ -330,7 +335,29 @@ def find_timestep(gm: fx.GraphModule, plan: RegionPlan) -> fx.Node | None:
         shape = sizes_of(node) if node.op == "placeholder" else None
         if shape is None or node is plan.stream_input or is_parameter_input(node):
             continue
-        if shape in ((), (1,), (batch,)):
+        per_element = len(shape) == 2 and shape[0] in (1, batch) and named_like_timestep(node)
+        if shape in ((), (1,), (batch,)) or per_element:
             candidates.append(node)
     named = [n for n in candidates if named_like_timestep(n)]
     return (named or candidates or [None])[0]
+
+
+def find_prediction(gm: fx.GraphModule, stream_input: fx.Node) -> fx.Node | None:
+    """The output leaf holding the model's prediction for its latents (`stream_input`), or None.
+
+    It has the latents' shape, or theirs with one dimension shorter: image-to-video models take
+    the latents with conditioning channels appended and predict the latents alone.
+    """
+    output = next(node for node in gm.graph.nodes if node.op == "output")
+    latents = sizes_of(stream_input)
+    leaves = [leaf for leaf in pytree.tree_leaves(output.args[0]) if isinstance(leaf, fx.Node)]
+    shapes = [(leaf, sizes_of(leaf)) for leaf in leaves]
+    for leaf, shape in shapes:
+        if shape == latents:
+            return leaf
+    for leaf, shape in shapes:
+        if shape is not None and len(shape) == len(latents):
+            shorter = [a != b for a, b in zip(shape, latents)]
+            if sum(shorter) == 1 and all(a <= b for a, b in zip(shape, latents) if isinstance(a, int) and isinstance(b, int)):
+                return leaf
+    return None
