@@ -1,19 +1,17 @@
 """Block-sparse attention on CPU that computes only the kept blocks.
 
-The block table is turned once per layout into a `Plan` of dense pieces. Each piece runs on the
-fused flash-attention kernel that SDPA uses on CPU (as fast per pair as dense SDPA on large pieces),
-which also returns every query row's log-sum-exp, so the pieces of a row merge exactly into the
-softmax over the union of their keys. The query blocks are split into groups of consecutive
-blocks that share long runs of consecutive key blocks (a frame's blocks, in video layouts):
+The block table is turned once per layout into a `cpu_plan.Plan` of dense pieces. Each piece runs
+on the fused flash-attention kernel that SDPA uses on CPU (as fast per pair as dense SDPA on large
+pieces), which also returns every query row's log-sum-exp, so the pieces of a row merge exactly
+into the softmax over the union of their keys. The work is exactly the kept token pairs.
 
-* rectangles: a group attends each shared long run (whole frames) on zero-copy views of q, k, v;
-* bicliques: key blocks that several blocks of a group keep (Sculpt4D's strided blocks of one
-  residue class) are gathered once and attended by all of those query blocks together;
-* the rest of each query block's row is gathered on its own.
+The plan's parts (disjoint query rows), for ranges of batch entries and heads, are tasks that run
+on `cpu_pool`'s worker threads, each single-threaded, as many workers as the caller has threads:
+no barrier between torch's threads at every piece, so a busy core slows the op no more than it
+slows dense SDPA (see `cpu_pool`).
 
-Gathered pieces of one shape run as one batched call. The work is exactly the kept token pairs
-(`Plan.pairs` per batch entry and head). The backward pass recomputes each query block against
-all of its gathered keys with plain matmuls (nothing to merge), one bounded chunk at a time.
+The backward pass recomputes each query block against all of its gathered keys with plain matmuls
+(nothing to merge), one bounded chunk at a time, on the calling thread.
 
 A key mask (`t4dopt.ops.key_mask`) enters as an additive bias [B, N] on the keys: each piece adds
 its keys' slice of it (the flash kernel's ``attn_mask``), rows of a piece whose keys are all
@@ -26,197 +24,28 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 from t4dopt.compat import cpu_flash_attention
-
-MIN_RUN_TOKENS = 256
-"""Shortest run of consecutive key tokens worth a rectangle of its own; shorter runs are gathered."""
-
-JOIN_FRACTION = 0.9
-"""A query block joins its predecessors' group if that keeps this fraction of its long-run pairs."""
-
-MIN_SHARED_ROWS = 3
-"""Key blocks kept by this many query blocks of a group are gathered once for all of them."""
+from t4dopt.ops import cpu_pool
+from t4dopt.ops.cpu_plan import Gathered, Part, Plan
 
 GATHER_BUDGET = 1 << 20
 """Elements of gathered K and V (or of backward score matrices) held at once, per chunk."""
 
+TASKS_PER_WORKER = 2
+"""Tasks (a part of the plan, for a range of batch entries and heads) per worker thread of `cpu_pool`, so
+that a worker the OS deschedules delays only its task, and the others take over the rest."""
 
 
-@dataclass(frozen=True)
-class Rect:
-    """Query tokens ``q_start:q_end`` attend key tokens ``k_start:k_end``."""
-
-    q_start: int
-    q_end: int
-    k_start: int
-    k_end: int
-    fresh: bool
-    """The only piece of its rows so far: written directly instead of merged."""
-
-
-@dataclass(frozen=True)
-class Gathered:
-    """Pieces of one shape: each gathers `q_len` query tokens that attend `kv_len` gathered keys."""
-
-    q_index: torch.Tensor
-    """int64 [pieces, q_len / unit]: the query units (`Plan.unit` consecutive tokens) of each piece."""
-    kv_index: torch.Tensor
-    """int64 [pieces, kv_len / unit]: the key units each piece attends."""
-    fresh: bool
-    """No earlier piece wrote these rows: written directly instead of merged."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    unit: int
-    """Tokens per gathered unit: the gcd of the block boundaries, so gathers copy whole runs."""
-    gathered: tuple[Gathered, ...]
-    """Computed first; no query token appears twice within one of them."""
-    rects: tuple[Rect, ...]
-    """Computed last, on views of q, k and v."""
-    rows: tuple[Gathered, ...]
-    """Every query block with all of its kept keys, for the backward pass."""
-    pairs: int
-    """Query-key token pairs the forward pass computes, per batch entry and head."""
-
-
-def _runs(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Begin and end (exclusive) block of each maximal run of True in a bool row."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], row.astype(np.int8), [0]))))
-    return edges[0::2], edges[1::2]
-
-
-def _long_runs(row: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    begins, ends = _runs(row)
-    tokens = starts[ends] - starts[begins]
-    keep = tokens >= MIN_RUN_TOKENS
-    return begins[keep], ends[keep], int(tokens[keep].sum())
-
-
-def _row_groups(mask: np.ndarray, starts: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-    """Split the query blocks into runs that share long key runs: (first, end, common row).
-
-    Greedy: the next query block joins the group while its shared long runs still cover at
-    least JOIN_FRACTION of what its own long runs would, so a frame's query blocks stay
-    together and a group ends where the next query block sees other keys.
-    """
-    groups = []
-    first, count = 0, mask.shape[0]
-    while first < count:
-        common = mask[first]
-        covered = (starts[first + 1] - starts[first]) * _long_runs(common, starts)[2]
-        end = first + 1
-        while covered and end < count:
-            candidate = common & mask[end]
-            candidate_covered = (starts[end + 1] - starts[first]) * _long_runs(candidate, starts)[2]
-            alone = (starts[end + 1] - starts[end]) * _long_runs(mask[end], starts)[2]
-            if candidate_covered - covered < JOIN_FRACTION * alone:
-                break
-            common, covered, end = candidate, candidate_covered, end + 1
-        groups.append((first, end, common))
-        first = end
-    return groups
-
-
-def _merge_stacked(rects: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """Join rectangles over the same keys whose query ranges touch (bigger calls run faster)."""
-    merged: list[tuple[int, int, int, int]] = []
-    for q_start, q_end, k_start, k_end in sorted(rects, key=lambda r: (r[2], r[3], r[0])):
-        if merged and merged[-1][2:] == (k_start, k_end) and merged[-1][1] == q_start:
-            merged[-1] = (merged[-1][0], q_end, k_start, k_end)
-        else:
-            merged.append((q_start, q_end, k_start, k_end))
-    return sorted(merged, key=lambda r: (r[0], r[2] - r[3]))
-
-
-def _shared_columns(left: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Bicliques (rows, key blocks) of `left` (bool [rows, blocks]): columns kept by the same rows.
-
-    Only classes kept by at least MIN_SHARED_ROWS rows.
-    """
-    classes: dict[bytes, list[int]] = {}
-    for column in np.flatnonzero(left.sum(axis=0) >= MIN_SHARED_ROWS):
-        classes.setdefault(left[:, column].tobytes(), []).append(int(column))
-    return [(np.flatnonzero(left[:, columns[0]]), np.array(columns)) for columns in classes.values()]
-
-
-class _PieceBatcher:
-    """Collects gathered pieces into batches of one shape whose query tokens do not repeat."""
-
-    def __init__(self, units: int) -> None:
-        self.batches: dict[tuple[int, int, int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
-        self.written = np.zeros(units, dtype=bool)
-
-    def add(self, stage: int, round_: int, queries: np.ndarray, keys: np.ndarray) -> None:
-        self.batches.setdefault((stage, round_, queries.size, keys.size), []).append((queries, keys))
-
-    def build(self) -> tuple[Gathered, ...]:
-        """Batches in execution order, each marked fresh when none of its rows was written before."""
-        result = []
-        for key in sorted(self.batches):
-            pieces = self.batches[key]
-            q_index = np.stack([q for q, _ in pieces])
-            fresh = not self.written[q_index].any()
-            self.written[q_index] = True
-            result.append(Gathered(torch.from_numpy(q_index), torch.from_numpy(np.stack([kv for _, kv in pieces])),
-                                   fresh))
-        return tuple(result)
-
-
-def build_plan(dense: torch.Tensor, block_starts: torch.Tensor) -> Plan:
-    """The pieces that compute exactly the kept blocks of `dense` (bool [blocks, blocks]).
-
-    Per group of query blocks: rectangles for the long key runs they share; bicliques for the
-    other key blocks that MIN_SHARED_ROWS or more of them keep; the rest of each row gathered,
-    in one piece with every other query block whose rest is the same. Execution order: the
-    rests (one piece per row, written directly), the bicliques (in rounds, so that no batch
-    repeats a row), the rectangles.
-    """
-    mask = dense.cpu().numpy().astype(bool)
-    starts = block_starts.cpu().numpy().astype(np.int64)
-    unit = int(np.gcd.reduce(starts))
-    units_of = [np.arange(starts[b] // unit, starts[b + 1] // unit) for b in range(mask.shape[0])]
-
-    def units(blocks: np.ndarray | list[int]) -> np.ndarray:
-        return np.concatenate([units_of[b] for b in blocks])
-
-    rects: list[tuple[int, int, int, int]] = []
-    batcher = _PieceBatcher(int(starts[-1]) // unit)
-    whole_rows = _PieceBatcher(int(starts[-1]) // unit)
-    rests: dict[bytes, list[int]] = {}
-    for first, end, common in _row_groups(mask, starts):
-        begins, ends, _ = _long_runs(common, starts)
-        left = mask[first:end].copy()
-        for begin, stop in zip(begins, ends):
-            left[:, begin:stop] = False
-            rects.append((int(starts[first]), int(starts[end]), int(starts[begin]), int(starts[stop])))
-        rounds = np.zeros(end - first, dtype=np.int64)
-        for rows, columns in _shared_columns(left):
-            round_ = int(rounds[rows].max())
-            rounds[rows] = round_ + 1
-            batcher.add(1, round_, units(first + rows), units(columns))
-            left[np.ix_(rows, columns)] = False
-        for row in range(end - first):
-            if left[row].any():
-                rests.setdefault(left[row].tobytes(), []).append(first + row)
-            if mask[first + row].any():
-                whole_rows.add(0, 0, units_of[first + row], units(np.flatnonzero(mask[first + row])))
-    for rest, blocks in rests.items():
-        batcher.add(0, 0, units(blocks), units(np.flatnonzero(np.frombuffer(rest, dtype=bool))))
-    gathered = batcher.build()
-    written = np.repeat(batcher.written, unit)
-    pieces = []
-    for q_start, q_end, k_start, k_end in _merge_stacked(rects):
-        pieces.append(Rect(q_start, q_end, k_start, k_end, fresh=not written[q_start:q_end].any()))
-        written[q_start:q_end] = True
-    pairs = sum((r.q_end - r.q_start) * (r.k_end - r.k_start) for r in pieces) + sum(
-        group.q_index.numel() * group.kv_index.shape[1] * unit * unit for group in gathered)
-    return Plan(unit, gathered, tuple(pieces), whole_rows.build(), pairs)
+def part_count(q: torch.Tensor) -> int:
+    """The plan's parts for q [B, H, N, D] on the caller's threads: with the batch entries and heads split
+    too, TASKS_PER_WORKER tasks per worker (one part when it runs on one thread)."""
+    workers, heads = torch.get_num_threads(), q.shape[0] * q.shape[1]
+    return 1 if workers <= 1 else max(1, -(-TASKS_PER_WORKER * workers // max(heads, 1)))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -269,7 +98,7 @@ def _chunks(group: Gathered, per_block: int) -> Iterator[tuple[torch.Tensor, tor
 
 
 class _Workspace(threading.local):
-    """Gather buffers kept between calls: fresh large allocations cost page faults, as much as the copy."""
+    """Gather buffers kept between calls (per thread): fresh large allocations cost page faults, as much as the copy."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
@@ -277,7 +106,9 @@ class _Workspace(threading.local):
     def take(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buffer = self.buffers.get((name, dtype))
         if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+            # A normal tensor, also when made in inference mode: it is written in and out of it.
+            with torch.inference_mode(False):
+                buffer = self.buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
         return buffer[:numel]
 
 
@@ -310,24 +141,12 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
-            key_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Block-sparse attention of [B, H, N, D] CPU tensors; returns [B, H, N, Dv] in q's dtype, contiguous.
-
-    `key_bias` [B, N] (accumulation dtype: float32, float64 for float64) is added to each key's scores.
-    """
-    head_dim, value_dim = q.shape[-1], v.shape[-1]
-    if value_dim != head_dim:
-        # The fused kernel wants one head size: zero columns change neither scores nor outputs.
-        width = max(head_dim, value_dim)
-        q, k, v = (torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
-    q, k, v = (x.contiguous() for x in (q, k, v))
-    b, h, n, d = q.shape
-    unit = plan.unit
-    acc_dtype = _accumulation_dtype(q.dtype)
-    acc = q.new_zeros((b, h, n, d), dtype=acc_dtype)
-    acc_lse = q.new_full((b, h, n), -math.inf, dtype=acc_dtype)
-    for group in plan.gathered:
+def _forward_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: Part, unit: int, scale: float,
+                  key_bias: torch.Tensor | None, acc: torch.Tensor, acc_lse: torch.Tensor) -> None:
+    """Attention of the part's query rows, written into their rows of (acc, acc_lse) and nowhere else."""
+    b, h, _, d = q.shape
+    acc_dtype = acc.dtype
+    for group in part.gathered:
         for q_index, kv_index in _chunks(group, b * h * group.kv_index.shape[1] * unit * 2 * d):
             bias = None if key_bias is None else _piece_bias(key_bias, kv_index, unit, h)
             out, lse = _attend(_gather(q, q_index, unit, "q"), _gather(k, kv_index, unit, "k"),
@@ -344,7 +163,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
                 _merge_(merged, merged_lse, out, lse, key_bias is not None)
                 acc.index_copy_(2, rows, merged)
                 acc_lse.index_copy_(2, rows, merged_lse)
-    for rect in plan.rects:
+    for rect in part.rects:
         rows = slice(rect.q_start, rect.q_end)
         keys = slice(rect.k_start, rect.k_end)
         bias = None if key_bias is None else key_bias[:, None, None, keys]
@@ -356,6 +175,46 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
             acc_lse[:, :, rows] = lse
         else:
             _merge_(acc[:, :, rows], acc_lse[:, :, rows], out, lse, key_bias is not None)
+
+
+def _head_slices(batch: int, heads: int, count: int) -> list[tuple[slice, slice]]:
+    """About `count` (at most batch * heads) disjoint (batch, head) index ranges that cover all of them."""
+    if count <= batch:
+        bounds = np.linspace(0, batch, min(count, batch) + 1).round().astype(int)
+        return [(slice(lo, hi), slice(0, heads)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    per_entry = min(heads, -(-count // batch))
+    bounds = np.linspace(0, heads, per_entry + 1).round().astype(int)
+    return [(slice(entry, entry + 1), slice(lo, hi)) for entry in range(batch) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
+            key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-sparse attention of [B, H, N, D] CPU tensors; returns [B, H, N, Dv] in q's dtype, contiguous.
+
+    `key_bias` [B, N] (accumulation dtype: float32, float64 for float64) is added to each key's scores.
+    The parts run on `cpu_pool`'s workers, one intra-op thread each, as many as the caller has.
+    """
+    head_dim, value_dim = q.shape[-1], v.shape[-1]
+    if value_dim != head_dim:
+        # The fused kernel wants one head size: zero columns change neither scores nor outputs.
+        width = max(head_dim, value_dim)
+        q, k, v = (torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in (q, k, v))
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    b, h, n, d = q.shape
+    acc_dtype = _accumulation_dtype(q.dtype)
+    # Rows no part writes keep no key: zeros.
+    acc = q.new_zeros((b, h, n, d), dtype=acc_dtype)
+    acc_lse = q.new_full((b, h, n), -math.inf, dtype=acc_dtype)
+    workers = torch.get_num_threads()
+    tasks = []  # (work, task): the most work first, so that the last tasks to start are short
+    for entries, heads in _head_slices(b, h, 1 if workers <= 1 else -(-TASKS_PER_WORKER * workers // len(plan.parts))):
+        bias = None if key_bias is None else key_bias[entries]
+        view = (entries, heads)
+        size = (entries.stop - entries.start) * (heads.stop - heads.start)
+        tasks += [(part.pairs * size, partial(_forward_part, q[view], k[view], v[view], part, plan.unit, scale,
+                                              bias, acc[view], acc_lse[view])) for part in plan.parts]
+    tasks.sort(key=lambda task: -task[0])
+    cpu_pool.pool.run([task for _, task in tasks], workers)
     # (contiguous: the fake implementation promises it, also when the value dim was padded above)
     return acc[..., :value_dim].to(q.dtype).contiguous()
 
