@@ -227,29 +227,12 @@ def _softmax_of_masked(scores: torch.Tensor) -> torch.Tensor:
     return probs.div_(total.masked_fill_(total == 0, 1.0))
 
 
-def backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    plan: Plan,
-    scale: float,
-    key_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of `forward`, recomputing attention one chunk of query blocks at a time.
-
-    Plain tensor ops, so it runs on any device; it accumulates in float32 (float64 for float64).
-    The gradients are contiguous.
-    """
-    q, k, v, grad_out = (x.contiguous() for x in (q, k, v, grad_out))
+def _backward_heads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
+                    scale: float, key_bias: torch.Tensor | None, dq: torch.Tensor, dk: torch.Tensor,
+                    dv: torch.Tensor) -> None:
+    """Gradients of a range of batch entries and heads, written into (dq, dk, dv), views of the same range."""
     b, h, _, d = q.shape
-    value_dim = v.shape[-1]
-    dtype = _accumulation_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
-    dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
-    dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
-
-    unit = plan.unit
+    value_dim, dtype, unit = v.shape[-1], dq.dtype, plan.unit
 
     def gathered(x: torch.Tensor, index: torch.Tensor, name: str) -> torch.Tensor:
         return _gather(x, index, unit, name).to(dtype)
@@ -279,4 +262,35 @@ def backward(
             dq.index_copy_(2, rows, dq_g.reshape(b, h, rows.numel(), d))
             dk.index_add_(2, keys, dk_g.reshape(b, h, keys.numel(), d))
             dv.index_add_(2, keys, dv_g.reshape(b, h, keys.numel(), value_dim))
+
+
+def backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: Plan,
+    scale: float,
+    key_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of `forward`, recomputing attention one chunk of query blocks at a time.
+
+    Plain tensor ops, so it runs on any device; it accumulates in float32 (float64 for float64).
+    The gradients are contiguous. On CPU, ranges of batch entries and heads (whose gradients share
+    no memory) run as tasks on `cpu_pool`'s workers.
+    """
+    q, k, v, grad_out = (x.contiguous() for x in (q, k, v, grad_out))
+    b, h = q.shape[:2]
+    dtype = _accumulation_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
+    workers = torch.get_num_threads() if q.device.type == "cpu" else 1
+    tasks = []
+    for entries, heads in _head_slices(b, h, TASKS_PER_WORKER * workers if workers > 1 else 1):
+        view = (entries, heads)
+        bias = None if key_bias is None else key_bias[entries]
+        tasks.append(partial(_backward_heads, grad_out[view], q[view], k[view], v[view], plan, scale, bias,
+                             dq[view], dk[view], dv[view]))
+    cpu_pool.pool.run(tasks, workers)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
