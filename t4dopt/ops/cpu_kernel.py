@@ -25,6 +25,7 @@ import math
 import threading
 from collections.abc import Iterator
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -68,10 +69,10 @@ def _masked_lse(lse: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(torch.isneginf(bias).all(dim=-1), -math.inf)
 
 
-def _piece_bias(key_bias: torch.Tensor, kv_index: torch.Tensor, unit: int, heads: int) -> torch.Tensor:
+def _piece_bias(key_bias: torch.Tensor, kv_tokens: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, N] -> [B, H * pieces, 1, kv_len]: the key bias of each gathered piece, in `_gather`'s head-major order."""
-    b, pieces = key_bias.shape[0], kv_index.shape[0]
-    bias = key_bias.index_select(1, _tokens(kv_index, unit)).view(b, 1, pieces, -1)
+    b, pieces = key_bias.shape[0], kv_tokens.shape[0]
+    bias = key_bias.index_select(1, kv_tokens.reshape(-1)).view(b, 1, pieces, -1)
     return bias.expand(b, heads, pieces, bias.shape[-1]).reshape(b, heads * pieces, 1, bias.shape[-1])
 
 
@@ -90,11 +91,22 @@ def _merge_(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: to
     acc_lse.copy_(total)
 
 
-def _chunks(group: Gathered, per_block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(q_index, kv_index) slices of `group` with at most GATHER_BUDGET elements of work each."""
+class _Chunk(NamedTuple):
+    q_index: torch.Tensor
+    kv_index: torch.Tensor
+    q_tokens: torch.Tensor
+    """Flat: the query tokens of the chunk's pieces, in order."""
+    kv_tokens: torch.Tensor
+    """[pieces, kv_len]."""
+
+
+def _chunks(group: Gathered, per_block: int) -> Iterator[_Chunk]:
+    """Slices of `group`'s pieces with at most GATHER_BUDGET elements of work each."""
     step = max(1, GATHER_BUDGET // max(per_block, 1))
     for begin in range(0, group.q_index.shape[0], step):
-        yield group.q_index[begin:begin + step], group.kv_index[begin:begin + step]
+        pieces = slice(begin, begin + step)
+        yield _Chunk(group.q_index[pieces], group.kv_index[pieces], group.q_tokens[pieces].reshape(-1),
+                     group.kv_tokens[pieces])
 
 
 class _Workspace(threading.local):
@@ -132,11 +144,6 @@ def _gather(x: torch.Tensor, index: torch.Tensor, unit: int, name: str) -> torch
     return out.view(b, h * index.shape[0], index.shape[1] * unit, d)
 
 
-def _tokens(index: torch.Tensor, unit: int) -> torch.Tensor:
-    """The token indices of the units `index`, flattened."""
-    return (index.reshape(-1, 1) * unit + torch.arange(unit, device=index.device)).reshape(-1)
-
-
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -147,13 +154,13 @@ def _forward_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: Part,
     b, h, _, d = q.shape
     acc_dtype = acc.dtype
     for group in part.gathered:
-        for q_index, kv_index in _chunks(group, b * h * group.kv_index.shape[1] * unit * 2 * d):
-            bias = None if key_bias is None else _piece_bias(key_bias, kv_index, unit, h)
-            out, lse = _attend(_gather(q, q_index, unit, "q"), _gather(k, kv_index, unit, "k"),
-                               _gather(v, kv_index, unit, "v"), scale, bias)
+        for chunk in _chunks(group, b * h * group.kv_index.shape[1] * unit * 2 * d):
+            bias = None if key_bias is None else _piece_bias(key_bias, chunk.kv_tokens, h)
+            out, lse = _attend(_gather(q, chunk.q_index, unit, "q"), _gather(k, chunk.kv_index, unit, "k"),
+                               _gather(v, chunk.kv_index, unit, "v"), scale, bias)
             if bias is not None:
                 lse = _masked_lse(lse, bias)
-            rows = _tokens(q_index, unit)
+            rows = chunk.q_tokens
             out, lse = out.reshape(b, h, rows.numel(), d), lse.reshape(b, h, rows.numel())
             if group.fresh:
                 acc.index_copy_(2, rows, out.to(acc_dtype))
@@ -240,8 +247,9 @@ def _backward_heads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     for group in plan.rows:
         q_len, kv_len = group.q_index.shape[1] * unit, group.kv_index.shape[1] * unit
         per_block = b * h * max(q_len * kv_len * 3, kv_len * (d + value_dim))
-        for q_index, kv_index in _chunks(group, per_block):
-            q_index, kv_index = q_index.to(q.device), kv_index.to(q.device)
+        for chunk in _chunks(group, per_block):
+            q_index, kv_index = chunk.q_index.to(q.device), chunk.kv_index.to(q.device)
+            rows, keys = chunk.q_tokens.to(q.device), chunk.kv_tokens.to(q.device).reshape(-1)
             qg, kg, vg = gathered(q, q_index, "q"), gathered(k, kv_index, "k"), gathered(v, kv_index, "v")
             grad = gathered(grad_out, q_index, "grad")
             scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale
@@ -249,7 +257,7 @@ def _backward_heads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                 probs = torch.softmax(scores, dim=-1)
             else:
                 pieces = q_index.shape[0]
-                bias = key_bias.index_select(1, _tokens(kv_index, unit)).view(b, 1, pieces, 1, kv_len)
+                bias = key_bias.index_select(1, keys).view(b, 1, pieces, 1, kv_len)
                 scores = scores.view(b, h, pieces, q_len, kv_len).add_(bias).view(b, h * pieces, q_len, kv_len)
                 probs = _softmax_of_masked(scores)
             out = torch.matmul(probs, vg)
@@ -258,7 +266,6 @@ def _backward_heads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             dscores = probs.mul_(dprobs.sub_((grad * out).sum(-1, keepdim=True))).mul_(scale)
             dq_g = torch.matmul(dscores, kg)
             dk_g = torch.matmul(dscores.transpose(-1, -2), qg)
-            rows, keys = _tokens(q_index, unit), _tokens(kv_index, unit)
             dq.index_copy_(2, rows, dq_g.reshape(b, h, rows.numel(), d))
             dk.index_add_(2, keys, dk_g.reshape(b, h, keys.numel(), d))
             dv.index_add_(2, keys, dv_g.reshape(b, h, keys.numel(), value_dim))

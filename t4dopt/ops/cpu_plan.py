@@ -60,6 +60,10 @@ class Gathered:
     """int64 [pieces, q_len / unit]: the query units (`Plan.unit` consecutive tokens) of each piece."""
     kv_index: torch.Tensor
     """int64 [pieces, kv_len / unit]: the key units each piece attends."""
+    q_tokens: torch.Tensor
+    """int64 [pieces, q_len]: the query tokens of each piece (its units' tokens, in order)."""
+    kv_tokens: torch.Tensor
+    """int64 [pieces, kv_len]: the key tokens of each piece."""
     fresh: bool
     """No earlier piece wrote these rows: written directly instead of merged."""
 
@@ -165,12 +169,18 @@ def _shared_columns(left: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(np.flatnonzero(left[:, columns[0]]), np.array(columns)) for columns in classes.values()]
 
 
+def _unit_tokens(index: np.ndarray, unit: int) -> torch.Tensor:
+    """[pieces, units] unit indices -> [pieces, units * unit] token indices."""
+    return torch.from_numpy((index[..., None] * unit + np.arange(unit)).reshape(index.shape[0], -1))
+
+
 class _PieceBatcher:
     """Collects gathered pieces into batches of one shape whose query tokens do not repeat."""
 
-    def __init__(self, units: int) -> None:
+    def __init__(self, units: int, unit: int) -> None:
         self.batches: dict[tuple[int, int, int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
         self.written = np.zeros(units, dtype=bool)
+        self.unit = unit
 
     def add(self, stage: int, round_: int, queries: np.ndarray, keys: np.ndarray) -> None:
         self.batches.setdefault((stage, round_, queries.size, keys.size), []).append((queries, keys))
@@ -180,11 +190,11 @@ class _PieceBatcher:
         result = []
         for key in sorted(self.batches):
             pieces = self.batches[key]
-            q_index = np.stack([q for q, _ in pieces])
+            q_index, kv_index = np.stack([q for q, _ in pieces]), np.stack([kv for _, kv in pieces])
             fresh = not self.written[q_index].any()
             self.written[q_index] = True
-            result.append(Gathered(torch.from_numpy(q_index), torch.from_numpy(np.stack([kv for _, kv in pieces])),
-                                   fresh))
+            result.append(Gathered(torch.from_numpy(q_index), torch.from_numpy(kv_index),
+                                   _unit_tokens(q_index, self.unit), _unit_tokens(kv_index, self.unit), fresh))
         return tuple(result)
 
 
@@ -228,7 +238,7 @@ def _build_part(mask: np.ndarray, left: np.ndarray, column_rects: list[tuple[int
     rects = [(int(starts[max(q0, first)]), int(starts[min(q1, end)]), int(starts[k0]), int(starts[k1]))
              for q0, q1, k0, k1 in column_rects if q0 < end and q1 > first]
     units = _Units(starts, unit)
-    batcher = _PieceBatcher(int(starts[-1]) // unit)
+    batcher = _PieceBatcher(int(starts[-1]) // unit, unit)
     rests: dict[bytes, list[int]] = {}
     for group_first, group_end, _ in _row_groups(mask, starts, first, end, MIN_RUN_TOKENS):
         begins, ends, _ = _long_runs(left[group_first:group_end].all(axis=0), starts, MIN_RUN_TOKENS)
@@ -270,7 +280,7 @@ def build_plan(dense: torch.Tensor, block_starts: torch.Tensor, parts: int = 1) 
     built = [_build_part(mask, left, column_rects, starts, unit, first, end)
              for first, end in _part_bounds(mask, starts, max(1, min(parts, mask.shape[0])))]
     units = _Units(starts, unit)
-    whole_rows = _PieceBatcher(int(starts[-1]) // unit)
+    whole_rows = _PieceBatcher(int(starts[-1]) // unit, unit)
     for block in np.flatnonzero(mask.any(axis=1)):
         whole_rows.add(0, 0, units.of_block[block], units(np.flatnonzero(mask[block])))
     return Plan(unit, tuple(sorted(built, key=lambda part: -part.pairs)), whole_rows.build())
