@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,34 @@ def _cpu_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
+class _OthersLoad:
+    """Cores that other processes kept busy while the block ran (from /proc/stat, less this process's CPU
+    time); None where /proc/stat is missing. The busy process of ``--busy`` counts as another process."""
+
+    def __enter__(self) -> _OthersLoad:
+        self.cores: float | None = None
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        end = self._sample()
+        if self._start is not None and end is not None:
+            (busy0, own0, wall0), (busy1, own1, wall1) = self._start, end
+            self.cores = max(0.0, (busy1 - busy0 - (own1 - own0)) / (wall1 - wall0))
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(x) for x in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return busy, usage.ru_utime + usage.ru_stime, time.monotonic()
+
+
 @contextlib.contextmanager
 def _busy_core() -> Iterator[None]:
     """Another process keeping one core busy while the block runs."""
@@ -125,7 +154,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
     phases = [("quiet", contextlib.nullcontext)] + ([("busy", _busy_core)] if args.busy else [])
     header = ["frames", "tokens", "density", "ideal 1/density"]
     for phase, _ in phases:
-        header += [f"{phase}: load", "dense SDPA ms", "ours ms", "speedup", "of ideal"]
+        header += [f"{phase}: load avg", "others' cores", "dense SDPA ms", "ours ms", "speedup", "of ideal"]
         if args.flex:
             header += ["Flex ms", "Flex speedup"]
     rows, notes = [], []
@@ -148,15 +177,17 @@ def bench_cpu(args: argparse.Namespace) -> None:
         for _, context in phases:
             with context():
                 load = os.getloadavg()[0]
-                timings = _cpu_times(fns, args.repeats)
+                with _OthersLoad() as others:
+                    timings = _cpu_times(fns, args.repeats)
             dense, ours = timings["dense"], timings["ours"]
-            row += [f"{load:.1f}", f"{dense:.1f}", f"{ours:.1f}", f"{dense / ours:.2f}x", f"{dense / ours / ideal:.2f}"]
+            row += [f"{load:.1f}", "?" if others.cores is None else f"{others.cores:.2f}", f"{dense:.1f}", f"{ours:.1f}", f"{dense / ours:.2f}x", f"{dense / ours / ideal:.2f}"]
             if args.flex:
                 row += [f"{timings['flex']:.1f}", f"{dense / timings['flex']:.2f}x"]
         rows.append(row)
     print(f"CPU ({os.cpu_count()} cores), {args.dtype}, B=1, {args.heads} heads x {args.head_dim}, "
           f"{args.tokens_per_frame} tokens/frame, sculpt4d blocks of {args.block_size}, {torch.get_num_threads()} "
-          f"threads; medians of {args.repeats} alternating runs; load = 1-minute load average as the phase began"
+          f"threads; medians of {args.repeats} alternating runs; load avg: 1-minute load average as the phase began; "
+          f"others' cores: cores other processes kept busy during the phase"
           + ("; busy: another process spins on one core" if args.busy else "") + "\n")
     print(_table(header, rows))
     print("\n" + "; ".join(notes))
