@@ -26,12 +26,18 @@ def _check(layout, *, dtype=torch.float32, scale=None, device="cpu", **shape):
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
 
 
-@pytest.fixture(params=["default", "many-pieces", "columns", "parts"])
+@pytest.fixture(params=["default", "many-pieces", "columns", "parts", "threads"])
 def plan_shape(request, monkeypatch):
     """Run a test with the default plan; with every key run a row rectangle and every key block
     shared by two query blocks a biclique (many more pieces to merge, no column rectangles); with
-    every run of query blocks that keep a key group a column rectangle; and cut into four parts."""
+    every run of query blocks that keep a key group a column rectangle; cut into four parts; and
+    on three worker threads with a task per batch entry and head (whatever this machine has)."""
     monkeypatch.setattr(tables, "_tables", tables.TableCache())
+    if request.param == "threads":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3)
+        monkeypatch.setattr(cpu_kernel, "TASKS_PER_WORKER", 3)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     if request.param == "many-pieces":
         monkeypatch.setattr(cpu_plan, "MIN_COLUMN_RUN_TOKENS", 1 << 30)
         monkeypatch.setattr(cpu_plan, "MIN_RUN_TOKENS", 1)
