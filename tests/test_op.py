@@ -1,6 +1,7 @@
 """The ``t4d::block_sparse_attention`` op: exactness, gradients, registration, errors, real skipping."""
 
 import math
+import threading
 import time
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from reference import dense_masked_attention, random_qkv
 from t4dopt import masks
-from t4dopt.ops import block_sparse, block_sparse_attention, cpu_kernel, flex_path, tables
+from t4dopt.ops import block_sparse, block_sparse_attention, cpu_kernel, cpu_plan, cpu_pool, flex_path, tables
 from t4dopt.ops.tables import layout_tensors
 
 gpu = pytest.mark.gpu
@@ -25,14 +26,26 @@ def _check(layout, *, dtype=torch.float32, scale=None, device="cpu", **shape):
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
 
 
-@pytest.fixture(params=["default", "many-pieces"])
+@pytest.fixture(params=["default", "many-pieces", "columns", "parts", "threads"])
 def plan_shape(request, monkeypatch):
-    """Run a test with the default plan, and with every key run a rectangle and every key block
-    shared by two query blocks a biclique (many more pieces to merge)."""
+    """Run a test with the default plan; with every key run a row rectangle and every key block
+    shared by two query blocks a biclique (many more pieces to merge, no column rectangles); with
+    every run of query blocks that keep a key group a column rectangle; cut into four parts; and
+    on three worker threads with a task per batch entry and head (whatever this machine has)."""
     monkeypatch.setattr(tables, "_tables", tables.TableCache())
+    if request.param == "threads":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3)
+        monkeypatch.setattr(cpu_kernel, "TASKS_PER_WORKER", 3)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     if request.param == "many-pieces":
-        monkeypatch.setattr(cpu_kernel, "MIN_RUN_TOKENS", 1)
-        monkeypatch.setattr(cpu_kernel, "MIN_SHARED_ROWS", 2)
+        monkeypatch.setattr(cpu_plan, "MIN_COLUMN_RUN_TOKENS", 1 << 30)
+        monkeypatch.setattr(cpu_plan, "MIN_RUN_TOKENS", 1)
+        monkeypatch.setattr(cpu_plan, "MIN_SHARED_ROWS", 2)
+    elif request.param == "columns":
+        monkeypatch.setattr(cpu_plan, "MIN_COLUMN_RUN_TOKENS", 1)
+    elif request.param == "parts":
+        monkeypatch.setattr(cpu_kernel, "part_count", lambda q: 4)
     return request.param
 
 
@@ -66,9 +79,9 @@ def test_a_user_rule_with_rows_that_keep_nothing():
 
 def test_large_frames_use_rectangles_bicliques_and_gathers():
     layout = masks.sculpt4d(6, 320, block_size=32, prefix_tokens=24)
-    plan = cpu_kernel.build_plan(layout.to_dense(), layout.block_starts)
-    query_tokens = {group.q_index.shape[1] * plan.unit for group in plan.gathered}
-    assert plan.rects and min(query_tokens) <= 32 < max(query_tokens)
+    plan = cpu_plan.build_plan(layout.to_dense(), layout.block_starts)
+    query_tokens = {group.q_index.shape[1] * plan.unit for part in plan.parts for group in part.gathered}
+    assert any(part.rects for part in plan.parts) and min(query_tokens) <= 32 < max(query_tokens)
     _check(layout, batch=1, heads=2, head_dim=32)
 
 
@@ -263,15 +276,15 @@ def test_layout_tensors_and_plans_are_built_once():
     assert layout_tensors(layout, torch.device("cpu")) is layout_tensors(layout, torch.device("cpu"))
     q, k, v = random_qkv(layout)
     calls = []
-    original = cpu_kernel.build_plan
+    original = tables.build_cpu_plan
     try:
-        cpu_kernel.build_plan = lambda *args: calls.append(1) or original(*args)
+        tables.build_cpu_plan = lambda *args: calls.append(1) or original(*args)
         for _ in range(3):
             block_sparse_attention(q, k, v, layout)
         # Equal tables (other tensors, same content) share the plan as well.
         block_sparse_attention(q, k, v, masks.sculpt4d(2, 40, block_size=16))
     finally:
-        cpu_kernel.build_plan = original
+        tables.build_cpu_plan = original
     assert len(calls) <= 1
 
 
@@ -291,8 +304,77 @@ def test_work_is_exactly_the_kept_pairs(monkeypatch, plan_shape):
         block_sparse_attention(q, k, v, layout)
         kept_pairs = int(layout.token_mask().sum())
         assert sum(computed) == kept_pairs * q.shape[0] * q.shape[1]
-        assert cpu_kernel.build_plan(layout.to_dense(), layout.block_starts).pairs == kept_pairs
+        assert cpu_plan.build_plan(layout.to_dense(), layout.block_starts).pairs == kept_pairs
         assert kept_pairs < 0.7 * layout.seq_len ** 2
+
+
+def test_parts_cover_every_row_once_and_split_the_work():
+    layout = masks.sculpt4d(8, 100, block_size=16, prefix_tokens=7)
+    whole = cpu_plan.build_plan(layout.to_dense(), layout.block_starts)
+    for count in (2, 3, 5):
+        plan = cpu_plan.build_plan(layout.to_dense(), layout.block_starts, count)
+        ranges = sorted((part.first, part.end) for part in plan.parts)
+        assert len(ranges) == count and ranges[0][0] == 0 and ranges[-1][1] == len(layout.block_starts) - 1
+        assert all(end == next_first for (_, end), (next_first, _) in zip(ranges, ranges[1:]))
+        assert plan.pairs == whole.pairs
+        assert max(part.pairs for part in plan.parts) < 2.5 * plan.pairs / count
+
+
+def test_large_query_runs_attend_whole_key_groups_on_views():
+    """Sculpt4D's window and anchor frames become column rectangles with many query rows (the flash
+    kernel's large tiles start at 768 rows): every rectangle of 8 x 512 tokens has at least 1024."""
+    layout = masks.sculpt4d(8, 512, block_size=64)
+    (part,) = cpu_plan.build_plan(layout.to_dense(), layout.block_starts).parts
+    assert part.rects and min(rect.q_end - rect.q_start for rect in part.rects) >= 1024
+    assert sum(1 for rect in part.rects if (rect.q_start, rect.q_end, rect.k_start) == (0, 4096, 0)) == 1
+
+
+def _pool_task(seen, index):
+    seen[index] = (threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled(),
+                   torch.is_inference_mode_enabled())
+    time.sleep(0.01)  # long enough that every worker takes a task
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_the_pool_runs_tasks_on_single_threaded_workers_in_the_callers_mode(inference):
+    pool = cpu_pool.WorkerPool()
+    threads = torch.get_num_threads()
+    seen = {}
+    with torch.inference_mode(inference):
+        pool.run([lambda index=index: _pool_task(seen, index) for index in range(6)], workers=2)
+    assert sorted(seen) == list(range(6)) and pool.size == 2
+    workers = {ident for ident, *_ in seen.values()}
+    assert len(workers) == 2 and threading.get_ident() not in workers
+    assert {state[1:] for state in seen.values()} == {(1, False, inference)}
+    assert torch.get_num_threads() == threads  # the workers' setting does not leak into the caller
+
+
+def test_the_pool_raises_a_tasks_error_and_runs_one_worker_inline():
+    pool = cpu_pool.WorkerPool()
+
+    def fail():
+        raise ValueError("task failed")
+
+    with pytest.raises(ValueError, match="task failed"):
+        pool.run([fail, lambda: None, lambda: None], workers=2)
+    ran = []
+    pool.run([lambda: ran.append(threading.get_ident())] * 3, workers=2)  # the pool still works
+    inline = cpu_pool.WorkerPool()
+    inline.run([lambda: ran.append(threading.get_ident())] * 2, workers=1)
+    assert len(ran) == 5 and ran[3:] == [threading.get_ident()] * 2 and inline.size == 0
+
+
+def test_inference_mode_then_normal_calls():
+    """The gather buffers, kept between calls, are made outside inference mode: one made during an
+    inference-mode call is written again by a normal call (and by the workers of either)."""
+    layout = masks.sculpt4d(4, 128, block_size=16)
+    q, k, v = random_qkv(layout)
+    expected = dense_masked_attention(q, k, v, layout.token_mask())
+    with torch.inference_mode():
+        inferred = block_sparse_attention(q, k, v, layout)
+    assert inferred.is_inference()
+    for out in (inferred, block_sparse_attention(q, k, v, layout)):
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
 
 
 def _fastest_of(fn, repeats=5):

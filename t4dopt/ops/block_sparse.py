@@ -105,7 +105,8 @@ def block_sparse_attention_op(
 def _forward_cpu(q, k, v, kv_counts, kv_indices, block_starts, block_size, scale=None, key_mask=None):
     _check_inputs(q, k, v, kv_counts, kv_indices, block_starts, key_mask)
     table = table_for(q, kv_counts, kv_indices, block_starts)
-    return cpu_kernel.forward(q, k, v, table.cpu_plan(), resolve_scale(scale, q.shape[-1]), _key_bias(key_mask, q))
+    return cpu_kernel.forward(q, k, v, table.cpu_plan(cpu_kernel.part_count(q)), resolve_scale(scale, q.shape[-1]),
+                              _key_bias(key_mask, q))
 
 
 def cuda_forward_kernel(q: torch.Tensor, v: torch.Tensor, scale: float) -> str:

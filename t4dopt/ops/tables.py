@@ -17,7 +17,8 @@ from functools import cached_property, partial
 import torch
 
 from t4dopt.block_layout import BlockLayout
-from t4dopt.ops import cpu_kernel, flex_path, triton_kernel
+from t4dopt.ops import flex_path, triton_kernel
+from t4dopt.ops.cpu_plan import Plan as CpuPlan, build_plan as build_cpu_plan
 from t4dopt.ops.schema import OP_NAME
 
 
@@ -39,10 +40,12 @@ class BlockTable:
     def longest_block(self) -> int:
         return int((self.block_starts[1:] - self.block_starts[:-1]).max())
 
-    def cpu_plan(self) -> cpu_kernel.Plan:
-        if "cpu-plan" not in self.derived:
-            self.derived["cpu-plan"] = cpu_kernel.build_plan(self.dense, self.block_starts)
-        return self.derived["cpu-plan"]
+    def cpu_plan(self, parts: int = 1) -> CpuPlan:
+        """The CPU kernel's plan, cut into `parts` parts of query blocks (`cpu_kernel.part_count`)."""
+        key = ("cpu-plan", parts)
+        if key not in self.derived:
+            self.derived[key] = build_cpu_plan(self.dense, self.block_starts, parts)
+        return self.derived[key]
 
     def triton_plan(self, device: torch.device, *, block_m: int | None = None,
                     block_n: int | None = None) -> triton_kernel.Plan:
