@@ -46,7 +46,7 @@ MASK_BLOCK_SIZE = 16
 # Per-model defaults (steps, batch, learning rate, EMA decay): the shipped weights were trained with these.
 DEFAULTS = {"scm-tiny": (3200, 4, 2e-3, 0.999), "joint-tiny": (3000, 8, 2e-3, 0.999),
             "joint-tiny-sculpt4d": (600, 8, 5e-4, 0.999), "wan-tiny": (2500, 8, 1e-3, 0.999),
-            "cogvideox-tiny": (2500, 8, 1e-3, 0.999)}
+            "cogvideox-tiny": (2000, 8, 1e-3, 0.999)}
 VIDEO_TASK = {"frames": FRAMES, "size": SIZE, "patch": PATCH}
 
 
