@@ -3,7 +3,7 @@
 A sample is the token grid of one scene, conditioned on the clean tokens of view 0, frame 0,
 each followed by a code of its position in the image (`position_code`): [B, P, C + 12].
 ``"scm"`` models see every view, [B, V, T, P, C]; ``"joint"`` models see view 0 only,
-[B, T, P, C]. Flow matching as in `t4dopt.models.sample_flow_matching`: x_t = (1 - t) x_0 +
+[B, T, P, C]; the diffusers testbeds see view 0 as a video in pixels (`video_batch`). Flow matching as in `t4dopt.models.sample_flow_matching`: x_t = (1 - t) x_0 +
 t noise, velocity target noise - x_0.
 """
 
@@ -51,9 +51,33 @@ def scene_batch(
     # View 0 of a scene does not depend on how many views are rendered, so joint models need only it.
     rendered = views if kind == "scm" else 1
     tokens = to_tokens(render_scenes(batch, views=rendered, frames=frames, size=size, seed=seed, device=device), patch)
-    first = tokens[:, 0, 0]
-    cond = torch.cat([first, position_code(size // patch, device).expand(batch, -1, -1)], dim=-1)
-    return (tokens if kind == "scm" else tokens[:, 0]), cond
+    return (tokens if kind == "scm" else tokens[:, 0]), _first_frame_condition(tokens[:, 0, 0], size // patch)
+
+
+def video_batch(
+    batch: int,
+    *,
+    frames: int = 8,
+    size: int = 16,
+    patch: int = 2,
+    channels_first: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """View 0 of `batch` scenes as videos and the conditioning of `scene_batch` (same scenes for a seed).
+
+    Videos are [B, F, 3, size, size], or [B, 3, F, size, size] with `channels_first` (Wan's order;
+    CogVideoX takes the other). The conditioning is [B, P, 3 patch^2 + 12]:
+    the clean first frame's patches with their positions.
+    """
+    video = render_scenes(batch, views=1, frames=frames, size=size, seed=seed, device=device)[:, 0]
+    cond = _first_frame_condition(to_tokens(video[:, 0], patch), size // patch)
+    return (video.transpose(1, 2).contiguous() if channels_first else video), cond
+
+
+def _first_frame_condition(first: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, P, C] first-frame tokens -> [B, P, C + 12], each followed by the code of its position."""
+    return torch.cat([first, position_code(grid, first.device).expand(first.shape[0], -1, -1)], dim=-1)
 
 
 def flow_matching_loss(model: Model, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
