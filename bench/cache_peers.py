@@ -242,18 +242,28 @@ def _samples(method: Method, inputs: list, steps: int, clock: Clock) -> list[tor
     return samples
 
 
+def _runs(method: Method, inputs: list, steps: int, clock: Clock) -> list[torch.Tensor] | None:
+    """The samples, or None with the reason in the note where the row fails to run."""
+    try:
+        return _samples(method, inputs, steps, clock)
+    except Exception as error:  # a peer that does not run here is a row with its reason, not a crash
+        method.note = f"not run: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        print(f"  {method.name} ({method.mode}): {method.note}", flush=True)
+        return None
+
+
 def _warm_up(method: Method, inputs: list, steps: int, clock: Clock) -> bool:
     """Compile and sample once (the samples scored); False, with the reason in the note, where it fails."""
-    start = time.perf_counter()
+    start, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", t4dopt.T4DWarning)
-        try:
-            method.samples = _samples(method, inputs, steps, clock)
-        except Exception as error:  # a peer that does not run here is a row with its reason, not a crash
-            method.note = f"not run: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
-            print(f"  {method.name} ({method.mode}): {method.note}", flush=True)
-            return False
+        samples = _runs(method, inputs, steps, clock)
+    if samples is None:
+        return False
+    method.samples = samples
     reasons = sorted({str(w.message).splitlines()[0][:160] for w in caught if issubclass(w.category, t4dopt.T4DWarning)})
+    if method.mode == "compiled":
+        reasons.insert(0, f"{counters['stats']['unique_graphs'] - graphs} dynamo graphs")
     if reasons:
         method.note = "; ".join(reasons)
     print(f"  {method.name} ({method.mode}): warm-up {time.perf_counter() - start:.1f} s", flush=True)
@@ -268,8 +278,7 @@ def measure(methods: list[Method], inputs: list, steps: int, rounds: int, clock:
     every row after the warm-up settles that; a row that still compiles while timed is flagged.
     """
     ran = [m for m in methods if _warm_up(m, inputs, steps, clock)]
-    for method in ran:
-        _samples(method, inputs, steps, clock)
+    ran = [m for m in ran if _runs(m, inputs, steps, clock) is not None]
     for round_index in range(rounds):
         shift = round_index % max(len(ran), 1)
         for method in ran[shift:] + ran[:shift]:
@@ -418,7 +427,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     # A compiled hook that keeps recompiling raises (its row reports it) instead of running eagerly unnoticed.
-    torch._dynamo.config.recompile_limit = 64
+    # The limits are high because every compiled copy adds entries to the same code objects (blocks that
+    # hooks split off are frames of their own, one entry per copy and backend).
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 8192
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     import diffusers
 
