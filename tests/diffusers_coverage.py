@@ -9,8 +9,8 @@ sites (`masked_joint_sdpa`; the unmasked eager model where no site is sparse).
     python tests/diffusers_coverage.py           # print the table
     python tests/diffusers_coverage.py --write   # write it into README.md between its markers
 
-`tests/test_diffusers_coverage.py` measures every row again and fails when the README's table differs,
-so the table cannot go stale.
+`tests/test_diffusers.py` measures every row (one compile per model, shared with its other tests)
+and fails when the README's table differs, so the table cannot go stale.
 """
 
 from __future__ import annotations
