@@ -393,6 +393,10 @@ def bench(name: str, steps: int, args: argparse.Namespace) -> str:
         pick, pick_note = None, ""
         if "turbo4d" in args.families:
             print("  calibrate:", flush=True)
+            # A hooked peer compiled above breaks its graph inside the blocks' loop, and dynamo then skips
+            # that forward for every later copy of the class (it compiles each block alone, which the cache
+            # refuses): calibrate compiles after forgetting them, as a fresh process would.
+            torch._dynamo.reset()
             pick, pick_note = run_calibrate(model, inputs, steps, grid, target)
     rows = results(ran, references)
     failed = [m for m in methods if m not in ran]

@@ -6,8 +6,9 @@ outcomes so far). The table lists the tests that did not pass or skip; the detai
 Only the test files that apply the marker (a ``@pytest.mark.gpu`` decorator, an alias
 ``gpu = pytest.mark.gpu`` or a ``pytestmark`` with it) are collected: the others cannot hold a
 GPU test, and importing them all (diffusers, onnx) takes longer than the tests.
-Where pytest-xdist is installed (the GPU machine has it) the tests run in 4 worker processes,
-which compile their Triton and Inductor kernels side by side.
+Where pytest-xdist is installed and a GPU is there (the GPU machine has both) the tests run in 4
+worker processes, which compile their Triton and Inductor kernels side by side; on CPU (the dry
+run) they run in this process.
 
     python bench/gpu_pytest.py [extra pytest arguments]
 """
@@ -72,7 +73,7 @@ def gpu_test_files() -> list[str]:
 
 def pytest_args(extra: Sequence[str] = ()) -> list[str]:
     args = ["-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE", *gpu_test_files()]
-    if importlib.util.find_spec("xdist") is not None:
+    if torch.cuda.is_available() and importlib.util.find_spec("xdist") is not None:
         args += ["-n", str(XDIST_WORKERS)]
     return args + list(extra)
 

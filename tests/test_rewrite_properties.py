@@ -44,7 +44,7 @@ from t4dopt.report import collecting
 from test_spellings import D as HEAD_DIM
 from test_spellings import ROWS
 
-settings.register_profile("ci", max_examples=120, derandomize=True, deadline=None, database=None,
+settings.register_profile("ci", max_examples=80, derandomize=True, deadline=None, database=None,
                           suppress_health_check=list(HealthCheck), print_blob=True)
 settings.register_profile("long", max_examples=1500, deadline=None, database=None,
                           suppress_health_check=list(HealthCheck), print_blob=True)

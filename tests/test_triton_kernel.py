@@ -237,17 +237,15 @@ def test_kernel_in_the_triton_interpreter():
 
 @interpreted
 @pytest.mark.parametrize("policy", sorted(masks.POLICIES))
-@pytest.mark.parametrize("prefix, suffix", [(0, 21), (7, 21)], ids=["suffix", "both"])
-def test_interpreted_every_policy(policy, prefix, suffix):
+def test_interpreted_every_policy(policy):
     # 40 tokens per frame with blocks of 16: every frame ends in a partial block of 8;
     # 7 prefix tokens form a block of their own, 21 suffix tokens a block of 16 and one of 5.
-    layout = masks.build(policy, 3, 40, prefix_tokens=prefix, suffix_tokens=suffix, block_size=16)
+    layout = masks.build(policy, 3, 40, prefix_tokens=7, suffix_tokens=21, block_size=16)
     _check(layout, *_inputs(layout))
 
 
 @interpreted
-@pytest.mark.parametrize("form", ["additive", "bias"])
-@pytest.mark.parametrize("block_m, block_n", [(None, None), (16, 32), (32, 16)])
+@pytest.mark.parametrize("form, block_m, block_n", [("bias", None, None), ("additive", 16, 32), ("bias", 32, 16)])
 def test_interpreted_key_bias(form, block_m, block_n):
     # Blocks of 64 with a suffix: full and partial chunks, several tiles per block, all with the bias.
     layout = masks.sculpt4d(3, 100, block_size=64, prefix_tokens=20, suffix_tokens=30)
@@ -256,7 +254,7 @@ def test_interpreted_key_bias(form, block_m, block_n):
 
 
 @interpreted
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_interpreted_key_bias_half_precision(dtype):
     layout = masks.sculpt4d(4, 40, block_size=16, suffix_tokens=11)
     _check(layout, *_inputs(layout, head_dim=32, dtype=dtype), key_bias=_key_bias(layout, 2))
