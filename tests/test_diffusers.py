@@ -79,6 +79,18 @@ def _compiled(tiny: dm.TinyModel, options: dict):
     return out, report, [w for w in caught if issubclass(w.category, t4dopt.T4DWarning)]
 
 
+CACHED = {"cache": {"threshold": 0.0}}
+"""Threshold 0 computes everything: the same numbers, and the cache analysis's report of each model's units."""
+
+
+def _assert_cache_units(tiny: dm.TinyModel) -> None:
+    """The cache found the units the model's blocks have (`TinyModel.cache_units`), and says why it left out the rest."""
+    graphs = t4dopt.cache_report(tiny.model).graphs
+    cached = [unit.name for graph in graphs if not graph.reason for unit in graph.units]
+    assert len(cached) == tiny.cache_units, graphs
+    assert all(left.reason for graph in graphs for left in graph.left_out)
+
+
 def _relative(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -93,7 +105,8 @@ def test_every_joint_attention_is_sparse_with_no_layout_option_and_equals_the_ex
     tiny = make()
     token_mask = _token_mask(tiny)
     assert token_mask.shape[0] == tiny.length and token_mask.float().mean() < 0.8
-    got, report, warned = _compiled(tiny, _options(tiny))
+    got, report, warned = _compiled(tiny, _options(tiny, **CACHED))
+    _assert_cache_units(tiny)
     joint = [s for s in report.sites if s.kind == "spatiotemporal"]
     assert len(joint) == tiny.joint_sites and all(s.action == "sparse" for s in joint), report.table()
     assert all(s.shape[-2] == tiny.length for s in joint)
@@ -119,7 +132,8 @@ def test_every_joint_attention_is_sparse_with_no_layout_option_and_equals_the_ex
 @pytest.mark.parametrize("make", [dm.latte, dm.sana_video], ids=["latte", "sana_video"])
 def test_models_without_joint_attention_are_unchanged(make):
     tiny = make()
-    got, report, warned = _compiled(tiny, _options(tiny))
+    got, report, warned = _compiled(tiny, _options(tiny, **CACHED))
+    _assert_cache_units(tiny)
     assert report.sites and not any(s.action == "sparse" for s in report.sites)
     assert not warned, [str(w.message) for w in warned]
     with torch.no_grad():
