@@ -210,15 +210,14 @@ def test_packed_stream_views_keep_each_streams_layout():
     assert layout_of(torch.randn(2, 6, 3)[:, 1:]) is None  # a slice is not dense
 
 
-# --- diffusers families: exact at threshold 0 (their units are checked in tests/test_diffusers.py) -----
+# --- diffusers families: exact at threshold 0 (every family's units: tests/test_diffusers.py) ----------
 
-EXACT = [dm.wan21, dm.cogvideox, dm.hunyuan_video, dm.easyanimate, dm.hunyuan_video_15, dm.mochi]
-"""Functionalised RoPE (Wan, EasyAnimate), packed two-stream blocks (CogVideoX, HunyuanVideo, EasyAnimate), and the
-families tests/test_diffusers.py does not compile (graph breaks)."""
+EXACT = [dm.wan21, dm.cogvideox, dm.hunyuan_video, dm.easyanimate]
+"""Functionalised RoPE (Wan, EasyAnimate) and packed two-stream blocks (CogVideoX, HunyuanVideo, EasyAnimate)."""
 
 
 @pytest.mark.parametrize("make", EXACT, ids=[m.__name__ for m in EXACT])
-def test_diffusers_families_are_exact_at_threshold_zero_and_report_their_units(make):
+def test_functionalised_and_two_stream_families_are_exact_at_threshold_zero(make):
     tiny = make()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -227,9 +226,6 @@ def test_diffusers_families_are_exact_at_threshold_zero_and_report_their_units(m
         got = torch.compile(tiny.model, backend="turbo4d", options=options)(**tiny.inputs, return_dict=False)[0]
     assert torch.equal(got, want)
     graphs = t4dopt.cache_report(tiny.model).graphs
-    assert graphs and all(graph.reason or graph.units for graph in graphs)
     cached = [unit for graph in graphs if not graph.reason for unit in graph.units]
     assert len(cached) == tiny.cache_units
-    assert all(left.reason for graph in graphs for left in graph.left_out)
-    if cached:  # the joint self-attention is a unit
-        assert any(unit.kind != "other" and unit.kind != "cross" for unit in cached)
+    assert any(unit.kind not in ("other", "cross") for unit in cached)  # the joint self-attention is a unit
