@@ -229,3 +229,30 @@ def test_functionalised_and_two_stream_families_are_exact_at_threshold_zero(make
     cached = [unit for graph in graphs if not graph.reason for unit in graph.units]
     assert len(cached) == tiny.cache_units
     assert any(unit.kind not in ("other", "cross") for unit in cached)  # the joint self-attention is a unit
+
+
+class PositionEveryBlock(nn.Module):
+    """Cosmos's habit: a positional embedding made ``.type_as(latents)`` and added before every block."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Linear(CHANNELS, WIDTH), nn.Linear(WIDTH, CHANNELS)
+        self.position = nn.Parameter(torch.randn(TOKENS, WIDTH))
+        self.mlp = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(BLOCKS))
+
+    def forward(self, x):
+        h, position = self.embed(x), self.position.type_as(x)
+        for mlp in self.mlp:
+            h = h + position
+            h = h + mlp(h)
+        return self.head(h)
+
+
+def test_a_value_read_only_for_its_dtype_carries_no_data_from_it():
+    """``position.type_as(x)`` does not depend on x: every block's sublayer stays a single-entry region."""
+    from t4dopt.cache.graph.regions import find_regions
+
+    gm = graph_of(PositionEveryBlock().eval(), torch.randn(1, TOKENS, CHANNELS))
+    plan = find_regions(gm.graph, [], dict(gm.named_modules()))
+    assert [unit.name for unit in plan.units] == [f"mlp.{i}" for i in range(BLOCKS)]

@@ -24,6 +24,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from t4dopt.cache.graph.regions import dataflow, is_in_place, stream_values
 from t4dopt.fx_utils import example_tensor, example_value, is_size, sizes_of
 
 
@@ -287,16 +288,19 @@ def _readers_before(graph: fx.Graph, values: Sequence[fx.Node], order: dict[fx.N
     return sorted(early, key=order.__getitem__)
 
 
-def pack_run(graph: fx.Graph, run: Run) -> bool:
-    """Rewrite `run` to travel packed (module doc). False, with the graph unchanged, when the order of its
-    nodes does not allow it (a stream's new value is made from the other's)."""
+def pack_run(graph: fx.Graph, run: Run) -> str:
+    """Rewrite `run` to travel packed (module doc); "", or why not with the graph unchanged (the order of its
+    nodes does not allow it)."""
     order = {node: index for index, node in enumerate(graph.nodes)}
     layouts = layouts_of(run)
     # A stream's new value may be read before the other's is made: those readers move after both.
     cuts = [[r.carry for r in run.steps[0]]] + [[r.add for r in step if r.add is not None] for step in run.steps]
     moves = [_readers_before(graph, values, order) for values in cuts]
     if any(move is None for move in moves):
-        return False
+        return "one stream's new value is made from the other's"
+    blocker = _order_matters(graph) if any(moves) else None
+    if blocker is not None:
+        return f"its streams' new values are read in between, and {blocker.name} keeps the graph's order"
     carries = cuts[0]
     anchor = max(carries, key=order.__getitem__)
     with graph.inserting_before(anchor.next):
@@ -329,7 +333,21 @@ def pack_run(graph: fx.Graph, run: Run) -> bool:
                 graph.erase_node(residual.add)
         state = new_state
     graph.lint()
-    return True
+    return ""
+
+
+RANDOM = ("rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "normal",
+          "multinomial", "dropout", "uniform_", "normal_", "bernoulli_")
+
+
+def _order_matters(graph: fx.Graph) -> fx.Node | None:
+    """A node whose place in the graph matters beyond its arguments (a tensor changed in place, a random draw),
+    or None: then nodes may move as long as each follows its arguments."""
+    for node in graph.nodes:
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if node.op in ("call_function", "call_method") and (is_in_place(node) or name in RANDOM):
+            return node
+    return None
 
 
 def _move_after(anchor: fx.Node, nodes: list[fx.Node]) -> None:
@@ -364,8 +382,6 @@ class Packing(NamedTuple):
 
 def pack_streams(graph: fx.Graph, source: fx.Node) -> Packing:
     """Pack every run of two-stream steps of the stream from `source` that can be (module doc)."""
-    from t4dopt.cache.graph.regions import dataflow, stream_values
-
     packed_steps, refused, seen = 0, [], set()
     while True:
         runs = [run for run in find_runs(graph, dataflow(graph), stream_values(graph, source))
@@ -374,9 +390,7 @@ def pack_streams(graph: fx.Graph, source: fx.Node) -> Packing:
             return Packing(packed_steps, refused)
         run = runs[0]
         seen.add(run.steps[0][0].add.name)
-        reason = why_not_packed(run)
-        if not reason and not pack_run(graph, run):
-            reason = "one stream's new value is made from the other's"
+        reason = why_not_packed(run) or pack_run(graph, run)
         if reason:
             refused.append(f"two streams from {run.steps[0][0].add.name} left unpacked: {reason}")
         else:
