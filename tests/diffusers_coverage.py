@@ -126,6 +126,8 @@ class Measured:
     dense: torch.Tensor
     """The eager model unchanged."""
     masked_calls: int
+    found: list[t4dopt.cache.GraphUnits]
+    """Per graph, the cache units found and what was left out (`t4dopt.cache_report(model).graphs`)."""
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -144,7 +146,8 @@ def measure(make) -> Measured:
     with torch.no_grad(), collecting() as report, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = compiled(**tiny.inputs, return_dict=False)[0]
-    units = len(t4dopt.cache_report(tiny.model).units)
+    cache = t4dopt.cache_report(tiny.model)
+    units = len(cache.units)
     del compiled
     torch._dynamo.reset()
     messages = [str(w.message) for w in caught if issubclass(w.category, t4dopt.T4DWarning)]
@@ -168,7 +171,7 @@ def measure(make) -> Measured:
     row = Row(tiny.name, type(tiny.model).__name__, len(report.sites), tiny.joint_sites, len(sparse),
               ", ".join(tiny.hint) if tiny.hint else "none", units, relative_error(got, want), "; ".join(notes))
     return Measured(tiny, row, report, [m for m in messages if m not in cache_warnings], got, want, dense,
-                    len(calls))
+                    len(calls), cache.graphs)
 
 
 def _short(reason: str, limit: int = 64) -> str:

@@ -183,6 +183,18 @@ def test_the_readme_table_is_the_measured_one():
         assert cells == want, f"{row.model}: {hint}"
 
 
+def test_every_model_has_the_cache_units_its_blocks_have_and_says_why_it_left_out_the_rest():
+    """`TinyModel.cache_units`: Wan's RoPE self-attention (writes into fresh buffers made values), two-stream
+    blocks (CogVideoX, HunyuanVideo, EasyAnimate, ConsisID: packed) and Cosmos's blocks are units."""
+    for make in coverage.MODELS:
+        measured = coverage.measure(make)
+        graphs = measured.found
+        cached = [unit.name for graph in graphs if not graph.reason for unit in graph.units]
+        assert len(cached) == measured.tiny.cache_units == measured.row.units, (measured.tiny.name, graphs)
+        assert graphs and all(graph.reason or graph.units for graph in graphs), measured.tiny.name
+        assert all(left.reason for graph in graphs for left in graph.left_out), measured.tiny.name
+
+
 def test_every_sparse_row_is_close_to_its_reference():
     for make in coverage.MODELS:
         row = coverage.measure(make).row

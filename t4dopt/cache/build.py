@@ -9,12 +9,14 @@ import torch
 import torch.fx as fx
 
 from t4dopt.cache.arithmetic import SaveKind
-from t4dopt.cache.graph.regions import RegionPlan, find_regions, find_timestep, functional_residuals
+from t4dopt.cache.graph.functional import functional_residuals, functional_writes
+from t4dopt.cache.graph.regions import Rejection, RegionPlan, find_regions, find_timestep
 from t4dopt.cache.graph.segments import Segment, split
+from t4dopt.cache.graph.streams import pack_streams
 from t4dopt.cache.graph.step_graphs import reused_graph, tapped_graph
 from t4dopt.cache.lowered import ComputedGraph, LazyLowered, ReusedGraph, SegmentRunners, StepGraphs, TokenTaps
 from t4dopt.cache.program import Program, program_of
-from t4dopt.cache.registry import register
+from t4dopt.cache.registry import GraphUnits, LeftOut, UnitFound, record, register
 from t4dopt.cache.runtime import CacheRuntime
 from t4dopt.lowering import Lower
 from t4dopt.options import CacheSpec
@@ -40,11 +42,20 @@ class Prepared:
 def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) -> Prepared:
     """Regions, segments and program of `gm` (no program when no sublayer can be cached).
 
-    In-place residual additions that can be made out-of-place are, first (`functional_residuals`).
+    In-place steps that can be made out-of-place are, first (`t4dopt.cache.graph.functional`); the
+    writes left in place are among the plan's rejections.
     """
-    if functional_residuals(gm.graph):
+    writes = functional_writes(gm.graph)
+    if functional_residuals(gm.graph) + writes.rewritten:
         gm.recompile()
     plan = find_regions(gm.graph, decisions, dict(gm.named_modules()))
+    if plan.stream_input is not None:
+        streams = pack_streams(gm.graph, plan.stream_input)
+        if streams.packed:
+            gm.recompile()
+            plan = find_regions(gm.graph, decisions, dict(gm.named_modules()))
+        plan.rejected += [Rejection("", reason) for reason in streams.refused]
+    plan.rejected += [Rejection(r.module or r.node, f"{r.node} left in place: {r.reason}") for r in writes.refused]
     timestep = find_timestep(gm, plan) if plan.stream_input is not None else None
     if plan.stream_input is not None and timestep is None:
         plan.reason = NOT_A_DENOISER
@@ -95,6 +106,11 @@ def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list
                   lower: Lower) -> tuple[CacheRuntime | None, RegionPlan]:
     """A runtime for `gm`, or None (with the plan saying why) when no sublayer can be cached."""
     prepared = prepare(gm, decisions, spec)
+    plan = prepared.plan
+    found = GraphUnits(tuple(UnitFound(u.name, u.kind) for u in plan.units),
+                       tuple(LeftOut(r.module, r.reason) for r in plan.rejected),
+                       "" if prepared.program is not None else plan.reason)
+    record(found, [x for x in example_inputs if isinstance(x, torch.nn.Parameter)])
     if prepared.program is None:
         return None, prepared.plan
 
