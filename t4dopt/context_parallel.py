@@ -201,10 +201,44 @@ def _accelerators_counted():
         accelerator.device_count = original
 
 
+def _quiet_split_hook() -> None:
+    """Let dynamo pass over the ``logger.warning_once`` of diffusers' split hook (a tensor of unexpected rank,
+    such as Wan 2.1's 1-D timestep, is left whole) instead of breaking the graph there: the cache needs the
+    whole denoiser in one graph. Inside compiled code that warning is not printed."""
+    from diffusers.hooks import context_parallel as hooks
+
+    import logging
+
+    for method in (getattr(hooks.logger, "warning_once", None), getattr(logging.Logger, "warning_once", None)):
+        if method is not None:
+            torch._dynamo.config.ignore_logging_functions.add(method)
+
+
+def _prime_split_hooks(model: torch.nn.Module) -> None:
+    """Fill in what diffusers' split hooks compute on their first call (the parameter indices of the hooked
+    module's forward, by ``inspect.signature``, which dynamo cannot trace: a graph break per hooked block),
+    exactly as the hook would."""
+    import inspect
+
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in getattr(registry, "hooks", {}).values():
+            metadata = getattr(hook, "module_forward_metadata", None)
+            if metadata is None or getattr(metadata, "cached_parameter_indices", 0) is not None:
+                continue
+            if getattr(metadata, "_cls", None) is not None:
+                names = list(inspect.signature(metadata._cls.forward).parameters)[1:]
+                metadata.cached_parameter_indices = {name: i for i, name in enumerate(names)}
+
+
 def enable_parallelism(model: torch.nn.Module, config: Any) -> torch.nn.Module:
-    """``model.enable_parallelism(config=config)``, also on CPU (where diffusers would divide by zero devices)."""
+    """``model.enable_parallelism(config=config)``, also on CPU (where diffusers would divide by zero devices),
+    and ready for one ``torch.compile`` graph without an eager call first (`_prime_split_hooks`,
+    `_quiet_split_hook`)."""
     with _accelerators_counted():
         model.enable_parallelism(config=config)
+    _prime_split_hooks(model)
+    _quiet_split_hook()
     return model
 
 
