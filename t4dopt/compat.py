@@ -126,13 +126,12 @@ def placeholder_origin(node: torch.fx.Node) -> tuple[str, Any] | None:
 
 def process_group_rank(group_name: str) -> tuple[int, int] | None:
     """(this process's rank, the group's size) of the process group a functional collective names, else None."""
-    resolve = _lookup("torch.distributed.distributed_c10d._resolve_process_group")
-    if resolve is None:
+    group = process_group(group_name)
+    if group is None:
         return None
     try:
-        group = resolve(group_name)
         return int(group.rank()), int(group.size())
-    except Exception:  # no such group in this process (a graph traced elsewhere), or no distributed backend
+    except Exception:  # a group this process is not part of
         return None
 
 
@@ -158,6 +157,17 @@ def add_diffusers_backend_name(value: str) -> Any:
         raise T4DCompatError(f"cannot add the attention backend {value!r} to this diffusers' "
                              f"AttentionBackendName: {error}") from error
     return member
+
+
+def process_group(group_name: str) -> Any | None:
+    """The process group a functional collective names (``_c10d_functional`` ops take its name), else None."""
+    resolve = _lookup("torch.distributed.distributed_c10d._resolve_process_group")
+    if resolve is None:
+        return None
+    try:
+        return resolve(group_name)
+    except Exception:  # no such group in this process, or no distributed backend
+        return None
 
 
 def dynamo_export() -> Callable:
