@@ -63,10 +63,12 @@ def ring_plan(layout: BlockLayout, rank: int, world: int) -> RingPlan:
     from t4dopt.ops.chunk import pair_keeps_blocks
 
     if world < 1 or not 0 <= rank < world:
-        raise T4DOptionError(f"ring rank {rank} of {world}: expected 0 <= rank < world", option="ring_degree",
+        raise T4DOptionError(f"ring_degree={world} with rank {rank}: expected 0 <= rank < ring_degree",
+                             option="ring_degree",
                              value=world)
     if layout.seq_len % world:
-        raise T4DOptionError(f"the layout's {layout.seq_len} tokens do not split into {world} equal ring chunks",
+        raise T4DOptionError(f"ring_degree={world}: the layout's {layout.seq_len} tokens do not split into {world} "
+                             f"equal ring chunks (allowed: a divisor of {layout.seq_len})",
                              option="ring_degree", value=world, allowed=f"a divisor of {layout.seq_len}")
     chunk = layout.seq_len // world
     order = [(rank + step) % world for step in range(world)]

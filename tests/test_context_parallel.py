@@ -158,6 +158,8 @@ def test_sparse_equals_the_explicit_mask(ranks, masked_first_call, kind):
     if kind == "ulysses":
         joint = [s for s in ranks[0][kind]["sites"] if s[1] == "spatiotemporal"]
         assert len(joint) == 2 and all(action == "sparse" for _, _, action in joint), ranks[0][kind]["sites"]
+        # Site names as users write them, also through diffusers' hooked forwards.
+        assert [name for name, _, _ in joint] == ["blocks.0.attn1", "blocks.1.attn1"]
     else:
         assert [r[kind]["kept"] for r in ranks] == [(0, 1), (1, 0)]
     assert ranks[0][kind]["graphs"] == 1
