@@ -126,13 +126,47 @@ def placeholder_origin(node: torch.fx.Node) -> tuple[str, Any] | None:
 
 def process_group_rank(group_name: str) -> tuple[int, int] | None:
     """(this process's rank, the group's size) of the process group a functional collective names, else None."""
+    group = process_group(group_name)
+    if group is None:
+        return None
+    try:
+        return int(group.rank()), int(group.size())
+    except Exception:  # a group this process is not part of
+        return None
+
+
+def add_diffusers_backend_name(value: str) -> Any:
+    """diffusers' ``AttentionBackendName`` member for `value`, added to that enum when it has none.
+
+    diffusers looks every backend up by ``AttentionBackendName(name)``, an Enum that cannot be extended
+    by its public API; the member is made as Enum makes its own and entered in the enum's lookup tables.
+    """
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    try:
+        return AttentionBackendName(value)
+    except ValueError:
+        pass
+    member = str.__new__(AttentionBackendName, value)
+    member._name_, member._value_ = value.upper(), value
+    try:
+        AttentionBackendName._value2member_map_[value] = member
+        AttentionBackendName._member_map_[value.upper()] = member
+        AttentionBackendName._member_names_.append(value.upper())
+    except AttributeError as error:
+        raise T4DCompatError(f"cannot add the attention backend {value!r} to this diffusers' "
+                             f"AttentionBackendName: {error}") from error
+    return member
+
+
+def process_group(group_name: str) -> Any | None:
+    """The process group a functional collective names (``_c10d_functional`` ops take its name), else None."""
     resolve = _lookup("torch.distributed.distributed_c10d._resolve_process_group")
     if resolve is None:
         return None
     try:
-        group = resolve(group_name)
-        return int(group.rank()), int(group.size())
-    except Exception:  # no such group in this process (a graph traced elsewhere), or no distributed backend
+        return resolve(group_name)
+    except Exception:  # no such group in this process, or no distributed backend
         return None
 
 
@@ -208,6 +242,8 @@ PRIVATE_APIS = (
     PrivateAPI("torch.distributed.distributed_c10d._resolve_process_group", "compat.process_group_rank (the "
                "sequence traced through an all-to-all, Ulysses context parallelism)",
                "sites behind an all-to-all stay dense"),
+    PrivateAPI("torch.distributed._functional_collectives.all_gather_tensor_autograd",
+               "context_parallel.py (the ring backend's all-gather)", "ring attention raises T4DCompatError"),
     PrivateAPI("torch._dynamo.export", "export/capture.py (the torch-level graph export rewrites)",
                "export raises T4DCompatError"),
     PrivateAPI("torch._inductor.compile_fx.compile_fx", "lowering.py (target='inductor')",

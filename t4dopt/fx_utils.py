@@ -76,9 +76,14 @@ def clean_module_path(path: str) -> str:
 
     Modules reached through a custom ``__getattr__`` (diffusers' ModelMixin) are recorded as
     ``L['self'].__dict__['_modules']['blocks'].0``; the root is ``L['self']`` or ``L__self__``.
+    Under diffusers' hooks (context parallelism) a module is reached through its hooked forward,
+    ``L['function_reference'].forward.__self__.blocks.0.forward.func.__closure__[0].cell_contents
+    .forward.__self__.attn1``: the wrappers lead back to the module they wrap, and are dropped.
     """
     path = re.sub(r"\.?__dict__\['_modules'\]\['([^']+)'\]", r".\1", str(path))
-    return re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
+    path = re.sub(r"\.forward(?:\.func)?\.__closure__\[\d+\]\.cell_contents", "", path)
+    path = re.sub(r"\.forward\.__self__", "", path)
+    return re.sub(r"^L\['self'\]\.?|^L__self___?|^L\['function_reference'\]\.?", "", path)
 
 
 def module_path(node: fx.Node) -> str:

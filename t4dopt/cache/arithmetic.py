@@ -26,9 +26,17 @@ EPSILON = 1e-12
 
 
 def relative_drift(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-    """|now - before|_1 / |before|_1 as a 0-d float32 tensor on the tensors' device."""
-    change = (now - before).abs().sum(dtype=torch.float32)
-    return change / before.abs().sum(dtype=torch.float32).clamp_min(EPSILON)
+    """The relative L1 drift |now - before|_1 / |before|_1 as its two sums: float32 [2] on the tensors' device.
+
+    Kept apart until the host reads them (`drift_ratio`), so that ranks holding shards of one sequence
+    (context parallelism) add theirs up first: the drift of the whole sequence, the same on every rank.
+    """
+    return torch.stack([(now - before).abs().sum(dtype=torch.float32), before.abs().sum(dtype=torch.float32)])
+
+
+def drift_ratio(change: float, norm: float) -> float:
+    """The relative drift of the two sums `relative_drift` returns (summed over ranks, when sharded)."""
+    return change / max(norm, EPSILON)
 
 
 def rebuilt(entry: torch.Tensor, residual: torch.Tensor, slope: torch.Tensor | None = None,

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from t4dopt.cache.arithmetic import SaveKind
+from t4dopt.cache.graph.collectives import collective_group, is_collective
 from t4dopt.cache.graph.functional import functional_residuals, functional_writes
 from t4dopt.cache.graph.regions import Rejection, RegionPlan, find_regions, find_timestep
 from t4dopt.cache.graph.segments import Segment, split
@@ -37,6 +38,8 @@ class Prepared:
     plan: RegionPlan
     segments: list[Segment]
     program: Program | None
+    group: object | None = None
+    """The process group of the graph's collectives (context parallelism), which reads are reduced over."""
 
 
 def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) -> Prepared:
@@ -62,9 +65,16 @@ def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) 
         return Prepared(plan, [], None)
     if not plan.units:
         return Prepared(plan, [], None)
+    group, refused = collective_group(gm.graph)
+    if refused is not None:
+        plan.reason = refused
+        return Prepared(plan, [], None)
+    for unit in plan.units:
+        if unit.token_site is not None and any(is_collective(node) for node in unit.nodes):
+            unit.token_site = None  # (rows picked per shard: not one decision for all ranks)
     segments = split(gm, plan, spec.token_ratio)
     flops = [sum(d.site.dense_flops() * d.density for d in unit.sites) for unit in plan.units]
-    return Prepared(plan, segments, program_of(gm, plan, segments, timestep, flops, spec.token_ratio))
+    return Prepared(plan, segments, program_of(gm, plan, segments, timestep, flops, spec.token_ratio), group)
 
 
 def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: Lower) -> StepGraphs | None:
@@ -120,5 +130,6 @@ def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list
     runners = [SegmentRunners(lazy(s.gm), lazy(s.token_full), lazy(s.token_pruned)) for s in prepared.segments]
     parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
     runtime = CacheRuntime(prepared.program, runners, spec, parameter_ids, lower, step_graphs(gm, prepared, spec, lower))
+    runtime.generations.group = prepared.group
     register(runtime)
     return runtime, prepared.plan

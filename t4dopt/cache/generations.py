@@ -41,6 +41,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from t4dopt.cache import continuity, scope
+from t4dopt.cache.arithmetic import drift_ratio
 from t4dopt.cache.program import Program
 from t4dopt.cache.readback import Readback, fingerprint
 from t4dopt.cache.state import DriftReading, SlotState
@@ -137,6 +138,8 @@ class Generations:
         self.prediction = _leaf_index(program, program.prediction)
         self.domains: OrderedDict[tuple, Domain] = OrderedDict()
         self._warned: set[str] = set()
+        self.group = None
+        """The process group the graph's collectives run over (context parallelism): reads are reduced over it."""
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
@@ -239,10 +242,11 @@ class Generations:
             readings += track.slot.readings
             track.slot.readings = []
         if readings:
-            readback.add("drifts", torch.stack([reading.drift.reshape(()) for reading in readings]))
-        values = readback.read()
-        for reading, value in zip(readings, values.get("drifts", [])):
-            reading.state.measured(value, reading.distance)
+            readback.add("drifts", torch.stack([reading.drift.reshape(2) for reading in readings]), summed=True)
+        values = readback.read(self.group)
+        sums = values.get("drifts", [])
+        for reading, change, norm in zip(readings, sums[0::2], sums[1::2]):
+            reading.state.measured(drift_ratio(change, norm), reading.distance)
         if probe is None:
             return values, None
         shared.learn(values.get("pending", ()))

@@ -73,23 +73,48 @@ def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Readback:
-    """Named device tensors gathered for one transfer."""
+    """Named device tensors gathered for one transfer.
+
+    With a process group (context parallelism: each rank runs the same graph on a shard of the
+    sequence), the gathered vector is all-reduced once before it is read: parts added with
+    ``summed=True`` (the sums of a drift) are added up over the ranks, the others averaged (they are
+    equal on every rank when the ranks were called alike). Every rank then reads the same numbers and
+    so makes the same decisions: none runs a collective inside a sublayer the others skip.
+    """
 
     def __init__(self) -> None:
         self._parts: list[tuple[str, torch.Tensor]] = []
+        self._summed: set[str] = set()
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor, summed: bool = False) -> None:
         self._parts.append((name, tensor.detach().reshape(-1)))
+        if summed:
+            self._summed.add(name)
 
-    def read(self) -> dict[str, list[float]]:
-        """Every part as floats, in one device-to-host transfer (none when there is nothing to read)."""
+    def read(self, group=None) -> dict[str, list[float]]:
+        """Every part as floats, in one device-to-host transfer (none when there is nothing to read);
+        with `group`, reduced over it first (one all-reduce)."""
         if not self._parts:
             return {}
         # Gathered where most of it lives: on the accelerator when any part is there.
         device = next((t.device for _, t in self._parts if t.device.type != "cpu"), torch.device("cpu"))
-        values = torch.cat([t.to(device=device, dtype=torch.float64) for _, t in self._parts]).tolist()
+        vector = torch.cat([t.to(device=device, dtype=torch.float64) for _, t in self._parts])
+        if group is not None:
+            vector = _reduced(vector, [(name in self._summed, t.numel()) for name, t in self._parts], group)
+        values = vector.tolist()
         parts, start = {}, 0
         for name, tensor in self._parts:
             parts[name] = values[start:start + tensor.numel()]
             start += tensor.numel()
         return parts
+
+
+def _reduced(vector: torch.Tensor, layout: list[tuple[bool, int]], group) -> torch.Tensor:
+    """`vector` summed over `group`, the parts not marked summed divided by its size (their mean)."""
+    import torch.distributed as dist
+
+    vector = vector.clone()
+    dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=group)
+    scale = torch.cat([torch.full((count,), 1.0 if summed else 1.0 / dist.get_world_size(group), dtype=vector.dtype)
+                       for summed, count in layout]).to(vector.device)
+    return vector * scale

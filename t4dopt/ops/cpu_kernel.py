@@ -199,6 +199,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
     """Block-sparse attention of [B, H, N, D] CPU tensors; returns [B, H, N, Dv] in q's dtype, contiguous.
 
     `key_bias` [B, N] (accumulation dtype: float32, float64 for float64) is added to each key's scores.
+    """
+    return forward_with_lse(q, k, v, plan, scale, key_bias)[0]
+
+
+def forward_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
+                     key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward`, and each query row's log-sum-exp [B, H, N] in the accumulation dtype (-inf: no key).
+
+    `key_bias` [B, N] (accumulation dtype: float32, float64 for float64) is added to each key's scores.
     The parts run on `cpu_pool`'s workers, one intra-op thread each, as many as the caller has.
     """
     head_dim, value_dim = q.shape[-1], v.shape[-1]
@@ -223,7 +232,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale
     tasks.sort(key=lambda task: -task[0])
     cpu_pool.pool.run([task for _, task in tasks], workers)
     # (contiguous: the fake implementation promises it, also when the value dim was padded above)
-    return acc[..., :value_dim].to(q.dtype).contiguous()
+    return acc[..., :value_dim].to(q.dtype).contiguous(), acc_lse
 
 
 def _softmax_of_masked(scores: torch.Tensor) -> torch.Tensor:
@@ -235,8 +244,8 @@ def _softmax_of_masked(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_heads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
-                    scale: float, key_bias: torch.Tensor | None, dq: torch.Tensor, dk: torch.Tensor,
-                    dv: torch.Tensor) -> None:
+                    scale: float, key_bias: torch.Tensor | None, grad_lse: torch.Tensor | None,
+                    dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
     """Gradients of a range of batch entries and heads, written into (dq, dk, dv), views of the same range."""
     b, h, _, d = q.shape
     value_dim, dtype, unit = v.shape[-1], dq.dtype, plan.unit
@@ -263,7 +272,10 @@ def _backward_heads(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             out = torch.matmul(probs, vg)
             dv_g = torch.matmul(probs.transpose(-1, -2), grad)
             dprobs = torch.matmul(grad, vg.transpose(-1, -2))
-            dscores = probs.mul_(dprobs.sub_((grad * out).sum(-1, keepdim=True))).mul_(scale)
+            delta = (grad * out).sum(-1, keepdim=True)
+            if grad_lse is not None:  # d lse_i / d score_ij = probs_ij
+                delta = delta - gathered(grad_lse, q_index, "grad_lse")
+            dscores = probs.mul_(dprobs.sub_(delta)).mul_(scale)
             dq_g = torch.matmul(dscores, kg)
             dk_g = torch.matmul(dscores.transpose(-1, -2), qg)
             dq.index_copy_(2, rows, dq_g.reshape(b, h, rows.numel(), d))
@@ -279,8 +291,11 @@ def backward(
     plan: Plan,
     scale: float,
     key_bias: torch.Tensor | None = None,
+    grad_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of `forward`, recomputing attention one chunk of query blocks at a time.
+
+    `grad_lse` [B, H, N]: the gradient reaching the log-sum-exp of `forward_with_lse`, if any.
 
     Plain tensor ops, so it runs on any device; it accumulates in float32 (float64 for float64).
     The gradients are contiguous. On CPU, ranges of batch entries and heads (whose gradients share
@@ -289,6 +304,8 @@ def backward(
     q, k, v, grad_out = (x.contiguous() for x in (q, k, v, grad_out))
     b, h = q.shape[:2]
     dtype = _accumulation_dtype(q.dtype)
+    if grad_lse is not None:
+        grad_lse = grad_lse.to(dtype).unsqueeze(-1).contiguous()
     dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
@@ -297,7 +314,8 @@ def backward(
     for entries, heads in _head_slices(b, h, TASKS_PER_WORKER * workers if workers > 1 else 1):
         view = (entries, heads)
         bias = None if key_bias is None else key_bias[entries]
+        lse_view = None if grad_lse is None else grad_lse[view]
         tasks.append(partial(_backward_heads, grad_out[view], q[view], k[view], v[view], plan, scale, bias,
-                             dq[view], dk[view], dv[view]))
+                             lse_view, dq[view], dk[view], dv[view]))
     cpu_pool.pool.run(tasks, workers)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -8,6 +8,9 @@ from typing import Any, NamedTuple
 OP_NAME = "t4d::block_sparse_attention"
 BACKWARD_OP_NAME = "t4d::block_sparse_attention_backward"
 PLANNED_OP_NAME = "t4d::block_sparse_attention_planned"
+CHUNK_OP_NAME = "t4d::block_sparse_attention_chunk"
+CHUNK_BACKWARD_OP_NAME = "t4d::block_sparse_attention_chunk_backward"
+"""One chunk pair of a layout (ring attention): queries and keys given as offsets into the global layout."""
 TABLE_ARGUMENTS = ("kv_counts", "kv_indices", "block_starts")
 
 ONNX_DOMAIN = "t4d"

@@ -128,9 +128,14 @@ class TableCache:
 _tables = TableCache()
 
 
+def lookup_table(tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> BlockTable:
+    """The decoded table of (kv_counts, kv_indices, block_starts), from the shared cache."""
+    return _tables.lookup(tensors)
+
+
 def table_for(q: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
                block_starts: torch.Tensor) -> BlockTable:
-    table = _tables.lookup((kv_counts, kv_indices, block_starts))
+    table = lookup_table((kv_counts, kv_indices, block_starts))
     if table.seq_len != q.shape[2]:
         raise ValueError(f"{OP_NAME}: q/k/v have N={q.shape[2]} tokens but the block table covers {table.seq_len}")
     return table
