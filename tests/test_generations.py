@@ -335,3 +335,24 @@ def test_a_scope_names_models_or_bundles():
     with pytest.raises(TypeError, match="neither a model"):
         with t4dopt.generation("model"):
             pass
+
+
+def test_a_new_model_never_reads_a_dead_models_history():
+    """Histories are found by the model's parameter object, not its id (ids are reused once freed)."""
+    import gc
+
+    from t4dopt.cache import continuity
+
+    key = ((1, 4), torch.float32, torch.device("cpu"))
+    first = torch.zeros(3)
+    kept = continuity.history(first, key, 1)
+    kept.records.append(continuity.Record((0.5,), (0,)))
+    ident = id(first)
+    del first
+    gc.collect()
+    assert ident not in continuity._histories.by_model
+    for _ in range(10_000):  # a new tensor soon takes the freed id; it must start empty all the same
+        second = torch.zeros(3)
+        if id(second) == ident:
+            break
+    assert not continuity.history(second, key, 1).records

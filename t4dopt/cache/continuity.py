@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -281,17 +282,41 @@ class History:
         return self.buffer.numel() * self.buffer.element_size() if self.buffer is not None else 0
 
 
-_histories: OrderedDict[Hashable, History] = OrderedDict()
-_histories_lock = threading.Lock()
+class _ThreadHistories(threading.local):
+    """This thread's histories, per model (held weakly: a model's go with it) and latent shape.
+
+    Found by the model object itself, not by an id: an id (of a model's parameter, or a thread's
+    ident) is reused once its object is gone, and a new model or thread must never read a dead
+    one's history as its own. (Tensors compare elementwise, so this is not a WeakKeyDictionary.)
+    """
+
+    def __init__(self) -> None:
+        self.by_model: dict[int, tuple[weakref.ref, OrderedDict[Hashable, History]]] = {}
+
+    def of(self, model: object) -> OrderedDict[Hashable, History]:
+        entry = self.by_model.get(id(model))
+        if entry is None or entry[0]() is not model:
+            by_model, ident = self.by_model, id(model)
+
+            def forget(ref: weakref.ref) -> None:
+                if by_model.get(ident, (None,))[0] is ref:
+                    del by_model[ident]
+
+            entry = self.by_model[ident] = (weakref.ref(model, forget), OrderedDict())
+        return entry[1]
 
 
-def history(key: Hashable, batch: int) -> History:
-    """The history kept under `key` (thread, model, latent shape); the least recently used beyond `HISTORIES` go."""
-    with _histories_lock:
-        found = _histories.get(key)
-        if found is None:
-            found = _histories[key] = History(batch)
-            while len(_histories) > HISTORIES:
-                _histories.popitem(last=False)
-        _histories.move_to_end(key)
-        return found
+_histories = _ThreadHistories()
+
+
+def history(model: object, key: Hashable, batch: int) -> History:
+    """The history of `model` (an object that lives as long as it: one of its parameters) under `key`
+    (latent shape, dtype, device) in this thread; beyond `HISTORIES` per model the least recently used go."""
+    kept = _histories.of(model)
+    found = kept.get(key)
+    if found is None:
+        found = kept[key] = History(batch)
+        while len(kept) > HISTORIES:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    return found

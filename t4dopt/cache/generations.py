@@ -231,7 +231,7 @@ class Generations:
                 if isinstance(args[index], torch.Tensor):
                     readback.add(f"input{index}", fingerprint(args[index]))
         latents = args[self.stream] if self.stream is not None else None
-        shared = self._history(key, latents) if domain.detect else None
+        shared = self._history(args, latents) if domain.detect else None
         probe = shared.probe(latents) if shared is not None else None
         if probe is not None:
             readback.add("products", probe.products)
@@ -268,13 +268,14 @@ class Generations:
             return True
         return False
 
-    def _history(self, key: tuple[int, ...], latents: Any) -> continuity.History | None:
+    def _history(self, args: tuple, latents: Any) -> continuity.History | None:
         """The continuity history of this model, thread and latent shape (None when it cannot be checked)."""
         if not isinstance(latents, torch.Tensor) or self.prediction is None:
             return None
-        model = key[0] if key else id(self._owner())
-        return continuity.history((threading.get_ident(), model, tuple(latents.shape), latents.dtype, latents.device),
-                                  latents.shape[0])
+        model = args[self.static[0]] if self.static else self._owner()
+        if model is None:
+            return None
+        return continuity.history(model, (tuple(latents.shape), latents.dtype, latents.device), latents.shape[0])
 
     def _continued(self, domain: Domain, lane: Hashable, now: tuple[float, ...], check: Continuity | None) -> Track | None:
         """The track the call continues, or None for a new one (rules 3 and 4 of the module doc)."""
