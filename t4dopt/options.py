@@ -22,6 +22,8 @@ GLOBAL_TOKEN_KEYS = ("prefix_tokens", "suffix_tokens")
 TOP_LEVEL_KEYS = ("layout", "sparse", "cache", "target", "strict", "verify", "trust_layout")
 CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps", "order")
 CACHE_LEVELS = ("block", "token", "chain")
+ORDERS = (0, 1)
+"""Values of the cache's ``order`` option: how a reused residual is extrapolated."""
 DEFAULT_POLICY = "sculpt4d"
 TRIAL_FRAMES, TRIAL_BLOCKS = 64, 3
 """The grid a policy is tried on when the options are checked: more frames than video DiTs' latents have."""
@@ -225,7 +227,7 @@ def cache_spec(fields: Mapping[str, Any], name: Callable[[str], str] = lambda ke
     if steps is not None:
         _count(name("steps"), steps, 1)
     order = spec["order"]
-    if isinstance(order, bool) or not isinstance(order, int) or order not in (0, 1):
+    if isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS:
         raise _fail(name("order"), order, "0 (reuse the residual as stored) or 1 (extrapolate it), an integer")
     return CacheSpec(**{**spec, "threshold": float(threshold), "token_ratio": float(ratio),
                         "levels": tuple(level for level in CACHE_LEVELS if level in levels)})

@@ -10,10 +10,11 @@ import torch.fx as fx
 
 from t4dopt.cache.arithmetic import SaveKind
 from t4dopt.cache.graph.regions import RegionPlan, find_regions, find_timestep, functional_residuals
+from t4dopt.cache.graph import work
 from t4dopt.cache.graph.segments import Segment, split
 from t4dopt.cache.graph.step_graphs import reused_graph, tapped_graph
 from t4dopt.cache.lowered import ComputedGraph, LazyLowered, ReusedGraph, SegmentRunners, StepGraphs, TokenTaps
-from t4dopt.cache.program import Program, program_of
+from t4dopt.cache.program import Program, Work, program_of
 from t4dopt.cache.registry import register
 from t4dopt.cache.runtime import CacheRuntime
 from t4dopt.lowering import Lower
@@ -53,15 +54,29 @@ def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) 
         return Prepared(plan, [], None)
     segments = split(gm, plan, spec.token_ratio)
     flops = [sum(d.site.dense_flops() * d.density for d in unit.sites) for unit in plan.units]
-    return Prepared(plan, segments, program_of(gm, plan, segments, timestep, flops, spec.token_ratio))
+    return Prepared(plan, segments, program_of(gm, plan, segments, timestep, flops, spec.token_ratio,
+                                               _work(gm, plan, decisions)))
 
 
-def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: Lower) -> StepGraphs | None:
-    """The runtime's whole-call graphs for `gm` (None when it changes tensors in place: values it returns
-    early could change later in the same graph)."""
+def _work(gm: fx.GraphModule, plan: RegionPlan, decisions: list[SiteDecision]) -> Work:
+    """FLOPs per call of each unit and of the whole graph (for the share of work a call computes)."""
+    modules = dict(gm.named_modules())
+    attention = {d.rewritten_output or d.site.output: d.site.dense_flops() * d.density for d in decisions}
+    return Work([work.flops(unit.nodes, modules, attention) for unit in plan.units],
+                work.flops(gm.graph.nodes, modules, attention))
+
+
+def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: Lower) -> StepGraphs:
+    """The runtime's whole-call graphs for `gm`.
+
+    A graph that changes tensors in place gets only the plain one: values a tapped or
+    rebuilt graph returned early could change later in the same graph, but the plain graph
+    returns only the graph's own outputs.
+    """
     program = prepared.program
+    plain = LazyLowered(tapped_graph(gm, []).module, lower)
     if program.mutates:
-        return None
+        return StepGraphs(plain, None, None, {})
     token_taps = {}
     for unit in prepared.plan.units if "token" in spec.levels else []:
         if unit.token_site is not None:
@@ -87,8 +102,7 @@ def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: 
 
     # Whether every span can be rebuilt does not depend on the orders: try once, with order 0 throughout.
     rebuildable = reused_graph(gm, prepared.plan, spans, [0] * len(spans)) is not None
-    return StepGraphs(LazyLowered(tapped_graph(gm, []).module, lower), computed_for,
-                      reused_for if rebuildable else None, token_taps)
+    return StepGraphs(plain, computed_for, reused_for if rebuildable else None, token_taps)
 
 
 def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[SiteDecision], spec: CacheSpec,

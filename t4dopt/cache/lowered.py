@@ -117,13 +117,14 @@ class StepGraphs:
     """Whole-call graphs, lowered on first use.
 
     `plain` runs the whole graph (for calls that keep nothing) and returns its output leaves;
-    `computed(kind)` is the `ComputedGraph` saving with `kind`; `reused(orders)` the
+    `computed(kind)` is the `ComputedGraph` saving with `kind` (None for a graph that changes
+    tensors in place); `reused(orders)` the
     `ReusedGraph` whose spans' addends have these extrapolation orders, or `reused` is None
     when no graph can rebuild every span (a unit's nodes would still be needed).
     `token_taps` names, per token-prunable unit, its query and attention rows among the taps.
     """
 
     plain: Callable
-    computed: Callable[[SaveKind], ComputedGraph]
+    computed: Callable[[SaveKind], ComputedGraph] | None
     reused: Callable[[tuple[int, ...]], ReusedGraph] | None
     token_taps: dict[int, TokenTaps]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from t4dopt.cache.runtime import CacheRuntime
-from t4dopt.cache.stats import UnitReport, table
+from t4dopt.cache.stats import UnitReport, WorkShare, table
 
 _runtimes: weakref.WeakSet[CacheRuntime] = weakref.WeakSet()
 
@@ -46,6 +46,17 @@ class CacheReport:
 
     units: list[UnitReport]
     held_bytes: int = 0
+    work: WorkShare = WorkShare(0.0, 0.0)
+    """FLOPs of the last generation's calls, computed and in all, counting the work outside units."""
+
+    @property
+    def computed(self) -> float:
+        """Share of the calls' work computed (matrix products, layers and attention, inside units and out);
+        where the work is not known (bundles of earlier versions), the share of unit calls computed."""
+        if self.work.total:
+            return self.work.computed / self.work.total
+        calls = sum(u.calls for u in self.units)
+        return sum(u.computed for u in self.units) / calls if calls else 1.0
 
     @property
     def flops_saved(self) -> float:
@@ -54,7 +65,11 @@ class CacheReport:
         return sum(u.flops_saved for u in self.units) / dense if dense else 0.0
 
     def table(self) -> str:
-        return table(self.units)
+        text = table(self.units)
+        if self.work.total:
+            text += (f"\n{100 * self.computed:.1f}% of the calls' work computed (matrix products and attention, "
+                     "inside units and out)")
+        return text
 
     def __str__(self) -> str:
         return self.table()
@@ -62,6 +77,12 @@ class CacheReport:
 
 def cache_report(model: torch.nn.Module) -> CacheReport:
     """Per unit of `model`'s compiled graphs: calls computed, reused, pruned and bypassed, FLOPs saved."""
-    runtimes = runtimes_of(model)
+    return report_of(runtimes_of(model))
+
+
+def report_of(runtimes: list[CacheRuntime]) -> CacheReport:
+    """The `CacheReport` of `runtimes`."""
+    shares = [runtime.stats.work_share() for runtime in runtimes]
     return CacheReport([unit for runtime in runtimes for unit in runtime.stats.report()],
-                       sum(runtime.held_bytes() for runtime in runtimes))
+                       sum(runtime.held_bytes() for runtime in runtimes),
+                       WorkShare(sum(s.computed for s in shares), sum(s.total for s in shares)))
