@@ -23,7 +23,8 @@ from t4dopt.models.pretrained import pretrained
 from t4dopt.models.sampler import flow_matching_timesteps, sample_flow_matching
 from t4dopt.options import CacheSpec, parse_options
 from t4dopt.passes import analyze
-from t4dopt.cache.graph.regions import find_regions, functional_residuals
+from t4dopt.cache.graph.functional import functional_residuals
+from t4dopt.cache.graph.regions import find_regions
 from t4dopt.cache.graph.segments import refresh_rows, split
 from t4dopt.cache.graph.step_graphs import reused_graph
 from t4dopt.quality import psnr

@@ -9,9 +9,11 @@ import torch
 import torch.fx as fx
 
 from t4dopt.cache.arithmetic import SaveKind
-from t4dopt.cache.graph.regions import RegionPlan, find_regions, find_timestep, functional_residuals
 from t4dopt.cache.graph import work
+from t4dopt.cache.graph.functional import functional_residuals, functional_writes
+from t4dopt.cache.graph.regions import Rejection, RegionPlan, find_regions, find_timestep
 from t4dopt.cache.graph.segments import Segment, split
+from t4dopt.cache.graph.streams import pack_streams
 from t4dopt.cache.graph.step_graphs import reused_graph, tapped_graph
 from t4dopt.cache.lowered import ComputedGraph, LazyLowered, ReusedGraph, SegmentRunners, StepGraphs, TokenTaps
 from t4dopt.cache.program import Program, Work, program_of
@@ -41,11 +43,20 @@ class Prepared:
 def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) -> Prepared:
     """Regions, segments and program of `gm` (no program when no sublayer can be cached).
 
-    In-place residual additions that can be made out-of-place are, first (`functional_residuals`).
+    In-place steps that can be made out-of-place are, first (`t4dopt.cache.graph.functional`); the
+    writes left in place are among the plan's rejections.
     """
-    if functional_residuals(gm.graph):
+    writes = functional_writes(gm.graph)
+    if functional_residuals(gm.graph) + writes.rewritten:
         gm.recompile()
     plan = find_regions(gm.graph, decisions, dict(gm.named_modules()))
+    if plan.stream_input is not None:
+        streams = pack_streams(gm.graph, plan.stream_input)
+        if streams.packed:
+            gm.recompile()
+            plan = find_regions(gm.graph, decisions, dict(gm.named_modules()))
+        plan.rejected += [Rejection("", reason) for reason in streams.refused]
+    plan.rejected += [Rejection(r.module or r.node, f"{r.node} left in place: {r.reason}") for r in writes.refused]
     timestep = find_timestep(gm, plan) if plan.stream_input is not None else None
     if plan.stream_input is not None and timestep is None:
         plan.reason = NOT_A_DENOISER

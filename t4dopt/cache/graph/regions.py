@@ -18,12 +18,12 @@ attention mixes space, then views, then time form a *chain* that can be skipped 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import operator
 
 import networkx as nx
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
@@ -74,6 +74,13 @@ class CacheChain:
     units: tuple[int, ...]
 
 
+class Rejection(NamedTuple):
+    """A stretch of the stream that does work but is no cache unit: its module, and why."""
+
+    module: str
+    reason: str
+
+
 @dataclass
 class RegionPlan:
     """The stream input, the nodes computed before any region, and the regions in order.
@@ -88,18 +95,58 @@ class RegionPlan:
     units: list[CacheUnit] = field(default_factory=list)
     chains: list[CacheChain] = field(default_factory=list)
     reason: str = ""
+    rejected: list[Rejection] = field(default_factory=list)
+    """The regions that do work but are no units, each with its reason."""
 
 
-def _dataflow(graph: fx.Graph) -> nx.DiGraph:
-    """Edges from each value to its users; sizes read off a tensor (``x.shape``) carry no data from it."""
+LIKE_FUNCTIONS = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.rand_like,
+                  torch.randn_like}
+NEW_METHODS = {"new_empty", "new_zeros", "new_ones", "new_full"}
+AS_METHODS = {"type_as", "expand_as", "view_as", "reshape_as", "to"}
+
+
+def _metadata_only(node: fx.Node) -> set[fx.Node]:
+    """The inputs of `node` it reads only the shape, dtype or device of (``torch.empty_like(x)``, ``y.type_as(x)``)."""
+    args = node.args
+    if node.op == "call_function" and node.target in LIKE_FUNCTIONS and args and isinstance(args[0], fx.Node):
+        return {args[0]}
+    if node.op == "call_method" and node.target in NEW_METHODS and isinstance(args[0], fx.Node):
+        return {args[0]}
+    if node.op == "call_method" and node.target in AS_METHODS and len(args) == 2 and isinstance(args[1], fx.Node):
+        if args[1] is not args[0] and example_tensor(args[1]) is not None:
+            return {args[1]}
+    return set()
+
+
+def dataflow(graph: fx.Graph) -> nx.DiGraph:
+    """Edges from each value to its users that read its data.
+
+    Sizes read off a tensor (``x.shape``) carry no data from it, nor do the tensors a node reads
+    only the shape, dtype or device of (`_metadata_only`): a positional embedding built
+    ``.type_as(latents)`` does not depend on the latents.
+    """
     flow = nx.DiGraph()
     for node in graph.nodes:
         flow.add_node(node)
         if is_size(example_value(node)):
             continue
+        metadata = _metadata_only(node)
         for used in node.all_input_nodes:
-            flow.add_edge(used, node)
+            if used not in metadata:
+                flow.add_edge(used, node)
     return flow
+
+
+def stream_values(graph: fx.Graph, source: fx.Node) -> set[fx.Node]:
+    """`source` and every value computed from it.
+
+    Membership follows every edge: a size read off a region's tensor belongs to that region.
+    """
+    on_stream = {source}
+    for node in graph.nodes:
+        if any(used in on_stream for used in node.all_input_nodes):
+            on_stream.add(node)
+    return on_stream
 
 
 def _stream_dominators(flow: nx.DiGraph, source: fx.Node, output: fx.Node) -> list[fx.Node]:
@@ -175,59 +222,24 @@ def _adds_entry(entry: fx.Node, exit_node: fx.Node) -> bool:
     return any(_strip_casts(arg) is _strip_casts(entry) for arg in core.args[:2])
 
 
-IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
-                      operator.setitem}
+IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.setitem, operator.delitem}
 
 
 def is_in_place(node: fx.Node) -> bool:
-    """Whether `node` changes a tensor in place (``x += y``, ``x[i] = y``, ``x.add_(y)``)."""
+    """Whether `node` changes a tensor in place (``x += y``, ``x[i] = y``, ``x.add_(y)``, ``out=``).
+
+    ``operator.and_`` and its kin are out of place despite their trailing underscore.
+    """
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        return node.target in IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+        if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+            return node.target in IN_PLACE_OPERATORS
+        return "out" in node.kwargs or (name.endswith("_") and not name.startswith("_"))
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
+        return "out" in node.kwargs or (node.target.endswith("_") and not node.target.startswith("_"))
     return False
-
-
-def _storage(node: fx.Node) -> StorageWeakRef | None:
-    value = example_tensor(node)
-    if value is None:
-        return None
-    try:
-        return StorageWeakRef(value.untyped_storage())
-    except (NotImplementedError, RuntimeError):
-        return None
-
-
-def functional_residuals(graph: fx.Graph) -> int:
-    """Rewrite in-place additions ``x += y`` into ``x + y`` where nothing could tell the difference.
-
-    That holds when ``x`` is no graph input and no earlier value sharing its storage (found from
-    the example values dynamo recorded) is used after the addition. Returns how many were
-    rewritten.
-    """
-    order = {node: index for index, node in enumerate(graph.nodes)}
-    storages = {node: _storage(node) for node in graph.nodes}
-    rewritten = 0
-    for node in list(graph.nodes):
-        in_place = ((node.op == "call_function" and node.target is operator.iadd)
-                    or (node.op == "call_method" and node.target == "add_"))
-        if not in_place or not isinstance(node.args[0], fx.Node) or storages[node.args[0]] is None:
-            continue
-        base = storages[node.args[0]]
-        # Values made before the addition that share its storage; later ones already see the sum either way.
-        aliases = [n for n, storage in storages.items()
-                   if order[n] < order[node] and storage is not None and storage == base]
-        if any(n.op == "placeholder" for n in aliases):
-            continue
-        if any(order[user] > order[node] for alias in aliases for user in alias.users if user is not node):
-            continue
-        if node.op == "call_function":
-            node.target = operator.add
-        else:
-            node.target = "add"
-        rewritten += 1
-    return rewritten
 
 
 def _does_work(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
@@ -253,6 +265,27 @@ def _common_module(nodes: list[fx.Node]) -> str:
     return ".".join(common)
 
 
+def _not_a_unit(nodes: list[fx.Node], entry: fx.Node, exit_node: fx.Node, output: fx.Node,
+                work: list[fx.Node]) -> str:
+    """Why the region `nodes` from `entry` to `exit_node`, which does `work`, is no cache unit ("" when it is one)."""
+    if exit_node is output:
+        return "it ends at the graph's output"
+    if sizes_of(entry) != sizes_of(exit_node):
+        return f"its exit {exit_node.name} is shaped unlike its entry {entry.name}"
+    if not _adds_entry(entry, exit_node):
+        return f"its exit {exit_node.name} is no residual addition of its entry {entry.name}"
+    inside = set(nodes)
+    for node in nodes[:-1]:
+        outside = [user for user in node.users if user not in inside]
+        if outside:
+            return f"{node.name} is used outside it (by {outside[0].name}): it has more than one exit"
+    # A region changing a tensor in place could change its entry: nothing could be stored of it.
+    for node in nodes:
+        if is_in_place(node):
+            return f"{node.name} changes a tensor in place ({getattr(node.target, '__name__', node.target)})"
+    return ""
+
+
 def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[str, torch.nn.Module]) -> RegionPlan:
     """Split `graph` into lateral nodes and stream regions.
 
@@ -260,7 +293,7 @@ def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[s
     ``call_module`` nodes).
     """
     output = next(node for node in graph.nodes if node.op == "output")
-    flow = _dataflow(graph)
+    flow = dataflow(graph)
     best: tuple[int, fx.Node, list[fx.Node]] | None = None
     for candidate in _candidate_inputs(graph):
         dominators = _stream_dominators(flow, candidate, output)
@@ -271,11 +304,7 @@ def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[s
     if best is None:
         return RegionPlan(None, reason="no tensor input of rank >= 3 reaches the output")
     _, source, dominators = best
-    # Membership follows every edge: a size read off a region's tensor belongs to that region.
-    on_stream = {source}
-    for node in graph.nodes:
-        if any(used in on_stream for used in node.all_input_nodes):
-            on_stream.add(node)
+    on_stream = stream_values(graph, source)
     dominator_index = {node: index for index, node in enumerate(dominators)}
     plan = RegionPlan(source)
     members: list[list[fx.Node]] = [[] for _ in range(len(dominators) - 1)]
@@ -299,11 +328,10 @@ def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[s
         entry, exit_node = dominators[region_index], dominators[region_index + 1]
         sites = [attention_output[n] for n in nodes if n in attention_output]
         work = [n for n in nodes if n in attention_output or _does_work(n, modules)]
-        inside = set(nodes)
-        # A region changing a tensor in place could change its entry: nothing could be stored of it.
-        if (not work or exit_node is output or sizes_of(entry) != sizes_of(exit_node) or not _adds_entry(entry, exit_node)
-                or any(user not in inside for node in nodes[:-1] for user in node.users)
-                or any(is_in_place(node) for node in nodes)):
+        reason = _not_a_unit(nodes, entry, exit_node, output, work) if work else "no work"
+        if reason:
+            if work:
+                plan.rejected.append(Rejection(_common_module(work) or f"region@{exit_node.name}", reason))
             plan.regions.append((nodes, None))
             continue
         index = len(plan.units)
