@@ -8,7 +8,7 @@ rewrites joint spatio-temporal attention into Sculpt4D-style block-sparse attent
 from t4dopt import deploy, masks
 from t4dopt.backend import turbo4d
 from t4dopt.block_layout import BlockLayout
-from t4dopt.cache import CacheReport, branch, cache_report, generation, reset
+from t4dopt.cache import CacheReport, branch, cache_report, generation, reset, units_found
 from t4dopt.calibrate import Calibration, calibrate
 from t4dopt.errors import T4DInputError, T4DOptionError, T4DUnsupportedError, T4DVerifyError, T4DWarning
 from t4dopt.explain import explain
@@ -42,4 +42,5 @@ __all__ = [
     "masks",
     "reset",
     "turbo4d",
+    "units_found",
 ]

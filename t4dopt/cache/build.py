@@ -17,7 +17,7 @@ from t4dopt.cache.graph.streams import pack_streams
 from t4dopt.cache.graph.step_graphs import reused_graph, tapped_graph
 from t4dopt.cache.lowered import ComputedGraph, LazyLowered, ReusedGraph, SegmentRunners, StepGraphs, TokenTaps
 from t4dopt.cache.program import Program, Work, program_of
-from t4dopt.cache.registry import register
+from t4dopt.cache.registry import GraphUnits, LeftOut, UnitFound, record, register
 from t4dopt.cache.runtime import CacheRuntime
 from t4dopt.lowering import Lower
 from t4dopt.options import CacheSpec
@@ -120,6 +120,11 @@ def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list
                   lower: Lower) -> tuple[CacheRuntime | None, RegionPlan]:
     """A runtime for `gm`, or None (with the plan saying why) when no sublayer can be cached."""
     prepared = prepare(gm, decisions, spec)
+    plan = prepared.plan
+    found = GraphUnits(tuple(UnitFound(u.name, u.kind) for u in plan.units),
+                       tuple(LeftOut(r.module, r.reason) for r in plan.rejected),
+                       "" if prepared.program is not None else plan.reason)
+    record(found, [x for x in example_inputs if isinstance(x, torch.nn.Parameter)])
     if prepared.program is None:
         return None, prepared.plan
 

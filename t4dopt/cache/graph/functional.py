@@ -9,8 +9,9 @@ tensors do):
 - `functional_residuals`: residual additions ``x += f(x)`` become ``x + f(x)``;
 - `functional_writes`: item assignments ``b[index] = v`` into a buffer the graph made itself
   (``out = torch.empty_like(q); out[..., 0::2] = ...`` in a rotary embedding, a write into a
-  projection's output) become `written` values, each later read of the buffer reading the
-  newest one. A write into storage a graph input, a parameter or a buffer shares, or one
+  projection's output) become `written` values, and in-place arithmetic on such a buffer
+  (``omega /= n``, ``x.mul_(y)``) its out-of-place form, each later read of the buffer reading
+  the newest value. A write into storage a graph input, a parameter or a buffer shares, or one
   another view of the same storage would see, is left in place, with the reason
   (`Writes.refused`).
 """
@@ -70,6 +71,25 @@ def functional_residuals(graph: fx.Graph) -> int:
     return rewritten
 
 
+OUT_OF_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                          operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                          operator.ipow: operator.pow, operator.imod: operator.mod}
+OUT_OF_PLACE_METHODS = {"add_", "sub_", "mul_", "div_", "pow_", "clamp_", "clamp_min_", "clamp_max_", "neg_", "abs_",
+                        "exp_", "sqrt_", "rsqrt_", "sigmoid_", "tanh_", "relu_", "masked_fill_"}
+"""In-place methods whose out-of-place form (without the underscore) takes the same arguments."""
+
+
+def _out_of_place(node: fx.Node) -> tuple[str, Any] | None:
+    """The out-of-place form of an in-place `node` as (op, target), or None when there is none here."""
+    if node.op == "call_function" and node.target is operator.setitem:
+        return ("call_function", written)
+    if node.op == "call_function" and node.target in OUT_OF_PLACE_OPERATORS:
+        return ("call_function", OUT_OF_PLACE_OPERATORS[node.target])
+    if node.op == "call_method" and node.target in OUT_OF_PLACE_METHODS and "out" not in node.kwargs:
+        return ("call_method", node.target[:-1])
+    return None
+
+
 def written(base: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
     """``base`` with ``base[index] = value`` applied, as a new tensor (same strides); `base` is unchanged."""
     result = base.clone()
@@ -93,20 +113,22 @@ class Writes(NamedTuple):
 
 
 def _refusal(writes: list[fx.Node], base: fx.Node, order: dict[fx.Node, int],
-             stored: dict[fx.Node, set[StorageWeakRef]], modules_written: set[fx.Node]) -> str:
+             stored: dict[fx.Node, set[StorageWeakRef]], writes_set: set[fx.Node]) -> str:
     """Why the writes into `base` cannot be rewritten, or "" when they can."""
     storage = stored[base]
     if len(storage) != 1:
         return f"the storage {base.name} is written to is not known from its example value"
     first, last = order[writes[0]], order[writes[-1]]
     for write in writes:
-        if write.target is not operator.setitem:
+        if _out_of_place(write) is None:
             return f"{write.name} changes {base.name} in place by {getattr(write.target, '__name__', write.target)}"
     for node, found in stored.items():
-        if node is base or not found & storage or node in modules_written:
+        if not found & storage or node in writes_set:
             continue
         if node.op in ("placeholder", "get_attr"):
             return f"{base.name} shares its storage with the graph input {node.name}"
+        if node is base:
+            continue
         if order[node] > last:
             continue  # made from the final value: it reads the newest write once reads are redirected
         users = [user for user in node.users if order[user] >= first]
@@ -154,17 +176,34 @@ def functional_writes(graph: fx.Graph) -> Writes:
 
 
 def _rewrite(graph: fx.Graph, writes: list[fx.Node], order: dict[fx.Node, int]) -> int:
+    """Each write a new value; an in-place step keeps its tensor's dtype, so a promoted result is cast back."""
     base = current = writes[0].args[0]
+    dtype = example_tensor(base).dtype
     for write in writes:
-        _, index, value = write.args
+        op, target = _out_of_place(write)
+        args = (current, *write.args[1:])
         with graph.inserting_before(write):
-            new = graph.call_function(written, (current, index, value))
-        new.meta = dict(write.meta)
-        fake = example_tensor(base)
-        new.meta["example_value"] = fake.clone()
+            new = graph.create_node(op, target, args, dict(write.kwargs))
+            new.meta = {k: v for k, v in write.meta.items() if k not in ("example_value", "val")}
+            new.meta["example_value"] = _fake_result(new)
+            if new.meta["example_value"].dtype != dtype:
+                new = graph.call_method("to", (new, dtype))
+                new.meta = {**new.args[0].meta, "example_value": new.args[0].meta["example_value"].to(dtype)}
+        # The write's own result (``x += y`` returns x) and every later read of the old value read the new one.
+        write.replace_all_uses_with(new)
         for user in list(current.users):
-            if user is not new and order.get(user, -1) > order[write]:
+            if user is not new and user is not new.args[0] and order.get(user, -1) > order[write]:
                 user.replace_input_with(current, new)
         graph.erase_node(write)
         current = new
     return len(writes)
+
+
+def _fake_result(node: fx.Node) -> torch.Tensor:
+    """`node`'s value computed on the recorded values of its arguments (fake tensors: no data)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), example_value)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.target is written:
+        return args[0].clone()
+    return node.target(*args, **kwargs)

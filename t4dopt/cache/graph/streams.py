@@ -27,21 +27,46 @@ import torch.fx as fx
 from t4dopt.fx_utils import example_tensor, example_value, is_size, sizes_of
 
 
-def packed(*tensors: torch.Tensor) -> torch.Tensor:
-    """The tensors flattened and concatenated, in order (the one value the streams travel as)."""
-    return torch.cat([t.reshape(-1) for t in tensors])
+class Layout(NamedTuple):
+    """How a stream lies in memory: its dimensions in memory order (`order`, outermost first) and its shape."""
+
+    order: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def stored(self) -> tuple[int, ...]:
+        """The shape in memory order."""
+        return tuple(self.shape[d] for d in self.order)
+
+    @property
+    def inverse(self) -> tuple[int, ...]:
+        return tuple(self.order.index(d) for d in range(len(self.order)))
 
 
-def unpacked(value: torch.Tensor, shapes: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, ...]:
-    """Views of `value` shaped as `shapes`, one after another (the inverse of `packed`)."""
+def packed(tensors: Sequence[torch.Tensor], layouts: Sequence[Layout]) -> torch.Tensor:
+    """The tensors flattened in the memory order of `layouts` and concatenated (the one value the streams travel as)."""
+    return torch.cat([t.permute(layout.order).reshape(-1) for t, layout in zip(tensors, layouts)])
+
+
+def unpacked(value: torch.Tensor, layouts: Sequence[Layout]) -> tuple[torch.Tensor, ...]:
+    """Views of `value`, one per layout, with that layout's shape and strides (the inverse of `packed`)."""
     views, start = [], 0
-    for shape in shapes:
+    for layout in layouts:
         count = 1
-        for size in shape:
+        for size in layout.shape:
             count *= size
-        views.append(value[start:start + count].view(shape))
+        views.append(value[start:start + count].view(layout.stored).permute(layout.inverse))
         start += count
     return tuple(views)
+
+
+def layout_of(value: torch.Tensor) -> Layout | None:
+    """`value`'s layout, None when it is not dense (a slice, a broadcast)."""
+    shape = tuple(int(s) for s in value.shape)
+    order = tuple(sorted(range(value.dim()), key=lambda d: (-value.stride(d), -shape[d])))
+    if not value.permute(order).is_contiguous():
+        return None
+    return Layout(order, shape)
 
 
 class Residual(NamedTuple):
@@ -83,8 +108,7 @@ def residuals(graph: fx.Graph, flow: nx.DiGraph, on_stream: set[fx.Node]) -> dic
     return found
 
 
-def _step_body(step: Sequence[Residual], flow: nx.DiGraph, order: dict[fx.Node, int],
-               on_stream: set[fx.Node]) -> set[fx.Node] | None:
+def _step_body(step: Sequence[Residual], order: dict[fx.Node, int], on_stream: set[fx.Node]) -> set[fx.Node] | None:
     """The nodes a step computes from its carries, or None when it is no region of its own.
 
     It is one when every value it computes from the carries is used only inside it (or is
@@ -94,20 +118,21 @@ def _step_body(step: Sequence[Residual], flow: nx.DiGraph, order: dict[fx.Node, 
     adds = {r.add for r in step}
     start = min(order[c] for c in carries)
     # Backwards from the addends, not below the earliest carry; then forwards from the carries within that.
+    # Every argument counts here (``torch.empty_like(q)`` belongs where q is), not only data.
     behind, todo = set(), [r.addend for r in step]
     while todo:
         node = todo.pop()
         if node in behind or node in carries or order[node] < start:
             continue
         behind.add(node)
-        todo.extend(flow.predecessors(node))
-    body, todo = set(), [user for c in carries for user in flow.successors(c)]
+        todo.extend(node.all_input_nodes)
+    body, todo = set(), [user for c in carries for user in c.users]
     while todo:
         node = todo.pop()
         if node in body or node not in behind:
             continue
         body.add(node)
-        todo.extend(flow.successors(node))
+        todo.extend(node.users)
     for node in body:
         if any(user not in body and user not in adds for user in node.users):
             return None
@@ -159,7 +184,7 @@ def _pair_runs(first: list[Residual], second: list[Residual], flow: nx.DiGraph, 
         steps = []
         while i < len(first) and j < len(second):
             step = (first[i], second[j])
-            if _step_body(step, flow, order, on_stream) is None:
+            if _step_body(step, order, on_stream) is None:
                 break
             steps.append(step)
             i, j = i + 1, j + 1
@@ -182,11 +207,16 @@ def _static_shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 def why_not_packed(run: Run) -> str:
-    """Why `run` cannot be packed without changing a number ("" when it can)."""
+    """Why `run` cannot be packed without changing a number or a layout ("" when it can).
+
+    Every new stream value keeps its dtype and its strides (the views of the packed value are
+    laid out as the first step's additions were), so what reads them computes as before.
+    """
     first = run.steps[0]
     dtype = example_tensor(first[0].carry).dtype
+    layouts = []
     for step in run.steps:
-        for residual in step:
+        for position, residual in enumerate(step):
             carry, add = example_tensor(residual.carry), example_tensor(residual.add)
             addend = example_tensor(residual.addend)
             if carry is None or add is None or addend is None:
@@ -195,15 +225,22 @@ def why_not_packed(run: Run) -> str:
                 return f"{residual.add.name} has a symbolic shape"
             if carry.dtype != dtype or add.dtype != dtype or carry.device != add.device:
                 return f"the streams' dtypes or devices differ at {residual.add.name}"
-            if not add.is_contiguous():
-                return f"{residual.add.name} is not contiguous"
-        addends = [example_tensor(r.addend).dtype for r in step]
+            if len(layouts) <= position:
+                layouts.append(layout_of(add))
+                if layouts[position] is None:
+                    return f"{residual.add.name} is not dense in memory"
+            elif add.stride() != example_tensor(first[position].add).stride():
+                return f"{residual.add.name} is laid out unlike {first[position].add.name}"
         promoted = dtype
-        for addend_dtype in addends:
-            promoted = torch.promote_types(promoted, addend_dtype)
+        for residual in step:
+            promoted = torch.promote_types(promoted, example_tensor(residual.addend).dtype)
         if promoted != dtype:
             return f"the step ending at {step[0].add.name} adds in {promoted}, not the streams' {dtype}"
     return ""
+
+
+def layouts_of(run: Run) -> tuple[Layout, ...]:
+    return tuple(layout_of(example_tensor(r.add)) for r in run.steps[0])
 
 
 def _readers_before(graph: fx.Graph, values: Sequence[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node] | None:
@@ -224,7 +261,7 @@ def pack_run(graph: fx.Graph, run: Run) -> bool:
     """Rewrite `run` to travel packed (module doc). False, with the graph unchanged, when the order of its
     nodes does not allow it (a stream's new value is made from the other's)."""
     order = {node: index for index, node in enumerate(graph.nodes)}
-    shapes = tuple(_static_shape(r.carry) for r in run.steps[0])
+    layouts = layouts_of(run)
     # A stream's new value may be read before the other's is made: those readers move after both.
     cuts = [[r.carry for r in run.steps[0]]] + [[r.add for r in step] for step in run.steps]
     moves = [_readers_before(graph, values, order) for values in cuts]
@@ -233,9 +270,9 @@ def pack_run(graph: fx.Graph, run: Run) -> bool:
     carries = cuts[0]
     anchor = max(carries, key=order.__getitem__)
     with graph.inserting_before(anchor.next):
-        state = graph.call_function(packed, tuple(carries))
-    _with_value(state, anchor, packed(*(example_tensor(c) for c in carries)))
-    views = _views(graph, state, shapes, anchor)
+        state = graph.call_function(packed, (tuple(carries), layouts))
+    _with_value(state, anchor, packed([example_tensor(c) for c in carries], layouts))
+    views = _views(graph, state, layouts, anchor)
     _move_after(views[-1], moves[0])
     for carry, view in zip(carries, views):
         for user in list(carry.users):
@@ -244,14 +281,15 @@ def pack_run(graph: fx.Graph, run: Run) -> bool:
     for step, early in zip(run.steps, moves[1:]):
         last = max((r.add for r in step), key=order.__getitem__)
         with graph.inserting_before(last.next):
-            addends = [graph.call_function(torch.broadcast_to, (r.addend, shape)) for r, shape in zip(step, shapes)]
-            total = graph.call_function(packed, tuple(addends))
+            addends = [graph.call_function(torch.broadcast_to, (r.addend, layout.shape))
+                       for r, layout in zip(step, layouts)]
+            total = graph.call_function(packed, (tuple(addends), layouts))
             new_state = graph.call_function(operator.add, (state, total))
-        for addend, residual, shape in zip(addends, step, shapes):
-            _with_value(addend, last, torch.broadcast_to(example_tensor(residual.addend), shape))
-        _with_value(total, last, packed(*(example_tensor(a) for a in addends)))
+        for addend, residual, layout in zip(addends, step, layouts):
+            _with_value(addend, last, torch.broadcast_to(example_tensor(residual.addend), layout.shape))
+        _with_value(total, last, packed([example_tensor(a) for a in addends], layouts))
         _with_value(new_state, last, example_tensor(state) + example_tensor(total))
-        views = _views(graph, new_state, shapes, last)
+        views = _views(graph, new_state, layouts, last)
         _move_after(views[-1], early)
         for residual, view in zip(step, views):
             residual.add.replace_all_uses_with(view)
@@ -273,11 +311,11 @@ def _with_value(node: fx.Node, like: fx.Node, value: torch.Tensor) -> None:
     node.meta["example_value"] = value
 
 
-def _views(graph: fx.Graph, state: fx.Node, shapes: tuple, like: fx.Node) -> list[fx.Node]:
+def _views(graph: fx.Graph, state: fx.Node, layouts: tuple[Layout, ...], like: fx.Node) -> list[fx.Node]:
     with graph.inserting_before(state.next):
-        pieces = graph.call_function(unpacked, (state, shapes))
-        views = [graph.call_function(operator.getitem, (pieces, index)) for index in range(len(shapes))]
-    values = unpacked(example_tensor(state), shapes)
+        pieces = graph.call_function(unpacked, (state, layouts))
+        views = [graph.call_function(operator.getitem, (pieces, index)) for index in range(len(layouts))]
+    values = unpacked(example_tensor(state), layouts)
     _with_value(pieces, like, values)
     for view, value in zip(views, values):
         _with_value(view, like, value)
