@@ -93,10 +93,21 @@ class Program:
         return pytree.tree_unflatten(leaves, treespec_loads(self.output_spec))
 
     def spans(self) -> list[UnitSpan]:
-        """The maximal spans of adjacent units, in order; every unit is in one."""
+        """The maximal spans of adjacent units, in order; every unit is in one.
+
+        A reused span is rebuilt in one sum, so the values between its units are never made:
+        units are adjacent only where the value between them is used by the next unit alone
+        (not by another segment, e.g. a ``type_as`` after the sublayer, nor returned).
+        """
+        users: dict[str, set[int | None]] = {}
+        for segment in self.segments:
+            for name in segment.inputs:
+                users.setdefault(name, set()).add(segment.unit)
+        returned = {leaf["value"] for leaf in self.output_leaves if isinstance(leaf, dict)}
         spans: list[UnitSpan] = []
         for index, unit in enumerate(self.units):
-            if spans and self.units[spans[-1].last].exit == unit.entry:
+            if (spans and self.units[spans[-1].last].exit == unit.entry and unit.entry not in returned
+                    and users.get(unit.entry, set()) <= {index}):
                 spans[-1] = spans[-1]._replace(last=index)
             else:
                 spans.append(UnitSpan(index, index))
