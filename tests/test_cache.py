@@ -258,6 +258,42 @@ def test_in_place_residual_additions_are_cached_like_out_of_place_ones():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
 
 
+def test_second_order_reuse_is_newtons_polynomial_through_the_last_three_residuals():
+    """order=2: a reused unit adds ``r2 + slope * s + curvature * s * (s + gap)``. Computed at steps 0, 1, 2 and
+    reused at step 3 (s = gap = 1) that is ``3 r2 - 3 r1 + r0``; at step 4 too (a slope is carried no farther
+    than its gap). Checked against each sublayer's residual in the eager model, written out here."""
+    torch.manual_seed(0)
+    model = ResidualStack(in_place=False).eval()
+    got = run_residual_stack(model, {"threshold": 10.0, "max_reuse": 3, "warmup": 3, "final": 1, "steps": 6,
+                                     "order": 2})
+    assert [(u.computed, u.reused) for u in t4dopt.cache_report(model).units] == [(4, 2)] * 4
+    x = torch.randn(1, 32, 4, generator=torch.Generator().manual_seed(0))
+
+    def eager(t):
+        """The stream's entry, each sublayer's residual, and the output, at timestep `t`."""
+        h = entry = model.embed(x) + model.time(t.view(-1, 1, 1))
+        residuals = []
+        for qkv, mlp in zip(model.qkv, model.mlp):
+            q, k, v = qkv(h).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            residuals.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+            h = h + residuals[-1]
+            residuals.append(mlp(h))
+            h = h + residuals[-1]
+        return entry, residuals, model.head(h)
+
+    with torch.no_grad():
+        runs = [eager(torch.full((1,), float(t))) for t in torch.linspace(1, 0, 6)]
+        last_three = list(zip(runs[0][1], runs[1][1], runs[2][1]))
+        predicted = sum(3 * r2 - 3 * r1 + r0 for r0, r1, r2 in last_three)
+        along_slope = sum(2 * r2 - r1 for _, r1, r2 in last_three)
+        for step in (0, 1, 2, 5):
+            assert torch.allclose(got[step], runs[step][2], atol=1e-6)
+        for step in (3, 4):
+            error = (got[step] - model.head(runs[step][0] + predicted)).abs().max()
+            first_order = (got[step] - model.head(runs[step][0] + along_slope)).abs().max()
+            assert error < 1e-6 and first_order > 1e-5
+
+
 def test_in_place_addition_another_value_sees_is_left_in_place():
     torch.manual_seed(0)
     model = ResidualStack(in_place=True, skip=True).eval()
@@ -487,7 +523,7 @@ def test_report_table_names_every_unit(scm):
     ({"levels": ["block", "frame"]}, "cache['levels']"),
     ({"levels": "block"}, "cache['levels']"),
     ({"steps": 0}, "cache['steps']"),
-    ({"order": 2}, "cache['order']"),
+    ({"order": 3}, "cache['order']"),
     ({"thresold": 0.1}, "cache['thresold']"),
     ([0.1], "cache"),
 ])
