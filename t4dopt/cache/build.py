@@ -85,7 +85,9 @@ def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: 
     returns only the graph's own outputs.
     """
     program = prepared.program
-    plain = LazyLowered(tapped_graph(gm, []).module, lower)
+    # The whole-call graphs take the graph's inputs first, then what the runtime passes.
+    static = [i for i, name in enumerate(program.placeholders) if name in set(program.static)]
+    plain = LazyLowered(tapped_graph(gm, []).module, lower, static)
     if program.mutates:
         return StepGraphs(plain, None, None, {})
     token_taps = {}
@@ -102,13 +104,13 @@ def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: 
     def computed_for(kind: SaveKind) -> ComputedGraph:
         if kind not in computed:
             whole = tapped_graph(gm, taps, program.saved_values(), kind)
-            computed[kind] = ComputedGraph(LazyLowered(whole.module, lower), whole.outputs)
+            computed[kind] = ComputedGraph(LazyLowered(whole.module, lower, static), whole.outputs)
         return computed[kind]
 
     def reused_for(orders: tuple[int, ...]) -> ReusedGraph:
         if orders not in reused:
             whole = reused_graph(gm, prepared.plan, spans, orders)
-            reused[orders] = ReusedGraph(LazyLowered(whole.module, lower), whole.outputs)
+            reused[orders] = ReusedGraph(LazyLowered(whole.module, lower, static), whole.outputs)
         return reused[orders]
 
     # Whether every span can be rebuilt does not depend on the orders: try once, with order 0 throughout.
@@ -128,10 +130,15 @@ def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list
     if prepared.program is None:
         return None, prepared.plan
 
-    def lazy(module: fx.GraphModule | None) -> LazyLowered | None:
-        return LazyLowered(module, lower) if module is not None else None
+    static = set(prepared.program.static)
 
-    runners = [SegmentRunners(lazy(s.gm), lazy(s.token_full), lazy(s.token_pruned)) for s in prepared.segments]
+    def lazy(module: fx.GraphModule | None, segment: Segment) -> LazyLowered | None:
+        # A segment (and its token variants) takes the segment's inputs first.
+        positions = [i for i, node in enumerate(segment.inputs) if node.name in static]
+        return LazyLowered(module, lower, positions) if module is not None else None
+
+    runners = [SegmentRunners(lazy(s.gm, s), lazy(s.token_full, s), lazy(s.token_pruned, s))
+               for s in prepared.segments]
     parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
     runtime = CacheRuntime(prepared.program, runners, spec, parameter_ids, lower, step_graphs(gm, prepared, spec, lower))
     register(runtime)

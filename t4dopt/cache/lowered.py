@@ -9,7 +9,7 @@ The runtime's own arithmetic is lowered the same way (`t4dopt.cache.arithmetic.A
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -41,16 +41,24 @@ class LazyLowered:
     A graph with dynamic shapes runs its segments at several sizes; each size gets its own
     lowering instead of reusing one specialised to another size. Lowering holds a lock, so
     threads calling at once lower a graph once.
+
+    `static` are the positions of the model's parameters and buffers among the arguments:
+    dynamo guards those (shape, strides, dtype, device) before the compiled graph runs, so they
+    stay out of the signature, which would otherwise cost a read of every parameter per call.
     """
 
     _lowering = threading.Lock()
 
-    def __init__(self, gm: fx.GraphModule, lower: Lower):
+    def __init__(self, gm: fx.GraphModule, lower: Lower, static: Collection[int] = ()):
         self.gm, self.lower = gm, lower
+        self.static = frozenset(static)
         self.lowered: dict[tuple, Callable] = {}
+        self._dynamic: list[int] | None = None
 
     def __call__(self, *args: Any) -> Any:
-        signature = input_signature(args)
+        if self._dynamic is None:
+            self._dynamic = [i for i in range(len(args)) if i not in self.static]
+        signature = input_signature([args[i] for i in self._dynamic] if self.static else args)
         fn = self.lowered.get(signature)
         if fn is None:
             with self._lowering:

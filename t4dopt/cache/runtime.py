@@ -1,6 +1,7 @@
 """Run a segmented graph call after call, reusing work across denoising steps.
 
-One `CacheRuntime` serves one compiled graph. Per call it reads back, in one transfer, the
+One `CacheRuntime` serves one compiled graph. At threshold 0 a call only runs the whole graph
+(nothing could be reused, so nothing is placed or kept). Otherwise, per call it reads back, in one transfer, the
 timestep, what identifies the call and the drifts measured during earlier calls
 (`readback`), places the call in its generation, guidance branch and step
 (`generations.Generations`, honouring explicit scopes from `scope`), lets the policy choose
