@@ -27,6 +27,9 @@ class TinyModel:
     hint: dict[str, int] | None = None
     key_padding: torch.Tensor | None = None
     """bool [B, N]: keys the model masks out of the joint attention (text padding), None when it masks none."""
+    cache_units: int = 0
+    """How many residual sublayers the cache must make units of: sublayers per block times blocks, in graphs that
+    are whole denoisers (a model whose graph breaks has none)."""
 
     @property
     def length(self) -> int:
@@ -61,7 +64,7 @@ def cogvideox() -> TinyModel:
                     max_text_seq_length=TEXT)
     inputs = {"hidden_states": _randn(1, 5, 4, 16, 16), "encoder_hidden_states": _randn(1, TEXT, 8, seed=1),
               "timestep": T}
-    return TinyModel("CogVideoX 1.0", model, inputs, _grid(5, 64, prefix=TEXT), 2)
+    return TinyModel("CogVideoX 1.0", model, inputs, _grid(5, 64, prefix=TEXT), 2, cache_units=2 * 2)
 
 
 def cogvideox_15() -> TinyModel:
@@ -75,7 +78,7 @@ def cogvideox_15() -> TinyModel:
                     use_learned_positional_embeddings=False)
     inputs = {"hidden_states": _randn(1, 10, 4, 16, 12), "encoder_hidden_states": _randn(1, TEXT, 8, seed=1),
               "timestep": T}
-    return TinyModel("CogVideoX 1.5", model, inputs, _grid(5, 8 * 6, prefix=TEXT), 2)
+    return TinyModel("CogVideoX 1.5", model, inputs, _grid(5, 8 * 6, prefix=TEXT), 2, cache_units=2 * 2)
 
 
 def _wan_config(**extra):
@@ -92,7 +95,8 @@ def wan21() -> TinyModel:
     """Wan 2.1: [B, C, F, H, W], a Conv3d patch embedding; self-attention, then cross-attention to text."""
     from diffusers import WanTransformer3DModel
 
-    return TinyModel("Wan 2.1", _seeded(WanTransformer3DModel, **_wan_config()), _wan_inputs(), _grid(5, 48), 2)
+    return TinyModel("Wan 2.1", _seeded(WanTransformer3DModel, **_wan_config()), _wan_inputs(), _grid(5, 48), 2,
+                     cache_units=3 * 2)
 
 
 def wan22() -> TinyModel:
@@ -102,7 +106,8 @@ def wan22() -> TinyModel:
     inputs = _wan_inputs()
     inputs["timestep"] = torch.full((1, 5 * 48), 500)
     inputs["timestep"][:, :48] = 0  # the first frame is the clean conditioning frame
-    return TinyModel("Wan 2.2", _seeded(WanTransformer3DModel, **_wan_config()), inputs, _grid(5, 48), 2)
+    return TinyModel("Wan 2.2", _seeded(WanTransformer3DModel, **_wan_config()), inputs, _grid(5, 48), 2,
+                     cache_units=3 * 2)
 
 
 def wan_vace() -> TinyModel:
@@ -113,7 +118,9 @@ def wan_vace() -> TinyModel:
     inputs = _wan_inputs()
     inputs["control_hidden_states"] = _randn(1, 8, 5, 16, 12, seed=2)
     inputs["control_hidden_states_scale"] = torch.ones(2)
-    return TinyModel("WanVACE", model, inputs, _grid(5, 48), 4)
+    # The main blocks add the control blocks' hints, made from the stream beside them: no region of theirs is
+    # single-entry, so only the control block's sublayers are units.
+    return TinyModel("WanVACE", model, inputs, _grid(5, 48), 4, cache_units=3)
 
 
 def skyreels_v2() -> TinyModel:
@@ -121,7 +128,7 @@ def skyreels_v2() -> TinyModel:
     from diffusers import SkyReelsV2Transformer3DModel
 
     model = _seeded(SkyReelsV2Transformer3DModel, **_wan_config())
-    return TinyModel("SkyReels-V2", model, _wan_inputs(), _grid(5, 48), 2)
+    return TinyModel("SkyReels-V2", model, _wan_inputs(), _grid(5, 48), 2, cache_units=3 * 2)
 
 
 def skyreels_v2_df() -> TinyModel:
@@ -132,7 +139,7 @@ def skyreels_v2_df() -> TinyModel:
     inputs = _wan_inputs(frames=6)
     inputs["timestep"] = torch.tensor([[900, 900, 600, 600, 300, 300]])
     inputs["enable_diffusion_forcing"] = True
-    return TinyModel("SkyReels-V2 (diffusion forcing)", model, inputs, _grid(6, 48), 2)
+    return TinyModel("SkyReels-V2 (diffusion forcing)", model, inputs, _grid(6, 48), 2, cache_units=3 * 2)
 
 
 def _hunyuan_inputs(valid_text: int):
@@ -155,7 +162,7 @@ def hunyuan_video(valid_text: int = TEXT) -> TinyModel:
     keep = torch.ones(1, 3 * 48 + TEXT, dtype=torch.bool)
     keep[:, 3 * 48 + valid_text:] = False
     name = "HunyuanVideo" + (" (text padding)" if valid_text < TEXT else "")
-    return TinyModel(name, model, inputs, grid, 2, key_padding=keep if valid_text < TEXT else None)
+    return TinyModel(name, model, inputs, grid, 2, key_padding=keep if valid_text < TEXT else None, cache_units=2 + 1)
 
 
 def hunyuan_video_padded() -> TinyModel:
@@ -187,7 +194,7 @@ def motif_video() -> TinyModel:
                     text_embed_dim=16, rope_axes_dim=(4, 6, 6))
     inputs = {"hidden_states": _randn(1, 4, 3, 16, 12), "timestep": T, "encoder_hidden_states": _randn(1, TEXT, 16, seed=1),
               "encoder_attention_mask": torch.ones(1, TEXT, dtype=torch.int64)}
-    return TinyModel("MotifVideo", model, inputs, _grid(3, 48, suffix=TEXT), 2)
+    return TinyModel("MotifVideo", model, inputs, _grid(3, 48, suffix=TEXT), 2, cache_units=2 + 1)
 
 
 def mochi() -> TinyModel:
@@ -209,7 +216,8 @@ def ltx_video() -> TinyModel:
     inputs = {"hidden_states": _randn(1, 3 * 8 * 6, 8), "encoder_hidden_states": _randn(1, TEXT, 16, seed=1),
               "timestep": T, "encoder_attention_mask": torch.ones(1, TEXT, dtype=torch.int64),
               "num_frames": 3, "height": 8, "width": 6}
-    return TinyModel("LTX-Video", model, inputs, _grid(3, 48), 2, hint={"frames": 3, "height": 8, "width": 6})
+    return TinyModel("LTX-Video", model, inputs, _grid(3, 48), 2, hint={"frames": 3, "height": 8, "width": 6},
+                     cache_units=3 * 2)
 
 
 def allegro() -> TinyModel:
@@ -219,7 +227,7 @@ def allegro() -> TinyModel:
                     in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=16, sample_height=16,
                     sample_width=12, sample_frames=3, caption_channels=16)
     inputs = {"hidden_states": _randn(1, 4, 3, 16, 12), "encoder_hidden_states": _randn(1, TEXT, 16, seed=1), "timestep": T}
-    return TinyModel("Allegro", model, inputs, _grid(3, 48), 2)
+    return TinyModel("Allegro", model, inputs, _grid(3, 48), 2, cache_units=3 * 2)
 
 
 def easyanimate() -> TinyModel:
@@ -229,7 +237,7 @@ def easyanimate() -> TinyModel:
                     out_channels=4, patch_size=2, sample_width=12, sample_height=16, num_layers=2, mmdit_layers=2,
                     time_embed_dim=8, text_embed_dim=16)
     inputs = {"hidden_states": _randn(1, 4, 3, 16, 12), "timestep": T, "encoder_hidden_states": _randn(1, TEXT, 16, seed=1)}
-    return TinyModel("EasyAnimate", model, inputs, _grid(3, 48, prefix=TEXT), 2)
+    return TinyModel("EasyAnimate", model, inputs, _grid(3, 48, prefix=TEXT), 2, cache_units=2 * 2)
 
 
 def cosmos() -> TinyModel:
@@ -239,7 +247,7 @@ def cosmos() -> TinyModel:
                     num_layers=2, text_embed_dim=16, adaln_lora_dim=8, max_size=(8, 32, 32), patch_size=(1, 2, 2),
                     concat_padding_mask=False)  # True resizes the padding mask with torchvision
     inputs = {"hidden_states": _randn(1, 4, 3, 16, 12), "timestep": T, "encoder_hidden_states": _randn(1, TEXT, 16, seed=1)}
-    return TinyModel("Cosmos", model, inputs, _grid(3, 48), 2)
+    return TinyModel("Cosmos", model, inputs, _grid(3, 48), 2, cache_units=3 * 2)
 
 
 def consisid() -> TinyModel:
@@ -249,7 +257,7 @@ def consisid() -> TinyModel:
                     out_channels=4, time_embed_dim=8, text_embed_dim=8, num_layers=2, sample_width=12, sample_height=16,
                     sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT)
     inputs = {"hidden_states": _randn(1, 3, 4, 16, 12), "encoder_hidden_states": _randn(1, TEXT, 8, seed=1), "timestep": T}
-    return TinyModel("ConsisID", model, inputs, _grid(3, 48, prefix=TEXT), 2)
+    return TinyModel("ConsisID", model, inputs, _grid(3, 48, prefix=TEXT), 2, cache_units=2 * 2)
 
 
 def latte() -> TinyModel:
@@ -260,7 +268,7 @@ def latte() -> TinyModel:
                     attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
                     norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, video_length=3)
     inputs = {"hidden_states": _randn(1, 4, 3, 8, 8), "timestep": T, "encoder_hidden_states": _randn(1, 5, 8, seed=1)}
-    return TinyModel("Latte", model, inputs, None)
+    return TinyModel("Latte", model, inputs, None, cache_units=3 + 2)
 
 
 def sana_video() -> TinyModel:
@@ -270,7 +278,7 @@ def sana_video() -> TinyModel:
                     attention_head_dim=8, num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
                     cross_attention_dim=16, caption_channels=16, sample_size=8)
     inputs = {"hidden_states": _randn(1, 4, 3, 16, 12), "encoder_hidden_states": _randn(1, TEXT, 16, seed=1), "timestep": T}
-    return TinyModel("SanaVideo", model, inputs, None)
+    return TinyModel("SanaVideo", model, inputs, None, cache_units=3 * 2)
 
 
 MODELS = [cogvideox, cogvideox_15, wan21, wan22, wan_vace, skyreels_v2, skyreels_v2_df, hunyuan_video, hunyuan_video_padded,

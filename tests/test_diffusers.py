@@ -8,7 +8,7 @@ policy (built token by token in `tests/reference.py`, independently of t4dopt), 
 Models without joint attention (Latte, SanaVideo) must come out unchanged.
 """
 
-import contextlib
+import re
 import warnings
 
 import pytest
@@ -16,59 +16,20 @@ import pytest
 pytest.importorskip("diffusers")
 
 import torch
-import torch.nn.functional as F
 
+import diffusers_coverage as coverage
 import diffusers_models as dm
 import t4dopt
-from reference import grid_labels, sculpt4d_token_mask
+from diffusers_coverage import POLICY
 from t4dopt.report import collecting
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
-
-BLOCK_SIZE = 16
-POLICY = {"policy": "sculpt4d", "block_size": BLOCK_SIZE, "strides": (1, 2), "anchor_frames": 0}
-SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
 
 def _options(tiny: dm.TinyModel, layout=None, **extra):
     options = {"sparse": POLICY, "target": "eager", **extra}
     if layout is not None or tiny.hint is not None:
         options["layout"] = layout if layout is not None else tiny.hint
     return options
-
-
-def _token_mask(tiny: dm.TinyModel) -> torch.Tensor:
-    g = tiny.grid
-    labels = grid_labels(g["frames"], g["tokens_per_frame"], g["prefix_tokens"], g["suffix_tokens"])
-    return sculpt4d_token_mask(labels, block_size=BLOCK_SIZE, strides=POLICY["strides"],
-                               anchor_frames=POLICY["anchor_frames"])
-
-
-@contextlib.contextmanager
-def masked_joint_sdpa(length: int, token_mask: torch.Tensor):
-    """Eager SDPA with `token_mask` combined into every self-attention over `length` tokens (the model's mask kept)."""
-    original = F.scaled_dot_product_attention
-    calls = []
-
-    def sdpa(*args, **kwargs):
-        bound = dict(zip(SDPA_ARGS, args), **kwargs)
-        q, k = bound["query"], bound["key"]
-        if q.shape[-2] == length and k.shape[-2] == length:
-            assert not bound.get("is_causal")
-            given = bound.get("attn_mask")
-            if given is None:
-                bound["attn_mask"] = token_mask
-            elif given.dtype == torch.bool:
-                bound["attn_mask"] = given & token_mask
-            else:
-                bound["attn_mask"] = given + torch.zeros(token_mask.shape, dtype=given.dtype).masked_fill(~token_mask,
-                                                                                                       float("-inf"))
-            calls.append(q.shape)
-        return original(**bound)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
-        yield calls
 
 
 def _compiled(tiny: dm.TinyModel, options: dict):
@@ -90,41 +51,36 @@ JOINT_MODELS = [dm.cogvideox, dm.cogvideox_15, dm.wan21, dm.wan22, dm.wan_vace, 
 
 @pytest.mark.parametrize("make", JOINT_MODELS, ids=[m.__name__ for m in JOINT_MODELS])
 def test_every_joint_attention_is_sparse_with_no_layout_option_and_equals_the_explicit_mask(make):
-    tiny = make()
-    token_mask = _token_mask(tiny)
-    assert token_mask.shape[0] == tiny.length and token_mask.float().mean() < 0.8
-    got, report, warned = _compiled(tiny, _options(tiny))
+    # One compile per model, shared with the README's coverage table (tests/test_diffusers_coverage.py).
+    measured = coverage.measure(make)
+    tiny, report = measured.tiny, measured.report
+    mask = coverage.token_mask(tiny)
+    assert mask.shape[0] == tiny.length and mask.float().mean() < 0.8
     joint = [s for s in report.sites if s.kind == "spatiotemporal"]
     assert len(joint) == tiny.joint_sites and all(s.action == "sparse" for s in joint), report.table()
     assert all(s.shape[-2] == tiny.length for s in joint)
-    policy_density = float(token_mask.float().mean())
+    policy_density = float(mask.float().mean())
     if make is dm.skyreels_v2_df:  # the model's block-causal mask is intersected with the policy: sparser still
         assert all(s.density < policy_density - 0.1 for s in joint)
     else:
         assert all(s.density == pytest.approx(policy_density, abs=1e-6) for s in joint)
-    assert not warned, [str(w.message) for w in warned]
-    with torch.no_grad():
-        with masked_joint_sdpa(tiny.length, token_mask) as calls:
-            want = tiny.model(**tiny.inputs, return_dict=False)[0]
-        dense = tiny.model(**tiny.inputs, return_dict=False)[0]
-    assert len(calls) == tiny.joint_sites, "the reference must mask every joint attention"
-    assert _relative(got, want) < 1e-4
-    assert _relative(got, dense) > 1e-3, "the mask must change the output, or this test proves nothing"
+    assert not measured.warned, measured.warned
+    assert measured.masked_calls == tiny.joint_sites, "the reference must mask every joint attention"
+    assert _relative(measured.got, measured.want) < 1e-4
+    assert _relative(measured.got, measured.dense) > 1e-3, "the mask must change the output, or this test proves nothing"
     if tiny.key_padding is not None:  # and the model's own key mask must matter too
         unpadded = {**tiny.inputs, "encoder_attention_mask": torch.ones_like(tiny.inputs["encoder_attention_mask"])}
-        with torch.no_grad(), masked_joint_sdpa(tiny.length, token_mask):
-            assert _relative(tiny.model(**unpadded, return_dict=False)[0], want) > 1e-3
+        with torch.no_grad(), coverage.masked_joint_sdpa(tiny.length, mask):
+            assert _relative(tiny.model(**unpadded, return_dict=False)[0], measured.want) > 1e-3
 
 
 @pytest.mark.parametrize("make", [dm.latte, dm.sana_video], ids=["latte", "sana_video"])
 def test_models_without_joint_attention_are_unchanged(make):
-    tiny = make()
-    got, report, warned = _compiled(tiny, _options(tiny))
+    measured = coverage.measure(make)
+    report = measured.report
     assert report.sites and not any(s.action == "sparse" for s in report.sites)
-    assert not warned, [str(w.message) for w in warned]
-    with torch.no_grad():
-        want = tiny.model(**tiny.inputs, return_dict=False)[0]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not measured.warned, measured.warned
+    torch.testing.assert_close(measured.got, measured.dense, rtol=1e-5, atol=1e-6)
 
 
 def test_latte_reads_spatial_and_temporal_blocks_from_its_patch_embedding():
@@ -196,3 +152,51 @@ def test_sites_of_graphs_cut_out_of_the_model_keep_their_module_path():
     assert report.graphs >= 2
     joint = [s for s in report.sites if s.shape and s.shape[-2] == 157]
     assert joint and joint[0].graph >= 1 and joint[0].name == "transformer_blocks.0.attn"
+
+
+# The README's coverage table: `python tests/diffusers_coverage.py --write` regenerates it when a row moves.
+
+ERROR_COLUMN = coverage.HEADER.strip("|").split("|").index(" error vs explicit mask ")
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _within(measured: float, stated: str) -> bool:
+    match = re.fullmatch(r"< 1e(-?\d+)", stated)
+    return match is not None and measured < 10.0 ** int(match.group(1))
+
+
+def test_the_readme_table_is_the_measured_one():
+    rows = [coverage.measure(make).row for make in coverage.MODELS]
+    stated = coverage.readme_table(coverage.README.read_text()).splitlines()
+    rendered = coverage.render(rows).splitlines()
+    hint = "the README's coverage table is stale: run `python tests/diffusers_coverage.py --write`"
+    assert len(stated) == len(rendered), hint
+    assert stated[:2] == rendered[:2], hint
+    for row, line, fresh in zip(rows, stated[2:], rendered[2:]):
+        cells, want = _cells(line), _cells(fresh)
+        # The error column states a bound; a rerun measuring a slightly different error stays within it.
+        assert _within(row.error, cells[ERROR_COLUMN]), f"{row.model}: error {row.error:.2e} > {cells[ERROR_COLUMN]}"
+        del cells[ERROR_COLUMN], want[ERROR_COLUMN]
+        assert cells == want, f"{row.model}: {hint}"
+
+
+def test_every_model_has_the_cache_units_its_blocks_have_and_says_why_it_left_out_the_rest():
+    """`TinyModel.cache_units`: Wan's RoPE self-attention (writes into fresh buffers made values), two-stream
+    blocks (CogVideoX, HunyuanVideo, EasyAnimate, ConsisID: packed) and Cosmos's blocks are units."""
+    for make in coverage.MODELS:
+        measured = coverage.measure(make)
+        graphs = measured.found
+        cached = [unit.name for graph in graphs if not graph.reason for unit in graph.units]
+        assert len(cached) == measured.tiny.cache_units == measured.row.units, (measured.tiny.name, graphs)
+        assert graphs and all(graph.reason or graph.units for graph in graphs), measured.tiny.name
+        assert all(left.reason for graph in graphs for left in graph.left_out), measured.tiny.name
+
+
+def test_every_sparse_row_is_close_to_its_reference():
+    for make in coverage.MODELS:
+        row = coverage.measure(make).row
+        assert row.error < 1e-4, row
+        assert row.sparse in (0, row.joint), row

@@ -34,3 +34,11 @@ def test_contributing_names_files_and_tests_that_exist():
         assert any(f"def {test}(" in p.read_text() for p in (ROOT / "tests").glob("test_*.py")), test
     for name in re.findall(r"`([A-Z_]{4,})`", table):
         assert any(name in p.read_text() for p in [*(ROOT / "t4dopt").rglob("*.py"), *(ROOT / "tests").glob("*.py")]), name
+
+
+def test_the_readme_names_files_that_exist():
+    text = (ROOT / "README.md").read_text()
+    guarantees = text.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    assert len(re.findall(r"`tests/test_\w+\.py`", guarantees)) >= 10
+    for path in set(re.findall(r"`((?:t4dopt|tests|bench|examples)/[\w/.-]+\.py)", text)):
+        assert (ROOT / path).is_file(), path

@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
+from t4dopt.cache.graph.regions import is_in_place
 from t4dopt.fx_utils import example_tensor, example_value, module_path
 
 
@@ -147,8 +148,6 @@ def functional_writes(graph: fx.Graph) -> Writes:
     the last one. Then each write becomes ``b_i = written(b_{i-1}, index, value)`` and every
     node after it reads ``b_i`` where it read ``b``.
     """
-    from t4dopt.cache.graph.regions import is_in_place
-
     order = {node: index for index, node in enumerate(graph.nodes)}
     stored = {node: storages(node) for node in graph.nodes}
     by_storage: dict[StorageWeakRef, list[fx.Node]] = {}

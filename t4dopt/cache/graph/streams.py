@@ -24,6 +24,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from t4dopt.cache.graph.regions import dataflow, is_in_place, stream_values
 from t4dopt.fx_utils import example_tensor, example_value, is_size, sizes_of
 
 
@@ -70,11 +71,15 @@ def layout_of(value: torch.Tensor) -> Layout | None:
 
 
 class Residual(NamedTuple):
-    """An addition ``add = carry + addend`` where the addend is computed from the carry."""
+    """An addition ``add = carry + addend`` where the addend is computed from the carry.
 
-    add: fx.Node
+    In a run's closing step a stream that ends (read there, dead after) has none: `add` and
+    `addend` are None, and its packed part gets zeros.
+    """
+
+    add: fx.Node | None
     carry: fx.Node
-    addend: fx.Node
+    addend: fx.Node | None = None
 
 
 class Run(NamedTuple):
@@ -115,11 +120,11 @@ def _step_body(step: Sequence[Residual], order: dict[fx.Node, int], on_stream: s
     one of its additions), and it reads no stream value other than its carries.
     """
     carries = {r.carry for r in step}
-    adds = {r.add for r in step}
+    adds = {r.add for r in step if r.add is not None}
     start = min(order[c] for c in carries)
     # Backwards from the addends, not below the earliest carry; then forwards from the carries within that.
     # Every argument counts here (``torch.empty_like(q)`` belongs where q is), not only data.
-    behind, todo = set(), [r.addend for r in step]
+    behind, todo = set(), [r.addend for r in step if r.addend is not None]
     while todo:
         node = todo.pop()
         if node in behind or node in carries or order[node] < start:
@@ -188,12 +193,35 @@ def _pair_runs(first: list[Residual], second: list[Residual], flow: nx.DiGraph, 
                 break
             steps.append(step)
             i, j = i + 1, j + 1
+        closing = _closing_step(steps, first[i:], second[j:], order, on_stream) if steps else None
+        if closing is not None:
+            steps.append(closing)
+            i, j = i + (closing[0].add is not None), j + (closing[1].add is not None)
         if steps:
             runs.append(Run(steps))
-            used.update(r.add for step in steps for r in step)
+            used.update(r.add for step in steps for r in step if r.add is not None)
         else:
             i, j = i + 1, j + 1
     return runs
+
+
+def _closing_step(steps: list[tuple[Residual, ...]], first: list[Residual], second: list[Residual],
+                  order: dict[fx.Node, int], on_stream: set[fx.Node]) -> tuple[Residual, ...] | None:
+    """A last step where one stream ends: the other's next addition reads it, and nothing after does."""
+    ends = [not first, not second]
+    if ends.count(True) != 1:
+        return None
+    last = steps[-1]
+    going = first[0] if second == [] else second[0]
+    position = 0 if first else 1
+    if going.carry is not last[position].add:
+        return None
+    ended = Residual(None, last[1 - position].add)
+    step = (going, ended) if position == 0 else (ended, going)
+    body = _step_body(step, order, on_stream)
+    if body is None or any(user not in body for user in ended.carry.users):
+        return None
+    return step
 
 
 def _static_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -217,6 +245,8 @@ def why_not_packed(run: Run) -> str:
     layouts = []
     for step in run.steps:
         for position, residual in enumerate(step):
+            if residual.add is None:
+                continue
             carry, add = example_tensor(residual.carry), example_tensor(residual.add)
             addend = example_tensor(residual.addend)
             if carry is None or add is None or addend is None:
@@ -233,7 +263,8 @@ def why_not_packed(run: Run) -> str:
                 return f"{residual.add.name} is laid out unlike {first[position].add.name}"
         promoted = dtype
         for residual in step:
-            promoted = torch.promote_types(promoted, example_tensor(residual.addend).dtype)
+            if residual.addend is not None:
+                promoted = torch.promote_types(promoted, example_tensor(residual.addend).dtype)
         if promoted != dtype:
             return f"the step ending at {step[0].add.name} adds in {promoted}, not the streams' {dtype}"
     return ""
@@ -257,16 +288,19 @@ def _readers_before(graph: fx.Graph, values: Sequence[fx.Node], order: dict[fx.N
     return sorted(early, key=order.__getitem__)
 
 
-def pack_run(graph: fx.Graph, run: Run) -> bool:
-    """Rewrite `run` to travel packed (module doc). False, with the graph unchanged, when the order of its
-    nodes does not allow it (a stream's new value is made from the other's)."""
+def pack_run(graph: fx.Graph, run: Run) -> str:
+    """Rewrite `run` to travel packed (module doc); "", or why not with the graph unchanged (the order of its
+    nodes does not allow it)."""
     order = {node: index for index, node in enumerate(graph.nodes)}
     layouts = layouts_of(run)
     # A stream's new value may be read before the other's is made: those readers move after both.
-    cuts = [[r.carry for r in run.steps[0]]] + [[r.add for r in step] for step in run.steps]
+    cuts = [[r.carry for r in run.steps[0]]] + [[r.add for r in step if r.add is not None] for step in run.steps]
     moves = [_readers_before(graph, values, order) for values in cuts]
     if any(move is None for move in moves):
-        return False
+        return "one stream's new value is made from the other's"
+    blocker = _order_matters(graph) if any(moves) else None
+    if blocker is not None:
+        return f"its streams' new values are read in between, and {blocker.name} keeps the graph's order"
     carries = cuts[0]
     anchor = max(carries, key=order.__getitem__)
     with graph.inserting_before(anchor.next):
@@ -279,24 +313,41 @@ def pack_run(graph: fx.Graph, run: Run) -> bool:
             if user is not state:
                 user.replace_input_with(carry, view)
     for step, early in zip(run.steps, moves[1:]):
-        last = max((r.add for r in step), key=order.__getitem__)
+        last = max((r.add for r in step if r.add is not None), key=order.__getitem__)
         with graph.inserting_before(last.next):
-            addends = [graph.call_function(torch.broadcast_to, (r.addend, layout.shape))
-                       for r, layout in zip(step, layouts)]
+            addends = [graph.call_function(torch.broadcast_to, (r.addend, layout.shape)) if r.add is not None
+                       else graph.call_function(torch.zeros_like, (view,))
+                       for r, layout, view in zip(step, layouts, views)]
             total = graph.call_function(packed, (tuple(addends), layouts))
             new_state = graph.call_function(operator.add, (state, total))
-        for addend, residual, layout in zip(addends, step, layouts):
-            _with_value(addend, last, torch.broadcast_to(example_tensor(residual.addend), layout.shape))
+        for addend, residual, layout, view in zip(addends, step, layouts, views):
+            _with_value(addend, last, torch.broadcast_to(example_tensor(residual.addend), layout.shape)
+                        if residual.add is not None else torch.zeros_like(example_tensor(view)))
         _with_value(total, last, packed([example_tensor(a) for a in addends], layouts))
         _with_value(new_state, last, example_tensor(state) + example_tensor(total))
         views = _views(graph, new_state, layouts, last)
         _move_after(views[-1], early)
         for residual, view in zip(step, views):
-            residual.add.replace_all_uses_with(view)
-            graph.erase_node(residual.add)
+            if residual.add is not None:
+                residual.add.replace_all_uses_with(view)
+                graph.erase_node(residual.add)
         state = new_state
     graph.lint()
-    return True
+    return ""
+
+
+RANDOM = ("rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "normal",
+          "multinomial", "dropout", "uniform_", "normal_", "bernoulli_")
+
+
+def _order_matters(graph: fx.Graph) -> fx.Node | None:
+    """A node whose place in the graph matters beyond its arguments (a tensor changed in place, a random draw),
+    or None: then nodes may move as long as each follows its arguments."""
+    for node in graph.nodes:
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if node.op in ("call_function", "call_method") and (is_in_place(node) or name in RANDOM):
+            return node
+    return None
 
 
 def _move_after(anchor: fx.Node, nodes: list[fx.Node]) -> None:
@@ -331,8 +382,6 @@ class Packing(NamedTuple):
 
 def pack_streams(graph: fx.Graph, source: fx.Node) -> Packing:
     """Pack every run of two-stream steps of the stream from `source` that can be (module doc)."""
-    from t4dopt.cache.graph.regions import dataflow, stream_values
-
     packed_steps, refused, seen = 0, [], set()
     while True:
         runs = [run for run in find_runs(graph, dataflow(graph), stream_values(graph, source))
@@ -341,9 +390,7 @@ def pack_streams(graph: fx.Graph, source: fx.Node) -> Packing:
             return Packing(packed_steps, refused)
         run = runs[0]
         seen.add(run.steps[0][0].add.name)
-        reason = why_not_packed(run)
-        if not reason and not pack_run(graph, run):
-            reason = "one stream's new value is made from the other's"
+        reason = why_not_packed(run) or pack_run(graph, run)
         if reason:
             refused.append(f"two streams from {run.steps[0][0].add.name} left unpacked: {reason}")
         else:
