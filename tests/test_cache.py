@@ -211,11 +211,12 @@ def test_mixed_calls_through_segments_match_segments_alone(scm, calls_run_as):
 
 
 class ResidualStack(nn.Module):
-    """Timestep-conditioned attention + MLP blocks over [B, 32, 4] tokens; `in_place` spells ``h += f(h)``."""
+    """Timestep-conditioned attention + MLP blocks over [B, 32, 4] tokens; `in_place` spells ``h += f(h)``;
+    `cast` spells the MLP's residual as Wan does, ``h = (h.float() + mlp(h)).type_as(h)``."""
 
-    def __init__(self, in_place: bool, skip: bool = False):
+    def __init__(self, in_place: bool, skip: bool = False, cast: bool = False):
         super().__init__()
-        self.in_place, self.skip = in_place, skip
+        self.in_place, self.skip, self.cast = in_place, skip, cast
         self.embed, self.time, self.head = nn.Linear(4, 16), nn.Linear(1, 16), nn.Linear(16, 4)
         self.qkv = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
         self.mlp = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
@@ -229,6 +230,9 @@ class ResidualStack(nn.Module):
             if self.in_place:
                 h += attention
                 h += mlp(h)
+            elif self.cast:
+                h = h + attention
+                h = (h.float() + mlp(h)).type_as(h)
             else:
                 h = h + attention
                 h = h + mlp(h)
@@ -292,6 +296,23 @@ def test_second_order_reuse_is_newtons_polynomial_through_the_last_three_residua
             error = (got[step] - model.head(runs[step][0] + predicted)).abs().max()
             first_order = (got[step] - model.head(runs[step][0] + along_slope)).abs().max()
             assert error < 1e-6 and first_order > 1e-5
+
+
+def test_a_sublayer_whose_entry_is_read_after_its_exit_ends_a_span():
+    """Wan's FFN: ``(h.float() + ffn(h)).type_as(h)`` reads the entry after the residual is added, so the
+    attention before it cannot be rebuilt in one sum with it; reused, it equals the same model spelt plainly."""
+    torch.manual_seed(0)
+    plain = ResidualStack(in_place=False).eval()
+    cast = ResidualStack(in_place=False, cast=True).eval()
+    cast.load_state_dict(plain.state_dict())
+    cache = {"threshold": 10.0, "max_reuse": 3, "steps": 6}
+    expected = run_residual_stack(plain, cache)
+    torch._dynamo.reset()
+    got = run_residual_stack(cast, cache)
+    runtime = next(iter(runtimes_of(cast)))
+    assert len(runtime.program.spans()) > 1
+    assert sum(u.reused for u in t4dopt.cache_report(cast).units) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
 
 
 def test_in_place_addition_another_value_sees_is_left_in_place():
