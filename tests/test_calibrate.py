@@ -165,7 +165,7 @@ def test_calibrate_returns_no_options_when_nothing_meets_the_budget(short):
     ({"budget": {"psnr": "high"}}, "budget\\['psnr'\\]"),
     ({"thresholds": (0,)}, "thresholds"),
     ({"max_reuse": (0,)}, "max_reuse"),
-    ({"orders": (2,)}, "orders"),
+    ({"orders": (3,)}, "orders"),
     ({"repeats": 0}, "repeats"),
     ({"tolerance": 1.5}, "tolerance"),
 ])
