@@ -217,7 +217,7 @@ def run_calibrate(model: torch.nn.Module, inputs: list[tuple[torch.Tensor, torch
         return None, f"calibrate: {error}"
     print(result.table(), flush=True)
     if result.options is None:
-        return None, "calibrate: no setting within 30 dB"
+        return None, f"calibrate: {result.reason}"
     cache = result.options["cache"]
     return (cache["threshold"], cache["max_reuse"]), ""
 

@@ -227,7 +227,13 @@ class _Schema:
             seen.update(chain)
         if "mutates" in program and not isinstance(program["mutates"], bool):
             raise self.fail("program.mutates", "expected true or false")
+        if "work" in program:
+            self.flops("program.work", program["work"])
         return len(segments)
+
+    def flops(self, where: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise self.fail(where, f"{value!r}: expected a number >= 0")
 
     def unit(self, where: str, unit: Any) -> None:
         keys = {f.name for f in dataclasses.fields(UnitSpec)}
@@ -237,9 +243,9 @@ class _Schema:
         for key in ("name", "kind", "entry", "exit"):
             if not isinstance(unit[key], str):
                 raise self.fail(f"{where}.{key}", f"expected a string, got {unit[key]!r}")
-        flops = unit["flops"]
-        if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 <= flops < math.inf:
-            raise self.fail(f"{where}.flops", f"{flops!r}: expected a number >= 0")
+        self.flops(f"{where}.flops", unit["flops"])
+        if "work" in unit:
+            self.flops(f"{where}.work", unit["work"])
         share = unit.get("token_share")
         if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
                                   or not 0 < share <= 1):

@@ -22,6 +22,8 @@ GLOBAL_TOKEN_KEYS = ("prefix_tokens", "suffix_tokens")
 TOP_LEVEL_KEYS = ("layout", "sparse", "cache", "target", "strict", "verify", "trust_layout")
 CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps", "order")
 CACHE_LEVELS = ("block", "token", "chain")
+ORDERS = (0, 1, 2)
+"""Values of the cache's ``order`` option: how a reused residual is extrapolated."""
 DEFAULT_POLICY = "sculpt4d"
 TRIAL_FRAMES, TRIAL_BLOCKS = 64, 3
 """The grid a policy is tried on when the options are checked: more frames than video DiTs' latents have."""
@@ -64,7 +66,9 @@ class CacheSpec:
     ``threshold`` is the relative L1 drift of a unit's input since it was last computed below
     which its output is reused (0: never reuse). ``steps`` is the sampling loop's length; only
     with it can the ``final`` steps be recognised. ``order`` 0 reuses a stored residual as it
-    is; 1 carries it along its change per step between the last two computations.
+    is; 1 carries it along its change per step between the last two computations; 2 also bends it
+    with the change of that change over the last three (Newton's divided differences, as
+    TaylorSeer's finite-difference Taylor terms).
     """
 
     threshold: float = 0.05
@@ -225,8 +229,9 @@ def cache_spec(fields: Mapping[str, Any], name: Callable[[str], str] = lambda ke
     if steps is not None:
         _count(name("steps"), steps, 1)
     order = spec["order"]
-    if isinstance(order, bool) or not isinstance(order, int) or order not in (0, 1):
-        raise _fail(name("order"), order, "0 (reuse the residual as stored) or 1 (extrapolate it), an integer")
+    if isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS:
+        raise _fail(name("order"), order, "0 (reuse the residual as stored), 1 (extrapolate it along its slope) or 2 (also along "
+                                    "its curvature), an integer")
     return CacheSpec(**{**spec, "threshold": float(threshold), "token_ratio": float(ratio),
                         "levels": tuple(level for level in CACHE_LEVELS if level in levels)})
 

@@ -211,11 +211,12 @@ def test_mixed_calls_through_segments_match_segments_alone(scm, calls_run_as):
 
 
 class ResidualStack(nn.Module):
-    """Timestep-conditioned attention + MLP blocks over [B, 32, 4] tokens; `in_place` spells ``h += f(h)``."""
+    """Timestep-conditioned attention + MLP blocks over [B, 32, 4] tokens; `in_place` spells ``h += f(h)``;
+    `cast` spells the MLP's residual as Wan does, ``h = (h.float() + mlp(h)).type_as(h)``."""
 
-    def __init__(self, in_place: bool, skip: bool = False):
+    def __init__(self, in_place: bool, skip: bool = False, cast: bool = False):
         super().__init__()
-        self.in_place, self.skip = in_place, skip
+        self.in_place, self.skip, self.cast = in_place, skip, cast
         self.embed, self.time, self.head = nn.Linear(4, 16), nn.Linear(1, 16), nn.Linear(16, 4)
         self.qkv = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
         self.mlp = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
@@ -229,6 +230,9 @@ class ResidualStack(nn.Module):
             if self.in_place:
                 h += attention
                 h += mlp(h)
+            elif self.cast:
+                h = h + attention
+                h = (h.float() + mlp(h)).type_as(h)
             else:
                 h = h + attention
                 h = h + mlp(h)
@@ -255,6 +259,59 @@ def test_in_place_residual_additions_are_cached_like_out_of_place_ones():
     torch._dynamo.reset()
     got = run_residual_stack(in_place, cache)
     assert sum(u.reused for u in t4dopt.cache_report(in_place).units) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
+
+
+def test_second_order_reuse_is_newtons_polynomial_through_the_last_three_residuals():
+    """order=2: a reused unit adds ``r2 + slope * s + curvature * s * (s + gap)``. Computed at steps 0, 1, 2 and
+    reused at step 3 (s = gap = 1) that is ``3 r2 - 3 r1 + r0``; at step 4 too (a slope is carried no farther
+    than its gap). Checked against each sublayer's residual in the eager model, written out here."""
+    torch.manual_seed(0)
+    model = ResidualStack(in_place=False).eval()
+    got = run_residual_stack(model, {"threshold": 10.0, "max_reuse": 3, "warmup": 3, "final": 1, "steps": 6,
+                                     "order": 2})
+    assert [(u.computed, u.reused) for u in t4dopt.cache_report(model).units] == [(4, 2)] * 4
+    x = torch.randn(1, 32, 4, generator=torch.Generator().manual_seed(0))
+
+    def eager(t):
+        """The stream's entry, each sublayer's residual, and the output, at timestep `t`."""
+        h = entry = model.embed(x) + model.time(t.view(-1, 1, 1))
+        residuals = []
+        for qkv, mlp in zip(model.qkv, model.mlp):
+            q, k, v = qkv(h).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            residuals.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+            h = h + residuals[-1]
+            residuals.append(mlp(h))
+            h = h + residuals[-1]
+        return entry, residuals, model.head(h)
+
+    with torch.no_grad():
+        runs = [eager(torch.full((1,), float(t))) for t in torch.linspace(1, 0, 6)]
+        last_three = list(zip(runs[0][1], runs[1][1], runs[2][1]))
+        predicted = sum(3 * r2 - 3 * r1 + r0 for r0, r1, r2 in last_three)
+        along_slope = sum(2 * r2 - r1 for _, r1, r2 in last_three)
+        for step in (0, 1, 2, 5):
+            assert torch.allclose(got[step], runs[step][2], atol=1e-6)
+        for step in (3, 4):
+            error = (got[step] - model.head(runs[step][0] + predicted)).abs().max()
+            first_order = (got[step] - model.head(runs[step][0] + along_slope)).abs().max()
+            assert error < 1e-6 and first_order > 1e-5
+
+
+def test_a_sublayer_whose_entry_is_read_after_its_exit_ends_a_span():
+    """Wan's FFN: ``(h.float() + ffn(h)).type_as(h)`` reads the entry after the residual is added, so the
+    attention before it cannot be rebuilt in one sum with it; reused, it equals the same model spelt plainly."""
+    torch.manual_seed(0)
+    plain = ResidualStack(in_place=False).eval()
+    cast = ResidualStack(in_place=False, cast=True).eval()
+    cast.load_state_dict(plain.state_dict())
+    cache = {"threshold": 10.0, "max_reuse": 3, "steps": 6}
+    expected = run_residual_stack(plain, cache)
+    torch._dynamo.reset()
+    got = run_residual_stack(cast, cache)
+    runtime = next(iter(runtimes_of(cast)))
+    assert len(runtime.program.spans()) > 1
+    assert sum(u.reused for u in t4dopt.cache_report(cast).units) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
 
 
@@ -487,7 +544,7 @@ def test_report_table_names_every_unit(scm):
     ({"levels": ["block", "frame"]}, "cache['levels']"),
     ({"levels": "block"}, "cache['levels']"),
     ({"steps": 0}, "cache['steps']"),
-    ({"order": 2}, "cache['order']"),
+    ({"order": 3}, "cache['order']"),
     ({"thresold": 0.1}, "cache['thresold']"),
     ([0.1], "cache"),
 ])

@@ -122,7 +122,7 @@ def test_option_errors_carry_the_option_the_value_and_what_is_allowed():
     with pytest.raises(t4dopt.T4DOptionError) as error:
         t4dopt.check_options({"cache": {"order": 5}})
     assert (error.value.option, error.value.value) == ("cache['order']", 5)
-    assert "0 (reuse the residual as stored) or 1" in error.value.allowed
+    assert "0 (reuse the residual as stored), 1 (extrapolate it along its slope) or 2" in error.value.allowed
 
 
 @pytest.mark.parametrize("options", [{"target": "tvm"}, {"cache": {"levels": []}}, {"sparse": _none}])

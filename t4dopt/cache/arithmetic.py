@@ -7,7 +7,8 @@ table on the device, so neither a new value nor a host-to-device copy is needed 
 Two operations, and what travels in and out of them by name:
 
 - a **save**, after a computation: the residual ``exit - entry`` to keep, by `SaveKind` also
-  its change per step and the entry's drift (`SaveInputs` in, `SaveResult` out);
+  its change per step (slope), the change of that (curvature) and the entry's drift
+  (`SaveInputs` in, `SaveResult` out);
 - a **reuse**: a new entry plus saved residuals, each an `Addend` extrapolated to its order,
   and the entry's drift (`Rebuilt` out).
 """
@@ -40,11 +41,21 @@ def drift_ratio(change: float, norm: float) -> float:
 
 
 def rebuilt(entry: torch.Tensor, residual: torch.Tensor, slope: torch.Tensor | None = None,
-            steps: torch.Tensor | None = None) -> torch.Tensor:
-    """A reused sublayer's (or span's) exit: its new entry plus the saved residual, extrapolated by ``slope * steps``."""
+            steps: torch.Tensor | None = None, curvature: torch.Tensor | None = None,
+            bend: torch.Tensor | None = None) -> torch.Tensor:
+    """A reused sublayer's (or span's) exit: its new entry plus the saved residual, extrapolated by
+    ``slope * steps`` and (order 2) ``curvature * bend``.
+
+    With the last three computations at steps t0 < t1 < t2, Newton's interpolating polynomial
+    through their residuals at ``t2 + s`` is ``r2 + slope * s + curvature * s * (s + t2 - t1)``,
+    with ``slope = (r2 - r1) / (t2 - t1)`` and ``curvature = (slope - previous slope) / (t2 - t0)``:
+    `bend` is ``s * (s + t2 - t1)``.
+    """
     if slope is None:
         return entry + residual
-    return entry + residual + slope * steps.type_as(slope)
+    if curvature is None:
+        return entry + residual + slope * steps.type_as(slope)
+    return entry + residual + slope * steps.type_as(slope) + curvature * bend.type_as(curvature)
 
 
 def drift(now: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor]:
@@ -63,6 +74,17 @@ def save_slope(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Tens
     return residual, (residual - previous) * inverse_gap.to(residual.dtype), relative_drift(entry, before)
 
 
+def save_curvature(exit_value: torch.Tensor, entry: torch.Tensor, before: torch.Tensor, previous: torch.Tensor,
+                   inverse_gap: torch.Tensor, previous_slope: torch.Tensor,
+                   inverse_span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `save_slope`, plus the slope's change since the `previous_slope`, divided by the steps the three
+    computations span (``1 / inverse_span``): the second divided difference (`rebuilt`)."""
+    residual = exit_value - entry
+    slope = (residual - previous) * inverse_gap.to(residual.dtype)
+    curvature = (slope - previous_slope) * inverse_span.to(residual.dtype)
+    return residual, slope, curvature, relative_drift(entry, before)
+
+
 class SaveInputs(NamedTuple):
     """What a save may take after ``(exit, entry)``; each `SaveKind` takes the fields it names."""
 
@@ -72,6 +94,10 @@ class SaveInputs(NamedTuple):
     """The residual saved then."""
     inverse_gap: torch.Tensor | None = None
     """1 / the steps since then, as a 0-d tensor."""
+    previous_slope: torch.Tensor | None = None
+    """The slope saved then."""
+    inverse_span: torch.Tensor | None = None
+    """1 / the steps since the computation before that one, as a 0-d tensor."""
 
 
 class SaveResult(NamedTuple):
@@ -80,6 +106,7 @@ class SaveResult(NamedTuple):
     residual: torch.Tensor
     slope: torch.Tensor | None = None
     drift: torch.Tensor | None = None
+    curvature: torch.Tensor | None = None
 
 
 class SaveKind(StrEnum):
@@ -90,11 +117,13 @@ class SaveKind(StrEnum):
     RESIDUAL = "residual"
     """The residual and the entry's drift (``order=0``)."""
     SLOPE = "slope"
-    """Also the residual's change per step (``order=1``)."""
+    """Also the residual's change per step (``order=1``, and ``order=2`` until a slope is saved)."""
+    CURVATURE = "curvature"
+    """Also the slope's change (``order=2``)."""
 
     @property
     def function(self) -> Callable:
-        return save_slope if self is SaveKind.SLOPE else save
+        return _SAVE_FUNCTIONS[self]
 
     @property
     def arguments(self) -> tuple[str, ...]:
@@ -111,10 +140,14 @@ class SaveKind(StrEnum):
         return [getattr(given, name) for name in self.arguments]
 
 
+_SAVE_FUNCTIONS = {SaveKind.FIRST: save, SaveKind.RESIDUAL: save, SaveKind.SLOPE: save_slope,
+                   SaveKind.CURVATURE: save_curvature}
 _SAVE_ARGUMENTS = {SaveKind.FIRST: (), SaveKind.RESIDUAL: ("before",),
-                   SaveKind.SLOPE: ("before", "previous", "inverse_gap")}
+                   SaveKind.SLOPE: ("before", "previous", "inverse_gap"),
+                   SaveKind.CURVATURE: ("before", "previous", "inverse_gap", "previous_slope", "inverse_span")}
 _SAVE_RESULTS = {SaveKind.FIRST: ("residual",), SaveKind.RESIDUAL: ("residual", "drift"),
-                 SaveKind.SLOPE: ("residual", "slope", "drift")}
+                 SaveKind.SLOPE: ("residual", "slope", "drift"),
+                 SaveKind.CURVATURE: ("residual", "slope", "curvature", "drift")}
 
 
 def add_save(graph: fx.Graph, kind: SaveKind, exit_value: fx.Node, entry: fx.Node,
@@ -141,16 +174,18 @@ class Addend(NamedTuple):
     residual: torch.Tensor
     slope: torch.Tensor | None = None
     steps: torch.Tensor | None = None
+    curvature: torch.Tensor | None = None
+    bend: torch.Tensor | None = None
 
     @property
     def order(self) -> int:
-        return 1 if self.slope is not None else 0
+        return 0 if self.slope is None else 1 if self.curvature is None else 2
 
     def arguments(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in ADDEND_FIELDS[self.order]]
 
 
-ADDEND_FIELDS = (("residual",), ("residual", "slope", "steps"))
+ADDEND_FIELDS = (("residual",), ("residual", "slope", "steps"), ("residual", "slope", "steps", "curvature", "bend"))
 """The `Addend` fields a reuse of each extrapolation order takes (its graph's inputs per addend)."""
 
 

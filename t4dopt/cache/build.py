@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from t4dopt.cache.arithmetic import SaveKind
+from t4dopt.cache.graph import work
 from t4dopt.cache.graph.collectives import collective_group, is_collective
 from t4dopt.cache.graph.functional import functional_residuals, functional_writes
 from t4dopt.cache.graph.regions import Rejection, RegionPlan, find_regions, find_timestep
@@ -16,7 +17,7 @@ from t4dopt.cache.graph.segments import Segment, split
 from t4dopt.cache.graph.streams import pack_streams
 from t4dopt.cache.graph.step_graphs import reused_graph, tapped_graph
 from t4dopt.cache.lowered import ComputedGraph, LazyLowered, ReusedGraph, SegmentRunners, StepGraphs, TokenTaps
-from t4dopt.cache.program import Program, program_of
+from t4dopt.cache.program import Program, Work, program_of
 from t4dopt.cache.registry import GraphUnits, LeftOut, UnitFound, record, register
 from t4dopt.cache.runtime import CacheRuntime
 from t4dopt.lowering import Lower
@@ -74,15 +75,31 @@ def prepare(gm: fx.GraphModule, decisions: list[SiteDecision], spec: CacheSpec) 
             unit.token_site = None  # (rows picked per shard: not one decision for all ranks)
     segments = split(gm, plan, spec.token_ratio)
     flops = [sum(d.site.dense_flops() * d.density for d in unit.sites) for unit in plan.units]
-    return Prepared(plan, segments, program_of(gm, plan, segments, timestep, flops, spec.token_ratio), group)
+    return Prepared(plan, segments, program_of(gm, plan, segments, timestep, flops, spec.token_ratio,
+                                               _work(gm, plan, decisions)), group)
 
 
-def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: Lower) -> StepGraphs | None:
-    """The runtime's whole-call graphs for `gm` (None when it changes tensors in place: values it returns
-    early could change later in the same graph)."""
+def _work(gm: fx.GraphModule, plan: RegionPlan, decisions: list[SiteDecision]) -> Work:
+    """FLOPs per call of each unit and of the whole graph (for the share of work a call computes)."""
+    modules = dict(gm.named_modules())
+    attention = {d.rewritten_output or d.site.output: d.site.dense_flops() * d.density for d in decisions}
+    return Work([work.flops(unit.nodes, modules, attention) for unit in plan.units],
+                work.flops(gm.graph.nodes, modules, attention))
+
+
+def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: Lower) -> StepGraphs:
+    """The runtime's whole-call graphs for `gm`.
+
+    A graph that changes tensors in place gets only the plain one: values a tapped or
+    rebuilt graph returned early could change later in the same graph, but the plain graph
+    returns only the graph's own outputs.
+    """
     program = prepared.program
+    # The whole-call graphs take the graph's inputs first, then what the runtime passes.
+    static = [i for i, name in enumerate(program.placeholders) if name in set(program.static)]
+    plain = LazyLowered(tapped_graph(gm, []).module, lower, static)
     if program.mutates:
-        return None
+        return StepGraphs(plain, None, None, {})
     token_taps = {}
     for unit in prepared.plan.units if "token" in spec.levels else []:
         if unit.token_site is not None:
@@ -97,19 +114,18 @@ def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: 
     def computed_for(kind: SaveKind) -> ComputedGraph:
         if kind not in computed:
             whole = tapped_graph(gm, taps, program.saved_values(), kind)
-            computed[kind] = ComputedGraph(LazyLowered(whole.module, lower), whole.outputs)
+            computed[kind] = ComputedGraph(LazyLowered(whole.module, lower, static), whole.outputs)
         return computed[kind]
 
     def reused_for(orders: tuple[int, ...]) -> ReusedGraph:
         if orders not in reused:
             whole = reused_graph(gm, prepared.plan, spans, orders)
-            reused[orders] = ReusedGraph(LazyLowered(whole.module, lower), whole.outputs)
+            reused[orders] = ReusedGraph(LazyLowered(whole.module, lower, static), whole.outputs)
         return reused[orders]
 
     # Whether every span can be rebuilt does not depend on the orders: try once, with order 0 throughout.
     rebuildable = reused_graph(gm, prepared.plan, spans, [0] * len(spans)) is not None
-    return StepGraphs(LazyLowered(tapped_graph(gm, []).module, lower), computed_for,
-                      reused_for if rebuildable else None, token_taps)
+    return StepGraphs(plain, computed_for, reused_for if rebuildable else None, token_taps)
 
 
 def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[SiteDecision], spec: CacheSpec,
@@ -124,10 +140,15 @@ def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list
     if prepared.program is None:
         return None, prepared.plan
 
-    def lazy(module: fx.GraphModule | None) -> LazyLowered | None:
-        return LazyLowered(module, lower) if module is not None else None
+    static = set(prepared.program.static)
 
-    runners = [SegmentRunners(lazy(s.gm), lazy(s.token_full), lazy(s.token_pruned)) for s in prepared.segments]
+    def lazy(module: fx.GraphModule | None, segment: Segment) -> LazyLowered | None:
+        # A segment (and its token variants) takes the segment's inputs first.
+        positions = [i for i, node in enumerate(segment.inputs) if node.name in static]
+        return LazyLowered(module, lower, positions) if module is not None else None
+
+    runners = [SegmentRunners(lazy(s.gm, s), lazy(s.token_full, s), lazy(s.token_pruned, s))
+               for s in prepared.segments]
     parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
     runtime = CacheRuntime(prepared.program, runners, spec, parameter_ids, lower, step_graphs(gm, prepared, spec, lower))
     runtime.generations.group = prepared.group

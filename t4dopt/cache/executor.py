@@ -1,8 +1,9 @@
 """How one call of the cache runtime runs: the path is chosen before it starts (`Executor.plan`), then taken.
 
 - ``PLAIN``: nothing kept (gradients enabled, threshold 0): the whole graph, or every segment
-  in full where there are no whole-call graphs;
-- ``COMPUTED``: every unit computed and every save of one kind: the whole graph, saving as it goes;
+  in full where there are no whole-call graphs (a bundle);
+- ``COMPUTED``: every unit computed and every save of one kind: the whole graph, saving as it goes
+  (not for a graph that changes tensors in place);
 - ``REUSED``: every unit reused or bypassed and each span's terms combinable: the whole graph
   with every span rebuilt from saved tensors;
 - ``SEGMENTS``: anything else, segment by segment (`t4dopt.cache.segmented`); also every call
@@ -69,7 +70,7 @@ class Executor:
         graphs = self.step_graphs
         if slot is None:
             return Plan(CallPath.PLAIN)
-        if graphs is not None and all(mode is Mode.COMPUTE for mode in modes):
+        if graphs is not None and graphs.computed is not None and all(mode is Mode.COMPUTE for mode in modes):
             kinds = {self.residuals.save_kind(memory, order) for memory in slot.memories}
             if len(kinds) == 1:
                 return Plan(CallPath.COMPUTED, slot, modes, order, kind=kinds.pop())

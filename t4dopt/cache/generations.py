@@ -346,9 +346,9 @@ def _tensors_of(track: Track) -> list[torch.Tensor]:
     tensors = []
     for memory in track.slot.memories:
         saved = memory.saved
-        tensors += [t for t in (saved.entry, saved.residual, saved.slope) if t is not None]
+        tensors += [t for t in (saved.entry, saved.residual, saved.slope, saved.curvature) if t is not None]
         if saved.rows is not None:
             tensors += list(saved.rows)
     for kept in track.slot.sums.values():
-        tensors += [t for t in (kept.residual, kept.slope) if t is not None]
+        tensors += [t for t in (kept.residual, kept.slope, kept.curvature) if t is not None]
     return tensors

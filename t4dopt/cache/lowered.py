@@ -9,7 +9,7 @@ The runtime's own arithmetic is lowered the same way (`t4dopt.cache.arithmetic.A
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -41,16 +41,24 @@ class LazyLowered:
     A graph with dynamic shapes runs its segments at several sizes; each size gets its own
     lowering instead of reusing one specialised to another size. Lowering holds a lock, so
     threads calling at once lower a graph once.
+
+    `static` are the positions of the model's parameters and buffers among the arguments:
+    dynamo guards those (shape, strides, dtype, device) before the compiled graph runs, so they
+    stay out of the signature, which would otherwise cost a read of every parameter per call.
     """
 
     _lowering = threading.Lock()
 
-    def __init__(self, gm: fx.GraphModule, lower: Lower):
+    def __init__(self, gm: fx.GraphModule, lower: Lower, static: Collection[int] = ()):
         self.gm, self.lower = gm, lower
+        self.static = frozenset(static)
         self.lowered: dict[tuple, Callable] = {}
+        self._dynamic: list[int] | None = None
 
     def __call__(self, *args: Any) -> Any:
-        signature = input_signature(args)
+        if self._dynamic is None:
+            self._dynamic = [i for i in range(len(args)) if i not in self.static]
+        signature = input_signature([args[i] for i in self._dynamic] if self.static else args)
         fn = self.lowered.get(signature)
         if fn is None:
             with self._lowering:
@@ -117,13 +125,14 @@ class StepGraphs:
     """Whole-call graphs, lowered on first use.
 
     `plain` runs the whole graph (for calls that keep nothing) and returns its output leaves;
-    `computed(kind)` is the `ComputedGraph` saving with `kind`; `reused(orders)` the
+    `computed(kind)` is the `ComputedGraph` saving with `kind` (None for a graph that changes
+    tensors in place); `reused(orders)` the
     `ReusedGraph` whose spans' addends have these extrapolation orders, or `reused` is None
     when no graph can rebuild every span (a unit's nodes would still be needed).
     `token_taps` names, per token-prunable unit, its query and attention rows among the taps.
     """
 
     plain: Callable
-    computed: Callable[[SaveKind], ComputedGraph]
+    computed: Callable[[SaveKind], ComputedGraph] | None
     reused: Callable[[tuple[int, ...]], ReusedGraph] | None
     token_taps: dict[int, TokenTaps]

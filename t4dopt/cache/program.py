@@ -40,6 +40,8 @@ class UnitSpec:
     exit: str
     flops: float
     token_share: float | None = None
+    work: float = 0.0
+    """FLOPs of the whole sublayer per call (`t4dopt.cache.graph.work`), not only its attention's."""
 
 
 class UnitSpan(NamedTuple):
@@ -47,6 +49,13 @@ class UnitSpan(NamedTuple):
 
     first: int
     last: int
+
+
+class Work(NamedTuple):
+    """FLOPs per call: of each unit, and of the whole graph."""
+
+    units: list[float]
+    total: float
 
 
 class SavedValue(NamedTuple):
@@ -75,6 +84,8 @@ class Program:
     """The output value holding the prediction for the latents (`find_prediction`), if there is one."""
     static: list[str] = field(default_factory=list)
     """Inputs that are the model's parameters and buffers: the same tensors call after call."""
+    work: float = 0.0
+    """FLOPs of one whole call, inside units and out (0: not known, a bundle of an earlier version)."""
 
     def outputs(self, env: dict[str, Any]) -> Any:
         """The graph's output structure filled from `env` (leaves that name values are looked up)."""
@@ -82,10 +93,21 @@ class Program:
         return pytree.tree_unflatten(leaves, treespec_loads(self.output_spec))
 
     def spans(self) -> list[UnitSpan]:
-        """The maximal spans of adjacent units, in order; every unit is in one."""
+        """The maximal spans of adjacent units, in order; every unit is in one.
+
+        A reused span is rebuilt in one sum, so the values between its units are never made:
+        units are adjacent only where the value between them is used by the next unit alone
+        (not by another segment, e.g. a ``type_as`` after the sublayer, nor returned).
+        """
+        users: dict[str, set[int | None]] = {}
+        for segment in self.segments:
+            for name in segment.inputs:
+                users.setdefault(name, set()).add(segment.unit)
+        returned = {leaf["value"] for leaf in self.output_leaves if isinstance(leaf, dict)}
         spans: list[UnitSpan] = []
         for index, unit in enumerate(self.units):
-            if spans and self.units[spans[-1].last].exit == unit.entry:
+            if (spans and self.units[spans[-1].last].exit == unit.entry and unit.entry not in returned
+                    and users.get(unit.entry, set()) <= {index}):
                 spans[-1] = spans[-1]._replace(last=index)
             else:
                 spans.append(UnitSpan(index, index))
@@ -123,11 +145,12 @@ class Program:
             stream=data.get("stream"),
             prediction=data.get("prediction"),
             static=list(data.get("static", [])),
+            work=float(data.get("work", 0.0)),
         )
 
 
 def program_of(gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], timestep: fx.Node | None,
-               flops: list[float], token_ratio: float) -> Program:
+               flops: list[float], token_ratio: float, work: Work) -> Program:
     output = next(n for n in gm.graph.nodes if n.op == "output")
     leaves, spec = pytree.tree_flatten(output.args[0])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -139,11 +162,12 @@ def program_of(gm: fx.GraphModule, plan: RegionPlan, segments: list[Segment], ti
         timestep=timestep.name if timestep is not None else None,
         segments=[SegmentSpec([n.name for n in s.inputs], [n.name for n in s.outputs], s.unit) for s in segments],
         units=[UnitSpec(u.name, u.kind, u.entry.name, u.exit.name, f,
-                        token_rows(u, token_ratio) / u.token_site.site.query_shape[0] if u.token_site else None)
-               for u, f in zip(plan.units, flops)],
+                        token_rows(u, token_ratio) / u.token_site.site.query_shape[0] if u.token_site else None, w)
+               for u, f, w in zip(plan.units, flops, work.units)],
         chains=[c.units for c in plan.chains],
         mutates=any(is_in_place(n) for n in gm.graph.nodes),
         stream=plan.stream_input.name,
         prediction=prediction.name if prediction is not None else None,
         static=[n.name for n in placeholders if is_parameter_input(n)],
+        work=work.total,
     )

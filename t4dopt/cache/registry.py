@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from t4dopt.cache.runtime import CacheRuntime
-from t4dopt.cache.stats import UnitReport, table
+from t4dopt.cache.stats import UnitReport, WorkShare, table
 
 _runtimes: weakref.WeakSet[CacheRuntime] = weakref.WeakSet()
 
@@ -102,11 +102,22 @@ class CacheReport:
     held_bytes: int = 0
     graphs: list[GraphUnits] = field(default_factory=list)
     """Per graph compiled with the cache, the units found and the work left out with the reasons."""
+    work: WorkShare = WorkShare(0.0, 0.0)
+    """FLOPs of the last generation's calls, computed and in all, counting the work outside units."""
 
     @property
     def units_found(self) -> list[str]:
         """The names of the units found in every graph (cached or not), in order."""
         return [unit.name for graph in self.graphs for unit in graph.units]
+
+    @property
+    def computed(self) -> float:
+        """Share of the calls' work computed (matrix products, layers and attention, inside units and out);
+        where the work is not known (bundles of earlier versions), the share of unit calls computed."""
+        if self.work.total:
+            return self.work.computed / self.work.total
+        calls = sum(u.calls for u in self.units)
+        return sum(u.computed for u in self.units) / calls if calls else 1.0
 
     @property
     def flops_saved(self) -> float:
@@ -115,7 +126,11 @@ class CacheReport:
         return sum(u.flops_saved for u in self.units) / dense if dense else 0.0
 
     def table(self) -> str:
-        return table(self.units)
+        text = table(self.units)
+        if self.work.total:
+            text += (f"\n{100 * self.computed:.1f}% of the calls' work computed (matrix products and attention, "
+                     "inside units and out)")
+        return text
 
     def __str__(self) -> str:
         return self.table()
@@ -124,9 +139,15 @@ class CacheReport:
 def cache_report(model: torch.nn.Module) -> CacheReport:
     """Per unit of `model`'s compiled graphs: calls computed, reused, pruned and bypassed, FLOPs saved; and per
     graph the units its analysis found and what it left out, with the reasons (`CacheReport.graphs`)."""
-    runtimes = runtimes_of(model)
+    return report_of(runtimes_of(model), found_in(model))
+
+
+def report_of(runtimes: list[CacheRuntime], graphs: list[GraphUnits] | None = None) -> CacheReport:
+    """The `CacheReport` of `runtimes` (with `graphs`, the analyses of the graphs they came from)."""
+    shares = [runtime.stats.work_share() for runtime in runtimes]
     return CacheReport([unit for runtime in runtimes for unit in runtime.stats.report()],
-                       sum(runtime.held_bytes() for runtime in runtimes), found_in(model))
+                       sum(runtime.held_bytes() for runtime in runtimes), list(graphs or []),
+                       WorkShare(sum(s.computed for s in shares), sum(s.total for s in shares)))
 
 
 def units_found(model: torch.nn.Module, *args, options: dict | None = None, **kwargs) -> list[GraphUnits]:

@@ -32,9 +32,17 @@ def steps_ahead(memory: Memory) -> int:
     return min(memory.drift.since, memory.saved.gap)
 
 
+def bend(memory: Memory) -> int:
+    """``s * (s + gap)`` for a curvature carried `steps_ahead` steps s (`t4dopt.cache.arithmetic.rebuilt`)."""
+    ahead = steps_ahead(memory)
+    return ahead * (ahead + memory.saved.gap)
+
+
 def combinable(terms: Sequence[Term]) -> bool:
-    """Whether `terms` can be one addend: their slopes (if any) are carried by the same number of steps."""
-    return len({steps_ahead(t.memory) for t in terms if t.memory.saved.order == 1}) <= 1
+    """Whether `terms` can be one addend: their slopes (if any) are carried by the same number of steps, and
+    their curvatures (if any) bent alike."""
+    return (len({steps_ahead(t.memory) for t in terms if t.memory.saved.order >= 1}) <= 1
+            and len({bend(t.memory) for t in terms if t.memory.saved.order == 2}) <= 1)
 
 
 def reused(slot: SlotState, terms: Sequence[Term], drift: torch.Tensor) -> None:
@@ -56,7 +64,9 @@ class Residuals:
         """The save after computing `memory`'s unit or chain, with ``order`` as the cache option."""
         if memory.saved.entry is None:
             return SaveKind.FIRST
-        return SaveKind.SLOPE if order == 1 else SaveKind.RESIDUAL
+        if order == 2 and memory.saved.slope is not None:
+            return SaveKind.CURVATURE
+        return SaveKind.SLOPE if order >= 1 else SaveKind.RESIDUAL
 
     def save_inputs(self, kind: SaveKind, memory: Memory) -> SaveInputs:
         """What a save of `kind` takes from `memory` after ``(exit, entry)``."""
@@ -65,7 +75,12 @@ class Residuals:
             return SaveInputs()
         if kind is SaveKind.RESIDUAL:
             return SaveInputs(saved.entry)
-        return SaveInputs(saved.entry, saved.residual, self.arithmetic.inverse(memory.drift.since, saved.entry))
+        since = memory.drift.since
+        inverse = self.arithmetic.inverse(since, saved.entry)
+        if kind is SaveKind.SLOPE:
+            return SaveInputs(saved.entry, saved.residual, inverse)
+        return SaveInputs(saved.entry, saved.residual, inverse, saved.slope,
+                          self.arithmetic.inverse(since + saved.gap, saved.entry))
 
     def chain_term(self, slot: SlotState, chain: int) -> Term:
         members = tuple(slot.units[member].drift for member in self.program.chains[chain])
@@ -90,7 +105,11 @@ class Residuals:
         saved = memory.saved
         if saved.order == 0:
             return Addend(saved.residual)
-        return Addend(saved.residual, saved.slope, self.arithmetic.steps(steps_ahead(memory), saved.residual))
+        steps = self.arithmetic.steps(steps_ahead(memory), saved.residual)
+        if saved.order == 1:
+            return Addend(saved.residual, saved.slope, steps)
+        return Addend(saved.residual, saved.slope, steps, saved.curvature,
+                      self.arithmetic.steps(bend(memory), saved.residual))
 
     def combined(self, slot: SlotState, terms: Sequence[Term]) -> Addend:
         """`terms` (which must be `combinable`) as one addend: residuals and slopes summed.
@@ -99,17 +118,24 @@ class Residuals:
         """
         if len(terms) == 1:
             return self.addend(terms[0].memory)
-        extrapolated = [t.memory for t in terms if t.memory.saved.order == 1]
+        extrapolated = [t.memory for t in terms if t.memory.saved.order >= 1]
+        bent = [m for m in extrapolated if m.saved.order == 2]
         key = tuple(id(t.memory.saved) for t in terms)
-        sources = tuple(tensor for t in terms for tensor in (t.memory.saved.residual, t.memory.saved.slope))
+        sources = tuple(tensor for t in terms
+                        for tensor in (t.memory.saved.residual, t.memory.saved.slope, t.memory.saved.curvature))
         kept = slot.sums.get(key)
         if kept is None or any(a is not b for a, b in zip(kept.sources, sources)):
             residual = self.arithmetic.total([t.memory.saved.residual for t in terms])
             slope = self.arithmetic.total([m.saved.slope for m in extrapolated]) if extrapolated else None
-            kept = slot.sums[key] = Sum(sources, residual, slope)
+            curvature = self.arithmetic.total([m.saved.curvature for m in bent]) if bent else None
+            kept = slot.sums[key] = Sum(sources, residual, slope, curvature)
         if not extrapolated:
             return Addend(kept.residual)
-        return Addend(kept.residual, kept.slope, self.arithmetic.steps(steps_ahead(extrapolated[0]), kept.residual))
+        steps = self.arithmetic.steps(steps_ahead(extrapolated[0]), kept.residual)
+        if not bent:
+            return Addend(kept.residual, kept.slope, steps)
+        return Addend(kept.residual, kept.slope, steps, kept.curvature,
+                      self.arithmetic.steps(bend(bent[0]), kept.residual))
 
     def addends(self, slot: SlotState, terms: Sequence[Term]) -> list[Addend]:
         """`terms` as one combined addend where they combine, else one addend each."""

@@ -1,6 +1,7 @@
 """Run a segmented graph call after call, reusing work across denoising steps.
 
-One `CacheRuntime` serves one compiled graph. Per call it reads back, in one transfer, the
+One `CacheRuntime` serves one compiled graph. At threshold 0 a call only runs the whole graph
+(nothing could be reused, so nothing is placed or kept). Otherwise, per call it reads back, in one transfer, the
 timestep, what identifies the call and the drifts measured during earlier calls
 (`readback`), places the call in its generation, guidance branch and step
 (`generations.Generations`, honouring explicit scopes from `scope`), lets the policy choose
@@ -53,16 +54,22 @@ class CacheRuntime:
         self.executor = Executor(program, runners, step_graphs, arithmetic, keep_rows="token" in spec.levels)
         self.prunable = [u.token_share is not None for u in program.units]
         self.stats = CacheStats([u.name for u in program.units], [u.kind for u in program.units],
-                                [u.flops for u in program.units], [u.token_share or 1.0 for u in program.units])
+                                [u.flops for u in program.units], [u.token_share or 1.0 for u in program.units],
+                                [u.work for u in program.units], program.work)
         self.generations = Generations(program, self, parameter_ids)
         self._lock = threading.Lock()
         self._warned_grad = False
+        names = program.placeholders
+        self._timestep = names.index(program.timestep) if program.timestep in names else None
+        self._last_timestep: float | None = None
+        """The last timestep of a threshold-0 call (`_uncached`)."""
 
     def reset(self) -> None:
         """Drop every stored tensor; each next call starts a new generation."""
         with self._lock:
             self.generations.reset()
             self.stats.close_generation()
+            self._last_timestep = None
 
     def end_scope(self, scope: Scope) -> None:
         """`scope` ended: free the state its calls kept."""
@@ -81,21 +88,19 @@ class CacheRuntime:
     def __call__(self, *args: Any) -> Any:
         if self._needs_gradients(args):
             return self.executor.run(self.executor.plan(), args)
+        if self.spec.threshold == 0:
+            return self._uncached(args)
         units, chains = len(self.program.units), len(self.program.chains)
         with self._lock:
             placement = self.generations.place(args, units, chains)
             if placement.new_epoch:
                 self.stats.close_generation()
-            if self.spec.threshold == 0:
-                modes = [policy.Mode.COMPUTE] * units
-                plan = self.executor.plan()
-            else:
-                slot = placement.track.slot
-                slot.begin_call()
-                modes = policy.choose(self.spec, placement.step, policy.progress_of(self.spec, placement),
-                                      [m.drift for m in slot.units], [m.drift for m in slot.chains],
-                                      self.program.chains, self.prunable)
-                plan = self.executor.plan(slot, modes, self.spec.order)
+            slot = placement.track.slot
+            slot.begin_call()
+            modes = policy.choose(self.spec, placement.step, policy.progress_of(self.spec, placement),
+                                  [m.drift for m in slot.units], [m.drift for m in slot.chains],
+                                  self.program.chains, self.prunable)
+            plan = self.executor.plan(slot, modes, self.spec.order)
             self.stats.count(modes)
         outputs = self.executor.run(plan, args)
         with self._lock:
@@ -104,6 +109,23 @@ class CacheRuntime:
             else:
                 self.generations.recorded(placement, args, outputs)
         return outputs
+
+    def _uncached(self, args: tuple) -> Any:
+        """A call at threshold 0: nothing can be reused, so nothing is placed or kept; the whole graph runs.
+
+        The report still counts per generation: one ends where the timestep goes up (the next
+        generation's first step), which is all a report of computed calls needs.
+        """
+        timestep = args[self._timestep] if self._timestep is not None else None
+        now = float(timestep.max()) if isinstance(timestep, torch.Tensor) else timestep
+        with self._lock:
+            # As placing a call would: a graph serving another module's parameters is found from that module too.
+            self.parameter_ids.update(id(args[i]) for i in self.generations.static)
+            if isinstance(now, (int, float)) and self._last_timestep is not None and now > self._last_timestep:
+                self.stats.close_generation()
+            self._last_timestep = now
+            self.stats.count([policy.Mode.COMPUTE] * len(self.program.units))
+        return self.executor.run(self.executor.plan(), args)
 
     def _needs_gradients(self, args: tuple) -> bool:
         """Whether autograd records this call (then it computes in full, with a warning the first time)."""

@@ -64,6 +64,8 @@ class Saved:
     entry: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     slope: torch.Tensor | None = None
+    curvature: torch.Tensor | None = None
+    """The slope's change over the last three computations (``order=2``)."""
     gap: int = 1
     """Steps between the two computations the slope comes from: it is not carried farther than that."""
     rows: TokenRows | None = None
@@ -71,8 +73,8 @@ class Saved:
 
     @property
     def order(self) -> int:
-        """How the residual is extrapolated: 0 as saved, 1 along its slope."""
-        return 1 if self.slope is not None else 0
+        """How the residual is extrapolated: 0 as saved, 1 along its slope, 2 also along its curvature."""
+        return 0 if self.slope is None else 1 if self.curvature is None else 2
 
 
 @dataclass
@@ -93,11 +95,12 @@ class DriftReading(NamedTuple):
 
 
 class Sum(NamedTuple):
-    """Residuals (and slopes) of terms reused together, summed once; `sources` are the tensors summed."""
+    """Residuals (and slopes, curvatures) of terms reused together, summed once; `sources` are the tensors summed."""
 
     sources: tuple[torch.Tensor | None, ...]
     residual: torch.Tensor
     slope: torch.Tensor | None
+    curvature: torch.Tensor | None = None
 
 
 @dataclass
@@ -139,7 +142,7 @@ class SlotState:
         state, saved = memory.drift, memory.saved
         saved.residual = result.residual
         if result.slope is not None:
-            saved.slope, saved.gap = result.slope, state.since
+            saved.slope, saved.curvature, saved.gap = result.slope, result.curvature, state.since
         if result.drift is not None:
             self.expect(state, result.drift)
         saved.entry = entry.detach().clone() if copy else entry.detach()

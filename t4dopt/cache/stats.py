@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from t4dopt.cache.policy import Mode
 
@@ -24,14 +25,26 @@ class UnitReport:
     bypassed: int
     flops_dense: float
     flops_saved: float
+    work: float = 0.0
+    """FLOPs of the whole sublayer per call (0 where not known)."""
+
+
+class WorkShare(NamedTuple):
+    """FLOPs of a generation's calls: computed, and in all (inside units and out)."""
+
+    computed: float
+    total: float
 
 
 class CacheStats:
     """Counts per unit for the running generation; the last finished one is kept for reports."""
 
-    def __init__(self, names: list[str], kinds: list[str], flops: list[float], pruned_share: list[float]):
-        """`pruned_share`: per unit, the share of its attention rows a pruned call recomputes."""
+    def __init__(self, names: list[str], kinds: list[str], flops: list[float], pruned_share: list[float],
+                 work: list[float] | None = None, call_work: float = 0.0):
+        """`pruned_share`: per unit, the share of its attention rows a pruned call recomputes; `work`: per unit,
+        the FLOPs of the whole sublayer, `call_work` those of a whole call (0: not known)."""
         self.names, self.kinds, self.flops, self.pruned_share = names, kinds, flops, pruned_share
+        self.work, self.call_work = work or [0.0] * len(names), call_work
         self.current = self._empty()
         self.last: list[dict[Mode, int]] | None = None
 
@@ -49,16 +62,31 @@ class CacheStats:
             self.last = self.current
         self.current = self._empty()
 
-    def report(self) -> list[UnitReport]:
+    def _reported(self) -> list[dict[Mode, int]]:
         """The last finished generation, or the running one when none has finished."""
-        counts = self.current if self.last is None or any(sum(c.values()) for c in self.current) else self.last
+        return self.current if self.last is None or any(sum(c.values()) for c in self.current) else self.last
+
+    def report(self) -> list[UnitReport]:
         rows = []
-        for name, kind, flops, share, c in zip(self.names, self.kinds, self.flops, self.pruned_share, counts):
+        for name, kind, flops, share, work, c in zip(self.names, self.kinds, self.flops, self.pruned_share, self.work,
+                                                     self._reported()):
             calls = sum(c.values())
             saved = flops * (c[Mode.REUSE] + c[Mode.BYPASS]) + flops * (1.0 - share) * c[Mode.PRUNE]
-            rows.append(UnitReport(name, kind, calls, flops_dense=flops * calls, flops_saved=saved,
+            rows.append(UnitReport(name, kind, calls, flops_dense=flops * calls, flops_saved=saved, work=work,
                                    **{mode.value: c[mode] for mode in Mode}))
         return rows
+
+    def work_share(self) -> WorkShare:
+        """FLOPs the reported generation computed: the work outside units every call, each unit's when computed
+        (a pruned call: its share of rows). Zero in all where the work is not known."""
+        counts = self._reported()
+        calls = sum(counts[0].values()) if counts else 0
+        if not self.call_work or not calls:
+            return WorkShare(0.0, 0.0)
+        outside = self.call_work - sum(self.work)
+        inside = sum(work * (c[Mode.COMPUTE] + share * c[Mode.PRUNE])
+                     for work, share, c in zip(self.work, self.pruned_share, counts))
+        return WorkShare(outside * calls + inside, self.call_work * calls)
 
 
 def table(units: list[UnitReport]) -> str:
