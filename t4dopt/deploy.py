@@ -17,6 +17,7 @@ import torch
 
 from t4dopt import manifest as manifests
 from t4dopt.cache.lowered import SegmentRunners
+from t4dopt.cache.parameters import ParameterSet
 from t4dopt.cache.program import Program
 from t4dopt.cache.runtime import CacheRuntime
 from t4dopt.cache.stats import table
@@ -108,4 +109,4 @@ def load(bundle: str | os.PathLike, *, cache: Mapping[str, Any] | CacheSpec | No
     program = Program.from_json(manifest["program"])
     runners = [SegmentRunners(_load_program(folder, files.get("plain")), _load_program(folder, files.get("full")),
                               _load_program(folder, files.get("pruned"))) for files in manifest["artifacts"]]
-    return DeployedModel(folder, manifest, CacheRuntime(program, runners, spec, set()))
+    return DeployedModel(folder, manifest, CacheRuntime(program, runners, spec, ParameterSet()))

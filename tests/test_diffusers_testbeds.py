@@ -163,5 +163,6 @@ def test_cache_peers_bench_quick_mode_runs(tmp_path):
     for row in ("| full compute |  | compiled |", "| turbo4d | threshold 0 | compiled |",
                 "| FirstBlockCache | threshold 0.1 | eager |", "| FirstBlockCache | threshold 0.1 | compiled |"):
         assert row in text, text
-    assert "(calibrate's pick)" in text
+    # calibrate's pick is marked, or the line says why there is none (at 3 steps nothing may pay).
+    assert "(calibrate's pick)" in text or re.search(r"^- calibrate: .+", text, flags=re.M), text
     assert (tmp_path / "cache_peers_wan-tiny_3.png").stat().st_size > 0

@@ -356,3 +356,19 @@ def test_a_new_model_never_reads_a_dead_models_history():
         if id(second) == ident:
             break
     assert not continuity.history(second, key, 1).records
+
+
+def test_a_new_model_is_not_taken_for_a_dead_one_in_reports():
+    """`cache_report(model)` finds runtimes by the parameter objects, not their ids."""
+    from t4dopt.cache.parameters import ParameterSet
+
+    first = torch.nn.Parameter(torch.zeros(2))
+    held = ParameterSet([first])
+    assert held.holds(first)
+    ident = id(first)
+    del first
+    for _ in range(10_000):
+        second = torch.nn.Parameter(torch.zeros(2))
+        if id(second) == ident:
+            break
+    assert not held.holds(second)

@@ -164,13 +164,16 @@ def test_each_wan_pipeline_call_is_a_generation_whose_branches_are_its_cache_con
     assert torch.equal(video(fresh, seed=1), other_seed)
 
 
-def test_cogvideox_pipeline_with_the_cache_on_warns_that_its_blocks_have_no_single_stream_sublayer():
+def test_cogvideox_pipeline_caches_its_two_stream_blocks():
     pipe, layout = cogvideox_pipeline()
     expected = video(pipe)
     t4dopt.enable(pipe, cache=CACHE, layout=layout, target="eager")
-    with pytest.warns(t4dopt.T4DWarning, match="left uncached"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "turbo4d cache: graph left uncached", t4dopt.T4DWarning)
         got = video(pipe)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    units = t4dopt.cache_report(pipe.transformer).units
+    assert units and sum(u.reused + u.bypassed for u in units) > 0  # it reuses work now ...
+    assert (got - expected).abs().mean() < 0.01  # ... near full compute (random weights; threshold 0 is exact: above)
 
 
 def test_enable_checks_options_first():

@@ -17,6 +17,7 @@ from t4dopt.cache.graph.segments import Segment, split
 from t4dopt.cache.graph.streams import pack_streams
 from t4dopt.cache.graph.step_graphs import reused_graph, tapped_graph
 from t4dopt.cache.lowered import ComputedGraph, LazyLowered, ReusedGraph, SegmentRunners, StepGraphs, TokenTaps
+from t4dopt.cache.parameters import ParameterSet
 from t4dopt.cache.program import Program, Work, program_of
 from t4dopt.cache.registry import GraphUnits, LeftOut, UnitFound, record, register
 from t4dopt.cache.runtime import CacheRuntime
@@ -149,8 +150,8 @@ def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list
 
     runners = [SegmentRunners(lazy(s.gm, s), lazy(s.token_full, s), lazy(s.token_pruned, s))
                for s in prepared.segments]
-    parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
-    runtime = CacheRuntime(prepared.program, runners, spec, parameter_ids, lower, step_graphs(gm, prepared, spec, lower))
+    parameters = ParameterSet(x for x in example_inputs if isinstance(x, torch.nn.Parameter))
+    runtime = CacheRuntime(prepared.program, runners, spec, parameters, lower, step_graphs(gm, prepared, spec, lower))
     runtime.generations.group = prepared.group
     register(runtime)
     return runtime, prepared.plan

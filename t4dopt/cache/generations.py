@@ -42,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from t4dopt.cache import continuity, scope
 from t4dopt.cache.arithmetic import drift_ratio
+from t4dopt.cache.parameters import ParameterSet
 from t4dopt.cache.program import Program
 from t4dopt.cache.readback import Readback, fingerprint
 from t4dopt.cache.state import DriftReading, SlotState
@@ -126,9 +127,9 @@ def _above(now: Sequence[float], before: Sequence[float]) -> bool:
 class Generations:
     """Places the calls of one runtime (`owner`) running `program` into tracks (see the module doc)."""
 
-    def __init__(self, program: Program, owner: Any, parameter_ids: set[int]):
+    def __init__(self, program: Program, owner: Any, parameters: ParameterSet):
         # The owner by weak reference: a cycle would keep a runtime alive after dynamo drops it.
-        self.program, self._owner, self.parameter_ids = program, weakref.ref(owner), parameter_ids
+        self.program, self._owner, self.parameters = program, weakref.ref(owner), parameters
         names, static = program.placeholders, set(program.static)
         self.static = [i for i, n in enumerate(names) if n in static]
         self.stream = names.index(program.stream) if program.stream in names else None
@@ -186,7 +187,7 @@ class Generations:
             self.domains.popitem(last=False)
         if active is not None:
             active.used_by(self._owner())
-        self.parameter_ids.update(key)
+        self.parameters.update(args[i] for i in self.static)
         return domain, True
 
     # --- placing a call ---------------------------------------------------------------------------

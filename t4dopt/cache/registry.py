@@ -75,8 +75,8 @@ def runtimes_of(model: torch.nn.Module | None) -> list[CacheRuntime]:
     """The runtimes compiled from `model`'s graphs (matched by its parameters); all of them for None."""
     if model is None:
         return list(_runtimes)
-    ids = {id(p) for p in model.parameters()}
-    return [r for r in _runtimes if r.parameter_ids & ids]
+    parameters = list(model.parameters())
+    return [r for r in _runtimes if any(r.parameters.holds(p) for p in parameters)]
 
 
 def reset(model: torch.nn.Module | None = None) -> int:

@@ -29,6 +29,7 @@ from t4dopt.cache.arithmetic import Arithmetic
 from t4dopt.cache.executor import Executor
 from t4dopt.cache.generations import Generations
 from t4dopt.cache.lowered import LazyLowered, SegmentRunners, StepGraphs
+from t4dopt.cache.parameters import ParameterSet
 from t4dopt.cache.program import Program
 from t4dopt.cache.scope import Scope, generation
 from t4dopt.cache.stats import CacheStats
@@ -41,14 +42,14 @@ class CacheRuntime:
     """Callable standing in for a compiled graph: same inputs, same outputs, cached across calls.
 
     `runners` run the segments of `program` (lowered here, or loaded from a bundle);
-    `parameter_ids` are the ids of the parameter tensors among the inputs (to find a model's
-    runtimes; calls with other modules' parameters add theirs). `spec` may be replaced between
+    `parameters` are the parameter tensors among the inputs (to find a model's runtimes;
+    calls with other modules' parameters add theirs). `spec` may be replaced between
     generations (`t4dopt.calibrate` does), except its ``levels``.
     """
 
-    def __init__(self, program: Program, runners: list[SegmentRunners], spec: CacheSpec, parameter_ids: set[int],
+    def __init__(self, program: Program, runners: list[SegmentRunners], spec: CacheSpec, parameters: ParameterSet,
                  lower: Lower | None = None, step_graphs: StepGraphs | None = None):
-        self.program, self.spec, self.parameter_ids = program, spec, parameter_ids
+        self.program, self.spec, self.parameters = program, spec, parameters
         arithmetic = Arithmetic(lambda gm: LazyLowered(gm, lower) if lower is not None else gm,
                                 limit=max(spec.max_reuse + 2, 64))
         self.executor = Executor(program, runners, step_graphs, arithmetic, keep_rows="token" in spec.levels)
@@ -56,7 +57,7 @@ class CacheRuntime:
         self.stats = CacheStats([u.name for u in program.units], [u.kind for u in program.units],
                                 [u.flops for u in program.units], [u.token_share or 1.0 for u in program.units],
                                 [u.work for u in program.units], program.work)
-        self.generations = Generations(program, self, parameter_ids)
+        self.generations = Generations(program, self, parameters)
         self._lock = threading.Lock()
         self._warned_grad = False
         names = program.placeholders
@@ -120,7 +121,7 @@ class CacheRuntime:
         now = float(timestep.max()) if isinstance(timestep, torch.Tensor) else timestep
         with self._lock:
             # As placing a call would: a graph serving another module's parameters is found from that module too.
-            self.parameter_ids.update(id(args[i]) for i in self.generations.static)
+            self.parameters.update(args[i] for i in self.generations.static)
             if isinstance(now, (int, float)) and self._last_timestep is not None and now > self._last_timestep:
                 self.stats.close_generation()
             self._last_timestep = now

@@ -1,0 +1,30 @@
+"""The parameter tensors a cache runtime ran with: how `t4dopt.cache_report(model)` finds a model's runtimes."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+
+import torch
+
+
+class ParameterSet:
+    """Tensors held weakly and found by identity.
+
+    Not a set of ids: once a tensor is freed its id goes to the next one, and a new model must not
+    be taken for a dead one (its report, its reset). Not a WeakSet: tensors compare elementwise.
+    """
+
+    def __init__(self, tensors: Iterable[torch.Tensor] = ()) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+        self.update(tensors)
+
+    def update(self, tensors: Iterable[torch.Tensor]) -> None:
+        for tensor in tensors:
+            ref = self._refs.get(id(tensor))
+            if ref is None or ref() is not tensor:
+                self._refs[id(tensor)] = weakref.ref(tensor)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        ref = self._refs.get(id(tensor))
+        return ref is not None and ref() is tensor
