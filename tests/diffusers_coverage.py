@@ -80,8 +80,7 @@ def masked_joint_sdpa(length: int, mask: torch.Tensor):
             calls.append(q.shape)
         return original(**bound)
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_patched(torch.nn.functional, "scaled_dot_product_attention", sdpa))
+    with _patched(torch.nn.functional, "scaled_dot_product_attention", sdpa):
         yield calls
 
 

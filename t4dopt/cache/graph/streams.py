@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from t4dopt.cache.graph.regions import dataflow, is_in_place, stream_values
-from t4dopt.fx_utils import example_tensor, example_value, is_size, sizes_of
+from t4dopt.fx_utils import example_tensor, example_value, is_size, shape_of, sizes_of
 
 
 class Layout(NamedTuple):
@@ -224,16 +224,6 @@ def _closing_step(steps: list[tuple[Residual, ...]], first: list[Residual], seco
     return step
 
 
-def _static_shape(node: fx.Node) -> tuple[int, ...] | None:
-    value = example_tensor(node)
-    if value is None:
-        return None
-    try:
-        return tuple(int(s) for s in value.shape)
-    except TypeError:
-        return None
-
-
 def why_not_packed(run: Run) -> str:
     """Why `run` cannot be packed without changing a number or a layout ("" when it can).
 
@@ -251,7 +241,7 @@ def why_not_packed(run: Run) -> str:
             addend = example_tensor(residual.addend)
             if carry is None or add is None or addend is None:
                 return f"{residual.add.name} has no recorded tensor value"
-            if _static_shape(residual.add) is None:
+            if shape_of(residual.add) is None:
                 return f"{residual.add.name} has a symbolic shape"
             if carry.dtype != dtype or add.dtype != dtype or carry.device != add.device:
                 return f"the streams' dtypes or devices differ at {residual.add.name}"
