@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -80,18 +81,9 @@ def masked_joint_sdpa(length: int, mask: torch.Tensor):
             calls.append(q.shape)
         return original(**bound)
 
-    with _patched(torch.nn.functional, "scaled_dot_product_attention", sdpa):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
         yield calls
-
-
-@contextlib.contextmanager
-def _patched(owner, name: str, value):
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, saved)
 
 
 @dataclass(frozen=True)
