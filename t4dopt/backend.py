@@ -21,7 +21,9 @@ from t4dopt.errors import T4DUnsupportedError, T4DVerifyError, T4DWarning, warn_
 from t4dopt.options import Options, parse_options
 from t4dopt.fx_utils import graph_parameters
 from t4dopt.passes import run_passes
+from t4dopt.passes.carried_tokens import CarriedGuard, carried_inputs, guarded, recording
 from t4dopt.passes.graph_breaks import hidden_attentions
+from t4dopt.passes.pipeline import rewrite
 from t4dopt.sites import SiteDecision
 
 VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -75,11 +77,20 @@ def _verified(compiled: Callable, reference: fx.GraphModule) -> Callable:
     return run
 
 
+def _warn_uncarried(name: str) -> None:
+    warnings.warn(f"turbo4d: the input {name} of a graph made sparse with token maps carried from an earlier graph "
+                  "does not carry them in this call (made another way, or changed in place since): this call "
+                  "runs the graph dense", T4DWarning, stacklevel=3)
+
+
 def turbo4d(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | Options | None = None) -> Callable:
     """torch.compile backend: rewrite joint attention to block-sparse attention, then lower."""
     opts = parse_options(options)
+    carried = carried_inputs(gm, example_inputs)
+    original = copy.deepcopy(gm) if carried else None
     reference = copy.deepcopy(gm) if opts.verify else None
-    decisions = run_passes(gm, opts)
+    state = rewrite(gm, opts, carried=carried)
+    decisions = state.decisions
     hidden = hidden_attentions(gm, [d.site for d in decisions])
     report.publish(decisions, hidden, graph_parameters(gm))
     warn_or_raise(decisions, opts, hidden)
@@ -87,6 +98,11 @@ def turbo4d(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str,
     if compiled is None:
         compiled = _lower(gm, example_inputs, opts.target)
     if reference is not None and any(d.action == "sparse" for d in decisions):
-        run_passes(reference, opts, reference=True)
-        return _verified(compiled, reference)
+        run_passes(reference, opts, reference=True, carried=carried)
+        compiled = _verified(compiled, reference)
+    if state.walk is not None and state.walk.carried_used and any(d.action == "sparse" for d in decisions):
+        guard = CarriedGuard.of(gm, state.walk.carried_used, carried)
+        compiled = guarded(compiled, lambda: _lower(original, example_inputs, opts.target), guard, _warn_uncarried)
+    if state.carried_outputs:
+        compiled = recording(compiled, state.carried_outputs)
     return compiled

@@ -203,18 +203,29 @@ class SiteLayout:
 
 @dataclass(frozen=True, eq=False)
 class SiteMask:
-    """What a site's attention mask means to the block table (`t4dopt.passes.attention_masks`).
+    """What a site's attention mask means to the block table (`t4dopt.passes.attention_masks`): the parts it
+    factors into, each combined with the block table in its own way.
 
-    ``kind``: ``"none"`` (it keeps every key), ``"keys"`` (per batch element and key: `node` becomes the op's
-    ``key_mask``), ``"structured"`` (over queries and keys, constant: `value`, bool or additive [N, N]) or
-    ``"unsupported"`` (`reason`: why the site stays dense).
+    ``keys``: a node constant over heads and queries (per batch element and key), applied by the op as its
+    ``key_mask``; ``queries``: a boolean node constant over heads and keys: the query rows it masks out attend
+    no key, and get zeros, as from SDPA; ``structured``: a constant mask over queries and keys (bool or additive
+    [N, N]), intersected with the block table. ``reason``: why the site stays dense (nothing else is set then).
+    A mask with no part keeps every key.
     """
 
-    kind: str
-    node: fx.Node | None = None
-    value: object = None
+    keys: fx.Node | None = None
+    queries: fx.Node | None = None
+    structured: object = None
     evidence: str = ""
     reason: str = ""
+
+    @property
+    def supported(self) -> bool:
+        return not self.reason
+
+    @property
+    def empty(self) -> bool:
+        return self.keys is None and self.queries is None and self.structured is None and not self.reason
 
 
 @dataclass
@@ -230,7 +241,9 @@ class SiteDecision:
     rewritten_output: fx.Node | None = None
     """The node computing the attention after the rewrite, when the rewrite replaced the site's nodes."""
     key_mask: fx.Node | None = None
-    """The model's key mask the rewritten op applies on top of the block table (`SiteMask.node`)."""
+    """The model's key mask the rewritten op applies on top of the block table (`SiteMask.keys`)."""
+    query_mask: fx.Node | None = None
+    """The model's query mask: rows it masks out get zeros after the rewritten op (`SiteMask.queries`)."""
 
     @property
     def density(self) -> float:

@@ -44,8 +44,9 @@ CACHE = {"threshold": 0.0}
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 MODELS = [dm.cogvideox, dm.cogvideox_15, dm.wan21, dm.wan22, dm.wan_vace, dm.skyreels_v2, dm.skyreels_v2_df,
-          dm.hunyuan_video, dm.hunyuan_video_padded, dm.hunyuan_video_15, dm.motif_video, dm.mochi, dm.ltx_video,
-          dm.allegro, dm.easyanimate, dm.cosmos, dm.consisid, dm.latte, dm.sana_video]
+          dm.hunyuan_video, dm.hunyuan_video_padded, dm.hunyuan_video_15, dm.hunyuan_video_15_padded,
+          dm.motif_video, dm.mochi, dm.ltx_video, dm.allegro, dm.easyanimate, dm.cosmos, dm.consisid, dm.latte,
+          dm.sana_video]
 
 
 def token_mask(tiny: dm.TinyModel) -> torch.Tensor:
@@ -156,6 +157,8 @@ def measure(make) -> Measured:
         else:
             want = dense
     notes = [f"joint dense: {_short(s.reason)}" for s in joint if s.action != "sparse"][:1]
+    if tiny.graph_sites:
+        notes.append(f"one compiled block graph runs for all {tiny.joint_sites} blocks")
     if not units:
         notes += [f"uncached: {_short(m.removeprefix('turbo4d cache: graph left uncached: '))}"
                   for m in cache_warnings][:1]

@@ -24,6 +24,9 @@ class TinyModel:
     """frames, tokens_per_frame, prefix_tokens, suffix_tokens of the joint self-attention (None: no joint)."""
     joint_sites: int = 0
     """How many joint self-attentions over the whole video the model has."""
+    graph_sites: int | None = None
+    """How many of them the compiled graphs hold, when fewer: dynamo compiles one graph for a block class and runs
+    it for every block of the model (HunyuanVideo 1.5, whose blocks compile apart after its graph break)."""
     hint: dict[str, int] | None = None
     key_padding: torch.Tensor | None = None
     """bool [B, N]: keys the model masks out of the joint attention (text padding), None when it masks none."""
@@ -169,21 +172,29 @@ def hunyuan_video_padded() -> TinyModel:
     return hunyuan_video(valid_text=4)
 
 
-def hunyuan_video_15() -> TinyModel:
+def hunyuan_video_15(valid_text: int = TEXT) -> TinyModel:
+    """HunyuanVideo 1.5: its graph breaks at `if is_t2v:` (a tensor condition), so its blocks compile as graphs of
+    their own and get the video's token map from the graph holding the patch embedding (carried across the
+    break); its attention masks padded text queries as well as keys (the image tokens of a t2v call are
+    always padding)."""
     from diffusers import HunyuanVideo15Transformer3DModel
 
     model = _seeded(HunyuanVideo15Transformer3DModel, in_channels=4, out_channels=4, num_attention_heads=2,
                     attention_head_dim=16, num_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1,
                     text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(4, 6, 6),
                     task_type="t2v")
+    keep = (torch.arange(TEXT) < valid_text).to(torch.int64)[None]
     inputs = {"hidden_states": _randn(1, 4, 3, 8, 6), "timestep": T.float(),
-              "encoder_hidden_states": _randn(1, TEXT, 16, seed=1),
-              "encoder_attention_mask": torch.ones(1, TEXT, dtype=torch.int64),
+              "encoder_hidden_states": _randn(1, TEXT, 16, seed=1), "encoder_attention_mask": keep,
               "encoder_hidden_states_2": _randn(1, 3, 8, seed=2), "encoder_attention_mask_2": torch.ones(1, 3, dtype=torch.int64),
               "image_embeds": torch.zeros(1, 4, 8)}
-    # Its graph breaks at `if is_t2v:` (a tensor condition), so its blocks compile without the patch embedding, and
-    # its attention masks padded queries as well as keys: joint attention stays dense (tests/test_diffusers.py).
-    return TinyModel("HunyuanVideo 1.5", model, inputs, _grid(3, 48, suffix=13), 2)
+    name = "HunyuanVideo 1.5" + (" (text padding)" if valid_text < TEXT else "")
+    return TinyModel(name, model, inputs, _grid(3, 48, suffix=13), 2, graph_sites=1,
+                     key_padding=keep.bool() if valid_text < TEXT else None)
+
+
+def hunyuan_video_15_padded() -> TinyModel:
+    return hunyuan_video_15(valid_text=4)
 
 
 def motif_video() -> TinyModel:

@@ -86,7 +86,7 @@ def test_strict_turns_a_dense_fallback_into_an_error():
     with pytest.raises(Exception, match="attention mask") as error:
         _compile(model, **_options(prefix=4), strict=True)(x)
     assert t4dopt.T4DUnsupportedError in cause_chain(error.value)
-    with pytest.warns(t4dopt.T4DWarning, match="masks queries as well as keys"):
+    with pytest.warns(t4dopt.T4DWarning, match="varies over queries and keys together"):
         got = _compile(model, **_options(prefix=4))(x)
     torch.testing.assert_close(got, model(x))
 
@@ -115,6 +115,15 @@ class MaskedJoint(torch.nn.Module):
             return ((frame.view(1, n) <= frame.view(n, 1)) | (frame.view(1, n) < 0) | (frame.view(n, 1) < 0)).view(1, 1, n, n)
         if self.kind == "token-causal":  # a constant mask that does not fall on the blocks
             return torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
+        if self.kind == "padding-repeat":  # HunyuanVideo 1.5's spelling: validity per token, padded, repeated, ANDed
+            text = torch.arange(self.prefix) >= self.prefix - valid.unsqueeze(1)
+            rows = F.pad(text, (0, n - self.prefix), value=True).view(b, 1, 1, n).repeat(1, 1, n, 1)
+            return (rows & rows.transpose(2, 3)).bool()
+        if self.kind == "padding-broadcast":
+            keep = torch.arange(n) >= self.prefix - valid.unsqueeze(1)
+            return keep[:, None, :, None] & keep[:, None, None, :]
+        if self.kind == "queries-only":
+            return (torch.arange(n) >= self.prefix - valid.unsqueeze(1)).view(b, 1, n, 1)
         if self.kind == "runtime-full":
             rows = torch.cat([torch.ones(b, self.prefix, dtype=torch.bool), x.flatten(1, 2).sum(-1) > -1e9], 1)
             return rows.view(b, 1, n, 1) | torch.eye(n, dtype=torch.bool)
@@ -136,7 +145,9 @@ class MaskedJoint(torch.nn.Module):
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             else:
                 scores = scores + attn_mask.double()
-            return scores.masked_fill(~token_mask, float("-inf")).softmax(-1).matmul(v.double()).float()
+            scores = scores.masked_fill(~token_mask, float("-inf"))
+            kept = scores.amax(-1, keepdim=True) > float("-inf")  # rows that keep no key come out as zeros (SDPA)
+            return (scores.masked_fill(~kept, 0).softmax(-1) * kept).matmul(v.double()).float()
 
         self.attend = attend
         try:
@@ -145,7 +156,8 @@ class MaskedJoint(torch.nn.Module):
             self.attend = F.scaled_dot_product_attention
 
 
-@pytest.mark.parametrize("kind", ["keys-bool", "keys-additive", "ones", "frame-causal"])
+@pytest.mark.parametrize("kind", ["keys-bool", "keys-additive", "ones", "frame-causal", "padding-repeat",
+                                  "padding-broadcast", "queries-only"])
 def test_a_mask_the_model_passes_is_combined_with_the_block_mask(kind):
     torch.manual_seed(6)
     model = MaskedJoint(kind).eval()
@@ -169,7 +181,7 @@ def test_a_mask_the_model_passes_is_combined_with_the_block_mask(kind):
 
 
 @pytest.mark.parametrize("kind, words", [("token-causal", "does not fall on the blocks"),
-                                         ("runtime-full", "masks queries as well as keys")])
+                                         ("runtime-full", "varies over queries and keys together")])
 def test_a_mask_that_does_not_combine_keeps_the_site_dense(kind, words):
     model = MaskedJoint(kind).eval()
     x = torch.randn(1, FRAMES, TOKENS, DIM)

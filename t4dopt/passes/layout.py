@@ -359,8 +359,13 @@ def infer_grid(state: PassState) -> None:
 
 
 def classify_layouts(state: PassState) -> None:
-    """Decide which axes each site mixes: spatial, view, temporal, spatiotemporal, cross or unknown."""
+    """Decide which axes each site mixes: spatial, view, temporal, spatiotemporal, cross or unknown.
+
+    The video tensors are those the graph reads as video at a joint site, or in an output it carries to later
+    graphs (HunyuanVideo 1.5's first graph holds the patch embedding and only a text self-attention)."""
     trust = state.options.trust_layout
     videos = frozenset(r.video for r in state.readings if r is not None and r.status == CONFIRMED)
+    videos |= frozenset(s.root for _, output in state.carried_outputs for tokens in output.maps.values()
+                        for s in tokens.segments if (r := read_segment(s, LayoutHints())) and r.status == CONFIRMED)
     state.layouts = [classify(site, tokens, reading, state.grid, trust, videos)
                      for site, tokens, reading in zip(state.sites, state.tokens, state.readings)]

@@ -14,6 +14,7 @@ from typing import TextIO
 import torch.fx as fx
 
 from .attention_masks import read_attention_masks
+from .carried_tokens import CarriedOutput, find_carried_outputs
 from .detect import detect_attention
 from .layout import classify_layouts, infer_grid, read_layouts
 from .rewrite import rewrite_sparse_sites
@@ -29,6 +30,7 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
     detect_attention,
     read_attention_masks,
     trace_sequences,
+    find_carried_outputs,
     read_layouts,
     infer_grid,
     classify_layouts,
@@ -51,13 +53,23 @@ def analyze(gm: fx.GraphModule, options: Options) -> list[SiteDecision]:
     return _run(PassState(gm, options), ANALYSIS_PASSES)
 
 
-def run_passes(gm: fx.GraphModule, options: Options, *, reference: bool = False) -> list[SiteDecision]:
+def run_passes(gm: fx.GraphModule, options: Options, *, reference: bool = False,
+               carried: dict[str, CarriedOutput] | None = None) -> list[SiteDecision]:
     """Analyze and rewrite `gm` in place; returns the decisions, one per site.
 
     With ``reference=True`` the sparse sites become SDPA with the explicit boolean token mask:
-    the dense reference that ``verify`` compares the rewritten graph against.
+    the dense reference that ``verify`` compares the rewritten graph against. `carried`: the token maps
+    earlier graphs proved for inputs of this one (`t4dopt.passes.carried_tokens.carried_inputs`).
     """
-    return _run(PassState(gm, options, reference=reference), PASSES)
+    return rewrite(gm, options, reference=reference, carried=carried).decisions
+
+
+def rewrite(gm: fx.GraphModule, options: Options, *, reference: bool = False,
+            carried: dict[str, CarriedOutput] | None = None) -> PassState:
+    """`run_passes`, returning the whole state the passes left (the backend reads what carries to later graphs)."""
+    state = PassState(gm, options, reference=reference, carried=dict(carried or {}))
+    _run(state, PASSES)
+    return state
 
 
 def _summary(run_pass: Pass) -> str:

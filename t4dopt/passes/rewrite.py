@@ -2,7 +2,8 @@
 
 The op takes [B, H, N, D]; sites of another rank are reshaped to [-1, 1, N, D] and back. The
 block table travels as buffers of the graph module, on the device of the site's tensors; a key
-mask the model passes goes to the op as its ``key_mask`` ([B, N]). With ``reference=True`` the same
+mask the model passes goes to the op as its ``key_mask`` ([B, N]); query rows a query mask drops are
+zeroed after it. With ``reference=True`` the same
 sites become SDPA with the explicit boolean token mask (and the model's own mask) instead: the
 dense reference that ``verify`` compares against.
 """
@@ -46,11 +47,35 @@ def _with_model_mask(graph: fx.Graph, token_mask: fx.Node, site) -> fx.Node:
     return graph.call_function(torch.where, (token_mask, mask, -math.inf))
 
 
-def _as_batch_by_keys(graph: fx.Graph, mask: fx.Node) -> fx.Node:
-    """A key mask the model passes ([B, 1, 1, N], [B, 1, N], [1, N], [N]) as the op's [B, N] (or [1, N])."""
+def _one_of(graph: fx.Graph, mask: fx.Node, kept: tuple[int, int], size: tuple[int, int]) -> fx.Node:
+    """`mask` (broadcast to [B, H, Nq, Nk], constant along the dims not in `kept`) as [b, 1, Nq, 1] or [b, 1, 1, Nk]:
+    one entry along each constant dim, the kept dim (2 or 3) expanded to its `size`."""
     shape = shape_of(mask)
-    batch = ((1,) * (4 - len(shape)) + shape)[0]
-    return graph.call_method("reshape", (mask, batch, shape[-1]))
+    padded = (1,) * (4 - len(shape)) + shape
+    node = graph.call_method("reshape", (mask, *padded)) if len(shape) != 4 else mask
+    for dim in (1, 2, 3):
+        if dim not in kept and padded[dim] != 1:
+            node = graph.call_method("narrow", (node, dim, 0, 1))
+    dim, length = size
+    if padded[dim] != length:
+        target = [padded[0], 1, 1, 1]
+        target[dim] = length
+        node = graph.call_method("expand", (node, *target))
+    return node
+
+
+def _as_batch_by_keys(graph: fx.Graph, mask: fx.Node, keys: int) -> fx.Node:
+    """A key mask the model passes (constant over heads and queries: [B, 1, 1, N], or that repeated over the
+    queries) as the op's [B, N] (or [1, N])."""
+    node = _one_of(graph, mask, (0, 3), (3, keys))
+    batch = ((1,) * (4 - len(shape_of(mask))) + shape_of(mask))[0]
+    return graph.call_method("reshape", (node, batch, keys))
+
+
+def _query_rows_zeroed(graph: fx.Graph, out: fx.Node, mask: fx.Node, queries: int) -> fx.Node:
+    """`out` with the rows the model's boolean query mask drops set to zero (SDPA gives such rows zeros)."""
+    rows = _one_of(graph, mask, (0, 2), (2, queries))
+    return graph.call_function(torch.where, (rows, out, 0.0))
 
 
 def _rewrite_site(gm: fx.GraphModule, index: int, decision: SiteDecision, reference: bool) -> None:
@@ -77,9 +102,12 @@ def _rewrite_site(gm: fx.GraphModule, index: int, decision: SiteDecision, refere
                 _buffer(gm, f"{prefix}_{name}", tensor)
                 for name, tensor in zip(("kv_counts", "kv_indices", "block_starts"), layout.tensors(device))
             )
-            key_mask = _as_batch_by_keys(graph, decision.key_mask) if decision.key_mask is not None else None
+            key_mask = (_as_batch_by_keys(graph, decision.key_mask, site.key_len)
+                        if decision.key_mask is not None else None)
             out = graph.call_function(torch.ops.t4d.block_sparse_attention.default,
                                       (q, k, v, counts, indices, starts, layout.block_size, site.scale, key_mask))
+            if decision.query_mask is not None:
+                out = _query_rows_zeroed(graph, out, decision.query_mask, site.query_len)
         if len(site.query_shape) != 4:
             out = graph.call_method("reshape", (out, *site.query_shape[:-1], site.value_shape[-1]))
     site.output.replace_all_uses_with(out)

@@ -127,6 +127,12 @@ class _End(NamedTuple):
     reason: str = ""
 
 
+class _Carried(NamedTuple):
+    """A graph input whose token map an earlier graph proved (`t4dopt.passes.carried_tokens`)."""
+
+    tokens: TokenMap
+
+
 def _normalized(digits: Iterable[Digit]) -> tuple[Digit, ...]:
     """Size-1 digits dropped; adjacent digits that are one run of an axis merged (same role)."""
     out: list[Digit] = []
@@ -886,8 +892,11 @@ def _aligned(a: TokenMap, b: TokenMap) -> bool:
 class TokenWalk:
     """Token maps of the nodes of one graph, memoised."""
 
-    def __init__(self, graph: fx.Graph):
+    def __init__(self, graph: fx.Graph, carried: dict[str, Any] | None = None):
         self._memo: dict[Cursor, TokenMap] = {}
+        self._carried = carried or {}
+        self.carried_used: set[str] = set()
+        """The inputs whose carried token maps a walk went through (by placeholder name)."""
         self._kinds = _InputKinds(graph)
         self._writes = _writes(graph)
         self._aliased: dict[fx.Node, list[fx.Node]] = {}
@@ -931,6 +940,8 @@ class TokenWalk:
             if isinstance(step, _Split):
                 parts = [self._read_by(part, cursor.node) for part in step.parts]
                 result = TokenMap(tuple(s for part in parts for s in self._trace(part).segments))
+            elif isinstance(step, _Carried):
+                result = step.tokens
             elif isinstance(step, _Join) and not step.operands:
                 length = math.prod(d.size for d in cursor.digits)
                 result = TokenMap((Segment(length, cursor.node, cursor.digits, cursor.offsets, Stop.OPAQUE,
@@ -988,8 +999,22 @@ class TokenWalk:
         return TokenMap((Segment(length, cursor.node, cursor.digits, cursor.offsets, Stop.REORDER,
                                  f"tokens in different orders meet at {_where(cursor.node)} (from {roots})"),))
 
-    def _step(self, cursor: Cursor) -> _Follow | _Split | _Join | _End:
+    def _carried_map(self, cursor: Cursor) -> _Carried | _End:
+        """The token map an earlier graph proved for this input, when the cursor reads one whole axis of it."""
+        carried, shape = self._carried[cursor.node.name], shape_of(cursor.node)
+        digit = cursor.digits[0] if len(cursor.digits) == 1 else None
+        tokens = carried.maps.get(digit.axis) if digit is not None else None
+        if (tokens is None or digit.stride != 1 or digit.size != shape[digit.axis] or cursor.rank is not None
+                or any(axis == digit.axis and start for axis, start in cursor.offsets)):
+            return _End(Stop.INPUT)
+        self.carried_used.add(cursor.node.name)
+        note = f"carried across a graph break from {carried.producer}"
+        return _Carried(TokenMap(tuple(dataclasses.replace(s, notes=s.notes + (note,)) for s in tokens.segments)))
+
+    def _step(self, cursor: Cursor) -> _Follow | _Split | _Join | _End | _Carried:
         node = cursor.node
+        if node.op == "placeholder" and node.name in self._carried:
+            return self._carried_map(cursor)
         if node.op in ("placeholder", "get_attr"):
             return _End(Stop.INPUT)
         if node.op not in ("call_function", "call_method"):
@@ -1074,7 +1099,7 @@ def _unknown(site, error: Exception) -> SiteTokens:
 
 def trace_sequences(state: PassState) -> None:
     """Trace where each token of every site's queries, keys and values comes from (token maps)."""
-    walk = TokenWalk(state.gm.graph)
+    walk = state.walk = TokenWalk(state.gm.graph, state.carried)
     state.tokens = []
     for site in state.sites:
         try:

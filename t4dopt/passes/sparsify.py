@@ -51,10 +51,10 @@ def _unsupported(site: AttentionSite) -> str | None:
 
 def _with_mask(block_layout: BlockLayout, mask: SiteMask | None) -> tuple[BlockLayout, str | None]:
     """The policy's table with a structured mask the model passes intersected in (exact, or the reason it is not)."""
-    if mask is None or mask.kind != "structured":
+    if mask is None or mask.structured is None:
         return block_layout, None
     try:
-        structured = BlockLayout.from_token_mask(mask.value, block_layout.block_starts, block_layout.block_size,
+        structured = BlockLayout.from_token_mask(mask.structured, block_layout.block_starts, block_layout.block_size,
                                                  "model mask", block_layout.grid)
     except ValueError as error:
         return block_layout, f"its mask does not fall on the blocks: {error}"
@@ -69,19 +69,19 @@ def decide(site: AttentionSite, layout: SiteLayout, options: Options, mask: Site
         return SiteDecision(site, layout, "dense", f"layout unknown: {layout.evidence}", warn=True)
     if layout.kind is not SiteKind.SPATIOTEMPORAL:
         return SiteDecision(site, layout, "dense", f"{layout.kind.value} attention is kept dense")
-    problem = _unsupported(site) or (mask.reason if mask is not None and mask.kind == "unsupported" else None)
+    problem = _unsupported(site) or (mask.reason if mask is not None and not mask.supported else None)
     if problem is not None:
         return SiteDecision(site, layout, "dense", f"joint attention left dense: {problem}", warn=True)
     block_layout, problem = _with_mask(block_layout_for(options.sparse, layout), mask)
     if problem is not None:
         return SiteDecision(site, layout, "dense", f"joint attention left dense: {problem}", warn=True)
-    key_mask = mask.node if mask is not None and mask.kind == "keys" else None
-    reason = block_layout.description + (f"; with {mask.evidence}" if mask is not None and mask.kind != "none" else "")
+    masks_of_model = {"key_mask": mask.keys, "query_mask": mask.queries} if mask is not None else {}
+    reason = block_layout.description + (f"; with {mask.evidence}" if mask is not None and not mask.empty else "")
     if layout.trusted:
         return SiteDecision(site, layout, "sparse", f"{reason}; layout taken on trust (trust_layout=True), not "
                             f"confirmed by the graph: {layout.evidence}", block_layout=block_layout, warn=True,
-                            key_mask=key_mask)
-    return SiteDecision(site, layout, "sparse", reason, block_layout=block_layout, key_mask=key_mask)
+                            **masks_of_model)
+    return SiteDecision(site, layout, "sparse", reason, block_layout=block_layout, **masks_of_model)
 
 
 def decide_sparsity(state: PassState) -> None:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
 from t4dopt.options import Options
 from t4dopt.sites import AttentionSite, JointReading, ModelGrid, SiteDecision, SiteLayout, SiteMask, SiteTokens
+
+if TYPE_CHECKING:
+    from .carried_tokens import CarriedOutput
+    from .sequence_trace import TokenWalk
 
 
 @dataclass
@@ -20,7 +25,9 @@ class PassState:
     + suffix, or None), ``layouts`` and ``decisions`` are parallel lists, one entry per attention site.
     The rewrite pass records the node that now computes each rewritten site on its decision
     (``SiteDecision.rewritten_output``). A fresh state is made for every run, so nothing carries
-    over between graphs.
+    over between graphs, except what `carried` brings: the token maps earlier graphs proved for this graph's
+    inputs (`t4dopt.passes.carried_tokens`; by placeholder name). ``walk`` is the sequence trace's memoised walk,
+    ``carried_outputs`` the outputs this graph's calls record for later graphs.
     """
 
     gm: fx.GraphModule
@@ -33,3 +40,6 @@ class PassState:
     grid: ModelGrid | None = None
     layouts: list[SiteLayout] = field(default_factory=list)
     decisions: list[SiteDecision] = field(default_factory=list)
+    carried: dict[str, CarriedOutput] = field(default_factory=dict)
+    walk: TokenWalk | None = None
+    carried_outputs: tuple[tuple[int, CarriedOutput], ...] = ()
