@@ -66,6 +66,8 @@ def test_every_joint_attention_is_sparse_with_no_layout_option_and_equals_the_ex
         assert all(s.density == pytest.approx(policy_density, abs=1e-6) for s in joint)
     assert not measured.warned, measured.warned
     assert measured.masked_calls == tiny.joint_sites, "the reference must mask every joint attention"
+    if tiny.traceable:  # compiled after make_traceable on a copy; the reference ran diffusers' own processor
+        assert {type(b.attn1.processor).__name__ for b in tiny.model.transformer_blocks} == {"MochiAttnProcessor2_0"}
     assert _relative(measured.got, measured.want) < 1e-4
     assert _relative(measured.got, measured.dense) > 1e-3, "the mask must change the output, or this test proves nothing"
     if tiny.key_padding is not None:  # and the model's own key mask must matter too

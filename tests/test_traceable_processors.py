@@ -160,7 +160,9 @@ def test_mochi_with_padded_text_is_sparse_through_enable_and_equals_its_own_proc
     assert [s.name for s in joint] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
     assert all(s.action == "sparse" and "key mask" in s.reason for s in joint), report.table()
 
-    # Mochi's own attention sees video + the valid text of each element: the policy's mask over those tokens.
+    # The reference is Mochi as diffusers builds it (enable changed the copy), whose own attention sees video +
+    # the valid text of each element: the policy's mask over those tokens.
+    assert [type(b.attn1.processor) for b in tiny.model.transformer_blocks] == [DIFFUSERS] * 2
     full = coverage.token_mask(tiny)
     video = tiny.length - dm.TEXT
     seen = [torch.cat([torch.ones(video, dtype=torch.bool), row.bool()]) for row in padding]
