@@ -61,7 +61,7 @@ masks = st.tuples(st.integers(1, 3), st.integers(1, 6)).flatmap(
                           min_size=size[0], max_size=size[0]))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)  # the same cases on every run
 @given(mask=masks, dtype=st.sampled_from([torch.int64, torch.bool, torch.float32]), context_pre_only=st.booleans(),
        rotary=st.booleans(), seed=st.integers(0, 2 ** 16))
 @example(mask=[[1, 0, 1, 1]], dtype=torch.int64, context_pre_only=False, rotary=True, seed=0)  # not a prefix
