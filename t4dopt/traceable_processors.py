@@ -8,12 +8,11 @@ in pieces). `TraceableMochiAttnProcessor` computes the same numbers with static 
 stays in the sequence and the invalid ones are masked out as keys, a key-padding mask over
 ``[video, text]`` that the backend combines with its block mask at run time.
 
-diffusers is imported only when a diffusers model is handled.
+This module never imports diffusers: it reads the classes of the diffusers modules already imported.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import sys
@@ -108,16 +107,12 @@ class Known(NamedTuple):
     replacement: Replacement
 
 
-def _known(loaded_only: bool) -> list[Known]:
-    """The `REPLACEMENTS` diffusers defines (only those of modules already imported when `loaded_only`)."""
+def _known() -> list[Known]:
+    """The `REPLACEMENTS` of diffusers modules already imported: a model or a frame holding one of their
+    processors has imported its module, so nothing else needs diffusers imported."""
     found = []
     for replacement in REPLACEMENTS:
         module = sys.modules.get(replacement.module)
-        if module is None and not loaded_only:
-            try:
-                module = importlib.import_module(replacement.module)
-            except ImportError:  # diffusers not installed: no processor of its to replace
-                continue
         processor, attention = (getattr(module, name, None) for name in (replacement.processor, replacement.attention))
         if isinstance(processor, type) and isinstance(attention, type):
             found.append(Known(processor, attention, replacement))
@@ -128,10 +123,10 @@ def break_fix(filename: str, lineno: int) -> str | None:
     """The call that avoids a graph break at `filename`:`lineno` when it lies in the ``__call__`` of a processor
     `make_traceable` replaces, else None (`t4dopt.passes.graph_breaks`).
 
-    Matched by the source file and line range of the known processors' ``__call__`` (diffusers already
-    loaded: a break in its file means it is), so a user's processor of the same name is not mistaken for it.
+    Matched by the source file and line range of the known processors' ``__call__``, so a user's processor
+    of the same name is not mistaken for it.
     """
-    for known in _known(loaded_only=True):
+    for known in _known():
         call = known.processor.__call__
         try:
             lines, start = inspect.getsourcelines(call)
@@ -164,10 +159,11 @@ def make_traceable(model: torch.nn.Module) -> list[str]:
 
     Only modules whose processor is exactly diffusers' class are changed; a subclass or another processor
     on such an attention may compute something else, so it is left as it is, with a `T4DWarning` naming it.
-    Calling it again changes nothing (returns ``[]``). Without diffusers, it does nothing.
+    Calling it again changes nothing (returns ``[]``). A model without diffusers' processors is left as it is
+    (diffusers is not imported for it).
     """
     model = getattr(model, "_orig_mod", model)
-    known = _known(loaded_only=False)
+    known = _known()
     if not known:
         return []
     swapped, left = [], []
