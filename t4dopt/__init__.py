@@ -16,6 +16,7 @@ from t4dopt.options import check_options
 from t4dopt.ops import block_sparse_attention
 from t4dopt.pipelines import enable
 from t4dopt.report import Report, SiteReport
+from t4dopt.traceable_processors import make_traceable
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "enable",
     "explain",
     "generation",
+    "make_traceable",
     "masks",
     "reset",
     "turbo4d",

@@ -5,7 +5,8 @@ the pipeline: each call of the pipeline is one generation (`t4dopt.generation`),
 guidance branches the pipeline names with ``transformer.cache_context("cond")`` /
 ``("uncond")`` (Wan, CogVideoX's ``"cond_uncond"`` and others) are the cache's branches, so
 nothing has to be detected. `follow_cache_context` alone does the second part for a
-transformer compiled by hand.
+transformer compiled by hand. Processors that would break the graph inside an attention are
+swapped for equivalent ones first (`t4dopt.make_traceable`).
 
 diffusers is imported only when a diffusers model is handled.
 """
@@ -19,6 +20,7 @@ import torch
 
 from t4dopt.cache import scope
 from t4dopt.options import TOP_LEVEL_KEYS, parse_options
+from t4dopt.traceable_processors import make_traceable
 
 TRANSFORMERS = ("transformer", "transformer_2")
 """The pipeline attributes holding denoisers (Wan 2.2 has a second one for low noise)."""
@@ -105,8 +107,9 @@ def enable(pipe: Any, *, sparse: Any = None, cache: Any = None, layout: Mapping[
 
     `pipe` is a diffusers pipeline (its ``transformer`` and ``transformer_2``) or a denoiser
     module. `sparse`, `cache`, `layout` and the other turbo4d options (``target``, ``strict``,
-    ``verify``) are checked first (`T4DOptionError`). Each transformer follows its
-    ``cache_context`` names (`follow_cache_context`) and is compiled in place
+    ``verify``) are checked first (`T4DOptionError`). Each transformer gets graph-break-free
+    equivalents of the diffusers processors dynamo cannot trace (`make_traceable`: Mochi's joint
+    attention), follows its ``cache_context`` names (`follow_cache_context`) and is compiled in place
     (``module.compile``); each pipeline call then runs as one generation, so the cache starts
     empty and frees its state when the call returns.
     """
@@ -122,6 +125,7 @@ def enable(pipe: Any, *, sparse: Any = None, cache: Any = None, layout: Mapping[
             module = _unwrapped(module)
             if name is not None:
                 setattr(pipe, name, module)
+        make_traceable(module)
         follow_cache_context(module)
         module.compile(backend="turbo4d", options=settings)
         denoisers.append((name, module))

@@ -5,6 +5,8 @@ over the whole video and how many became sparse, the layout option it needs (non
 shows the grid), the cache units found, and the largest relative error of the compiled model (sparse,
 cache on, first call) against the eager model run with the policy's explicit boolean mask at the same
 sites (`masked_joint_sdpa`; the unmasked eager model where no site is sparse).
+A model marked `traceable` (Mochi) is compiled after `t4dopt.make_traceable`, on a copy: its references
+run the model as diffusers builds it, with its own processor.
 
     python tests/diffusers_coverage.py           # print the table
     python tests/diffusers_coverage.py --write   # write it into README.md between its markers
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import math
 import sys
@@ -134,12 +137,17 @@ def measure(make) -> Measured:
     options = {"sparse": POLICY, "cache": CACHE, "target": "eager"}
     if tiny.hint is not None:
         options["layout"] = tiny.hint
+    model = tiny.model
     torch._dynamo.reset()
-    compiled = torch.compile(tiny.model, backend="turbo4d", options=options)
-    with torch.no_grad(), collecting() as report, warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = compiled(**tiny.inputs, return_dict=False)[0]
-    cache = t4dopt.cache_report(tiny.model)
+        if tiny.traceable:
+            model = copy.deepcopy(tiny.model)
+            t4dopt.make_traceable(model)
+        compiled = torch.compile(model, backend="turbo4d", options=options)
+        with torch.no_grad(), collecting() as report:
+            got = compiled(**tiny.inputs, return_dict=False)[0]
+    cache = t4dopt.cache_report(model)
     units = len(cache.units)
     del compiled
     torch._dynamo.reset()
@@ -157,7 +165,8 @@ def measure(make) -> Measured:
                 want = tiny.model(**tiny.inputs, return_dict=False)[0]
         else:
             want = dense
-    notes = [f"joint dense: {_short(s.reason)}" for s in joint if s.action != "sparse"][:1]
+    notes = ["compiled after `t4dopt.make_traceable(model)` (`t4dopt.enable` calls it)"] if tiny.traceable else []
+    notes += [f"joint dense: {_short(s.reason)}" for s in joint if s.action != "sparse"][:1]
     if tiny.graph_sites:
         notes.append(f"one compiled block graph runs for all {tiny.joint_sites} blocks")
     if not units:

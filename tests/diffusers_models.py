@@ -4,7 +4,9 @@ Every maker returns a `TinyModel`: the model (eval, seeded), its forward inputs,
 self-attention's sequence as the model builds it (prefix tokens, frames x tokens per frame, suffix
 tokens), derived here from the config and the input shapes (patch sizes, text length): what the
 backend must find on its own. `hint` is the layout option a model needs because its graph cannot show
-the grid (LTX-Video gets latents already packed); None for the others. Nothing is downloaded.
+the grid (LTX-Video gets latents already packed); None for the others. `traceable` marks a model compiled
+after `t4dopt.make_traceable` (Mochi: its processor breaks the graph inside the attention). Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class TinyModel:
     cache_units: int = 0
     """How many residual sublayers the cache must make units of: sublayers per block times blocks, in graphs that
     are whole denoisers (a model whose graph breaks has none)."""
+    traceable: bool = False
+    """Compiled after `t4dopt.make_traceable` (on a copy: the references run the model as diffusers builds it)."""
 
     @property
     def length(self) -> int:
@@ -208,14 +212,18 @@ def motif_video() -> TinyModel:
     return TinyModel("MotifVideo", model, inputs, _grid(3, 48, suffix=TEXT), 2, cache_units=2 + 1)
 
 
-def mochi() -> TinyModel:
+def mochi(batch: int = 1) -> TinyModel:
+    """Mochi: [video, text] joint attention over the valid text tokens (`torch.nonzero`: a graph break), so it is
+    compiled after `t4dopt.make_traceable`. Two-stream blocks; the last one drops the text stream."""
     from diffusers import MochiTransformer3DModel
 
     model = _seeded(MochiTransformer3DModel, patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2,
                     pooled_projection_dim=8, in_channels=4, text_embed_dim=16, time_embed_dim=8, max_sequence_length=TEXT)
-    inputs = {"hidden_states": _randn(1, 4, 3, 16, 12), "encoder_hidden_states": _randn(1, TEXT, 16, seed=1),
-              "timestep": T, "encoder_attention_mask": torch.ones(1, TEXT, dtype=torch.int64)}
-    return TinyModel("Mochi", model, inputs, _grid(3, 48, suffix=TEXT), 2)
+    inputs = {"hidden_states": _randn(batch, 4, 3, 16, 12), "encoder_hidden_states": _randn(batch, TEXT, 16, seed=1),
+              "timestep": T.expand(batch), "encoder_attention_mask": torch.ones(batch, TEXT, dtype=torch.int64)}
+    # Block 0's attention and its two feed-forwards (streams packed), block 1's attention (the text stream ends
+    # there) and feed-forward.
+    return TinyModel("Mochi", model, inputs, _grid(3, 48, suffix=TEXT), 2, cache_units=4, traceable=True)
 
 
 def ltx_video() -> TinyModel:

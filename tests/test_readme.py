@@ -1,6 +1,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,12 +16,9 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-def test_cache_example_runs(monkeypatch):
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Reuse across denoising steps", 1)[1].split("\n### ", 1)[0]
-    example = re.findall(r"```python\n(.+?)\n```", section, flags=re.S)[0]
-    # The example as written, lowered eagerly: Inductor compiles a graph per cache segment (minutes on
-    # CI's CPU); tests/test_cache.py checks Inductor segments against eager ones.
+def _eager_turbo4d(monkeypatch) -> None:
+    """Lower turbo4d eagerly in the examples as written: Inductor compiles take minutes on CI's CPU (other
+    tests check Inductor against eager)."""
     compile_ = torch.compile
 
     def eager_turbo4d(model, backend=None, options=None, **kwargs):
@@ -29,10 +27,35 @@ def test_cache_example_runs(monkeypatch):
         return compile_(model, backend=backend, options=options, **kwargs)
 
     monkeypatch.setattr(torch, "compile", eager_turbo4d)
+
+
+def test_cache_example_runs(monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Reuse across denoising steps", 1)[1].split("\n### ", 1)[0]
+    example = re.findall(r"```python\n(.+?)\n```", section, flags=re.S)[0]
+    # (tests/test_cache.py checks Inductor segments against eager ones.)
+    _eager_turbo4d(monkeypatch)
     namespace = {}
     exec(compile(example, "README cache example", "exec"), namespace)
     report = namespace["t4dopt"].cache_report(namespace["model"])
     assert report.units and namespace["sample"].shape == namespace["noise"].shape
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_the_mochi_example_runs_sparse_and_prints_what_it_says(monkeypatch, capsys):
+    pytest.importorskip("diffusers")
+    from t4dopt.report import collecting
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### diffusers video transformers", 1)[1].split("\n#### ", 1)[0]
+    (example,) = [e for e in re.findall(r"```python\n(.+?)\n```", section, flags=re.S) if "make_traceable" in e]
+    _eager_turbo4d(monkeypatch)
+    with collecting() as report:
+        exec(compile(example, "README Mochi example", "exec"), {})
+    stated = re.search(r"print\(t4dopt\.make_traceable\(transformer\)\)\s*# (.+)", example).group(1)
+    assert capsys.readouterr().out.strip() == stated.strip()
+    joint = [s for s in report.sites if s.kind == "spatiotemporal"]
+    assert [s.action for s in joint] == ["sparse", "sparse"] and all("key mask" in s.reason for s in joint)
 
 
 def test_contributing_names_files_and_tests_that_exist():

@@ -4,7 +4,9 @@ When dynamo meets an op it cannot trace inside an attention (Mochi's ``torch.non
 mask), the whole call runs outside the graphs this backend receives: it is neither rewritten nor seen.
 The graph that ends at such a break says so (dynamo's reason and the user frames at the break); a break
 whose frames pass through an attention (a file, function or called attribute named like one) is
-reported with its source line, dynamo's hint, and what would keep the attention in the graph.
+reported with its source line, dynamo's hint, and what would keep the attention in the graph: where the
+break lies in a diffusers processor `t4dopt.traceable_processors` replaces (matched by file and line), the
+one call that does.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.fx as fx
 
 from t4dopt.compat import graph_break_of
 from t4dopt.sites import AttentionSite, HiddenAttention
+from t4dopt.traceable_processors import break_fix
 
 ATTENTION_WORDS = ("attention", "attn")
 
@@ -52,7 +55,12 @@ def hidden_attentions(gm: fx.GraphModule, sites: list[AttentionSite]) -> list[Hi
     last = frames[-1]
     summary = " ".join(reason.split("Explanation:")[0].split())
     hint = _hint(reason)
-    avoid = (f"{hint}; or compute the attention without ops whose output shape depends on data"
-             if hint else "compute the attention without the op that breaks the graph")
+    fix = next(filter(None, (break_fix(f.filename, f.lineno) for f in frames)), None)
+    if fix:
+        avoid = fix
+    elif hint:
+        avoid = f"{hint}; or compute the attention without ops whose output shape depends on data"
+    else:
+        avoid = "compute the attention without the op that breaks the graph"
     return [HiddenAttention(module or "attention", f"{os.path.basename(last.filename)}:{last.lineno}",
                             f"{summary} ({(last.line or '').strip()})", avoid)]

@@ -330,12 +330,24 @@ RANDOM = ("rand", "randn", "rand_like", "randn_like", "randint", "randint_like",
           "multinomial", "dropout", "uniform_", "normal_", "bernoulli_")
 
 
+def _draws(node: fx.Node, name: str) -> bool:
+    """Whether `node` draws random numbers: a dropout does only when training with p > 0 (``F.dropout(x, p,
+    training)``, ``torch.dropout(x, p, train)``; diffusers' eval-mode ``to_out[1]`` is the identity)."""
+    if name not in RANDOM:
+        return False
+    if name != "dropout" or node.op != "call_function":
+        return True
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
+    return not (training is False or p == 0)
+
+
 def _order_matters(graph: fx.Graph) -> fx.Node | None:
     """A node whose place in the graph matters beyond its arguments (a tensor changed in place, a random draw),
     or None: then nodes may move as long as each follows its arguments."""
     for node in graph.nodes:
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if node.op in ("call_function", "call_method") and (is_in_place(node) or name in RANDOM):
+        if node.op in ("call_function", "call_method") and (is_in_place(node) or _draws(node, name)):
             return node
     return None
 
