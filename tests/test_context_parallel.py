@@ -8,8 +8,10 @@ single-process model whose joint self-attentions run the explicit Sculpt4D token
 (`reference.sculpt4d_token_mask`), and the whole loop against the single-process cached loop, which
 must reuse work (so a cache that diverged between ranks, or from one process, is seen; at this
 threshold a drift measured on one rank's shard alone crosses it at another step than the whole
-sequence's). The workers are spawned once for all scenarios, and compute the single-process
-references too, side by side, after their group is gone.
+sequence's). A third scenario compiles diffusers' own ring (its ``_native_flash`` backend, one fused aten
+call per key/value chunk) and checks each call is reported as a site left dense, with a warning. The workers are
+spawned once for all scenarios, and compute the single-process references too, side by side, after their group
+is gone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ pytest.importorskip("diffusers")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+from t4dopt.errors import T4DWarning
 
 FRAMES, SIDE, HEADS, HEAD_DIM, WORLD, STEPS = 5, 8, 2, 16, 2, 8
 TOKENS = FRAMES * (SIDE // 2) ** 2
@@ -93,6 +97,34 @@ def _scenario(kind: str, rank: int) -> dict:
             "sites": [(s.name, s.kind, s.action) for s in report.sites], "reused": reuses(model)}
 
 
+def _diffusers_ring(rank: int) -> dict:
+    """diffusers' own ring attention (its ``_native_flash`` backend, the one whose ring runs on CPU tensors at all):
+    one ``aten._scaled_dot_product_flash_attention`` call per key/value chunk. The report comes from the compile;
+    the call itself then fails on CPU, which has no kernel for that op (on a GPU it runs, dense)."""
+    import warnings
+
+    from diffusers import ContextParallelConfig
+    from t4dopt.context_parallel import enable_parallelism
+    from t4dopt.report import collecting
+
+    model = make_model()
+    enable_parallelism(model, ContextParallelConfig(ring_degree=WORLD))
+    model.set_attention_backend("_native_flash")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="turbo4d", options={"sparse": SPARSE, "target": "eager"})
+    latents, text = inputs()
+    error = ""
+    with collecting() as report, warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        try:
+            compiled(hidden_states=latents, timestep=torch.tensor([1000.0]), encoder_hidden_states=text,
+                     return_dict=False)
+        except NotImplementedError as failure:
+            error = str(failure).splitlines()[0]
+    return {"sites": [(s.name, s.kind, s.action, s.reason) for s in report.sites], "error": error,
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, T4DWarning)]}
+
+
 def _worker(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -100,6 +132,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         results = {kind: _scenario(kind, rank) for kind in ("ulysses", "ring")}
+        results["diffusers_ring"] = _diffusers_ring(rank)
     finally:
         dist.destroy_process_group()
     # The single-process references, one per worker (they run side by side), after the group is gone.
@@ -185,3 +218,17 @@ def test_cached_loop_equal_on_both_ranks_and_to_one_process(ranks, one_process_c
     torch.testing.assert_close(ranks[0][kind]["outputs"], ranks[1][kind]["outputs"], rtol=0, atol=0)
     torch.testing.assert_close(ranks[0][kind]["outputs"], want, rtol=0, atol=1e-5)
     assert ranks[0][kind]["reused"] == ranks[1][kind]["reused"] == reused
+
+
+def test_diffusers_own_ring_is_reported_dense_chunk_by_chunk(ranks):
+    """Each of diffusers' per-chunk fused calls is a site left dense, named, with the reason and a warning."""
+    for result in ranks:
+        fused = [s for s in result["diffusers_ring"]["sites"] if "flash_attention" in s[0]]
+        assert len(fused) == 2 * WORLD, result["diffusers_ring"]["sites"]  # 2 layers x one call per key/value chunk
+        assert {name.split("[")[0] for name, _, _, _ in fused} == {"blocks.0.attn1", "blocks.1.attn1"}
+        for _, kind, action, reason in fused:
+            assert (kind, action) == ("unknown", "dense")
+            assert f"one of {WORLD} over the same queries" in reason and "use_sparse_ring" in reason, reason
+        assert sum("aten._scaled_dot_product_flash_attention" in w for w in result["diffusers_ring"]["warnings"]) \
+            == 2 * WORLD
+        assert "_scaled_dot_product_flash_attention" in result["diffusers_ring"]["error"]  # no CPU kernel
