@@ -20,7 +20,9 @@ NaN. Here the offsets are facts, not readings: diffusers' equipartition sharder 
 tokens ``r * S : (r + 1) * S`` of every sharded sequence and the all-gather returns the chunks in
 rank order; the merge (`t4dopt.ops.chunk.merge_chunks`) keeps such rows at zero. The mask is the
 layout the caller names, as with `t4dopt.block_sparse_attention`; a call whose lengths do not match
-it (the sequence is not ``world`` chunks of the layout) raises rather than guess. Attention whose
+it (the sequence is not ``world`` chunks of the layout) raises rather than guess, and the turbo4d
+backend checks its grid against the sequence the graph shows diffusers sharding
+(`t4dopt.passes.ring_layouts`: a contradiction is refused). Attention whose
 keys are not that sequence (cross-attention to text) runs dense over the gathered keys, exact whether
 the text is sharded or replicated (a key repeated on every rank leaves the softmax unchanged).
 

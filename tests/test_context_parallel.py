@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 import socket
 import sys
 
@@ -30,7 +31,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-from t4dopt.errors import T4DWarning
+from t4dopt.errors import T4DOptionError, T4DWarning
 
 FRAMES, SIDE, HEADS, HEAD_DIM, WORLD, STEPS = 5, 8, 2, 16, 2, 8
 TOKENS = FRAMES * (SIDE // 2) ** 2
@@ -91,18 +92,18 @@ def _scenario(kind: str, rank: int) -> dict:
     kept = use_sparse_ring(model, ring_layout()).kept if kind == "ring" else ()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="turbo4d", options=OPTIONS)
-    with collecting() as report:
+    with collecting() as report, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         outputs = sample(compiled, *inputs())
     return {"outputs": torch.stack(outputs), "kept": kept, "graphs": report.graphs,
-            "sites": [(s.name, s.kind, s.action) for s in report.sites], "reused": reuses(model)}
+            "sites": [(s.name, s.kind, s.action) for s in report.sites], "reused": reuses(model),
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, T4DWarning)]}
 
 
 def _diffusers_ring(rank: int) -> dict:
     """diffusers' own ring attention (its ``_native_flash`` backend, the one whose ring runs on CPU tensors at all):
     one ``aten._scaled_dot_product_flash_attention`` call per key/value chunk. The report comes from the compile;
     the call itself then fails on CPU, which has no kernel for that op (on a GPU it runs, dense)."""
-    import warnings
-
     from diffusers import ContextParallelConfig
     from t4dopt.context_parallel import enable_parallelism
     from t4dopt.report import collecting
@@ -125,6 +126,30 @@ def _diffusers_ring(rank: int) -> dict:
             "warnings": [str(w.message) for w in caught if issubclass(w.category, T4DWarning)]}
 
 
+def _ring_contradicted(rank: int) -> dict:
+    """Ring under a layout of the right length that the graph contradicts (10 frames x 8 tokens, not 5 x 16)."""
+    from diffusers import ContextParallelConfig
+    from t4dopt.context_parallel import enable_parallelism, use_sparse_ring
+    from t4dopt.masks import sculpt4d
+
+    model = make_model()
+    enable_parallelism(model, ContextParallelConfig(ring_degree=WORLD))
+    use_sparse_ring(model, sculpt4d(2 * FRAMES, TOKENS // (2 * FRAMES), block_size=SPARSE["block_size"],
+                                    strides=SPARSE["strides"], anchor_frames=SPARSE["anchor_frames"]))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="turbo4d", options={"sparse": SPARSE, "target": "eager"})
+    latents, text = inputs()
+    try:
+        with torch.no_grad():
+            compiled(hidden_states=latents, timestep=torch.tensor([1000.0]), encoder_hidden_states=text,
+                     return_dict=False)
+    except Exception as error:  # dynamo wraps the backend's error
+        while error is not None and not isinstance(error, T4DOptionError):
+            error = error.__cause__ or getattr(error, "inner_exception", None)
+        return {"option": getattr(error, "option", None), "message": str(error)}
+    return {"option": None, "message": "it ran"}
+
+
 def _worker(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -133,6 +158,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     try:
         results = {kind: _scenario(kind, rank) for kind in ("ulysses", "ring")}
         results["diffusers_ring"] = _diffusers_ring(rank)
+        results["ring_contradicted"] = _ring_contradicted(rank)
     finally:
         dist.destroy_process_group()
     # The single-process references, one per worker (they run side by side), after the group is gone.
@@ -209,6 +235,8 @@ def test_sparse_equals_the_explicit_mask(ranks, masked_first, kind):
     else:
         assert [r[kind]["kept"] for r in ranks] == [(0, 1), (1, 0)]
     assert ranks[0][kind]["graphs"] == 1
+    # The ring's layout is the one the graph proves (checked in the compile): no warning that it is unconfirmed.
+    assert not [w for r in ranks for w in r[kind]["warnings"] if "left dense" in w or "not confirmed" in w]
 
 
 @pytest.mark.parametrize("kind", ["ulysses", "ring"])
@@ -232,3 +260,11 @@ def test_diffusers_own_ring_is_reported_dense_chunk_by_chunk(ranks):
         assert sum("aten._scaled_dot_product_flash_attention" in w for w in result["diffusers_ring"]["warnings"]) \
             == 2 * WORLD
         assert "_scaled_dot_product_flash_attention" in result["diffusers_ring"]["error"]  # no CPU kernel
+
+
+def test_a_ring_layout_the_graph_contradicts_is_refused(ranks):
+    for result in ranks:
+        contradicted = result["ring_contradicted"]
+        assert contradicted["option"] == "layout", contradicted["message"]
+        assert "frames=10, tokens_per_frame=8" in contradicted["message"]
+        assert "graph shows frames=5, tokens_per_frame=16" in contradicted["message"]

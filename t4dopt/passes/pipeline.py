@@ -17,6 +17,7 @@ from .attention_masks import read_attention_masks
 from .detect import detect_attention
 from .layout import classify_layouts, infer_grid, read_layouts
 from .rewrite import rewrite_sparse_sites
+from .ring_layouts import check_ring_layouts
 from .sequence_trace import trace_sequences
 from .sparsify import decide_sparsity
 from .state import PassState
@@ -32,6 +33,7 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
     read_layouts,
     infer_grid,
     classify_layouts,
+    check_ring_layouts,
     decide_sparsity,
 )
 """The passes that read the graph and decide; they change nothing."""
