@@ -2,14 +2,16 @@
 
 A tiny WanTransformer3DModel (2 layers, 2 heads x 16, 5 latent frames of 8 x 8, patch (1, 2, 2): 80 tokens)
 is compiled with turbo4d (sculpt4d, target="eager", and the cache) on each of two spawned ranks, once
-under Ulysses and once under Ring (`t4dopt.context_parallel.use_sparse_ring`). Every call of an 8-step
+under Ulysses and once under Ring (`t4dopt.context_parallel.use_sparse_ring(model)`, the layout proven by the
+backend from the graph). Every call of an 8-step
 sampling loop is gathered from both ranks. Checked against this process: the first call against the
 single-process model whose joint self-attentions run the explicit Sculpt4D token mask in float64
 (`reference.sculpt4d_token_mask`), and the whole loop against the single-process cached loop, which
 must reuse work (so a cache that diverged between ranks, or from one process, is seen; at this
 threshold a drift measured on one rank's shard alone crosses it at another step than the whole
-sequence's). A third scenario compiles diffusers' own ring (its ``_native_flash`` backend, one fused aten
-call per key/value chunk) and checks each call is reported as a site left dense, with a warning. The workers are
+sequence's). One more call each: the ring under a layout given by hand (against the explicit mask), under one
+the graph contradicts (refused), and diffusers' own ring (its ``_native_flash`` backend, one fused aten call per
+key/value chunk: each reported as a site left dense, with a warning). The workers are
 spawned once for all scenarios, and compute the single-process references too, side by side, after their group
 is gone.
 """
@@ -32,6 +34,7 @@ if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 from t4dopt.errors import T4DOptionError, T4DWarning
+from t4dopt.masks import sculpt4d
 
 FRAMES, SIDE, HEADS, HEAD_DIM, WORLD, STEPS = 5, 8, 2, 16, 2, 8
 TOKENS = FRAMES * (SIDE // 2) ** 2
@@ -75,8 +78,6 @@ def reuses(model) -> list[tuple[str, int, int]]:
 
 
 def ring_layout():
-    from t4dopt.masks import sculpt4d
-
     return sculpt4d(FRAMES, TOKENS // FRAMES, block_size=SPARSE["block_size"], strides=SPARSE["strides"],
                     anchor_frames=SPARSE["anchor_frames"])
 
@@ -89,13 +90,14 @@ def _scenario(kind: str, rank: int) -> dict:
     model = make_model()
     degrees = {"ulysses_degree": WORLD} if kind == "ulysses" else {"ring_degree": WORLD}
     enable_parallelism(model, ContextParallelConfig(**degrees))
-    kept = use_sparse_ring(model, ring_layout()).kept if kind == "ring" else ()
+    if kind == "ring":  # no layout: the backend proves it from the graph (the explicit form: `_ring_explicit`)
+        use_sparse_ring(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="turbo4d", options=OPTIONS)
     with collecting() as report, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outputs = sample(compiled, *inputs())
-    return {"outputs": torch.stack(outputs), "kept": kept, "graphs": report.graphs,
+    return {"outputs": torch.stack(outputs), "graphs": report.graphs,
             "sites": [(s.name, s.kind, s.action) for s in report.sites], "reused": reuses(model),
             "warnings": [str(w.message) for w in caught if issubclass(w.category, T4DWarning)]}
 
@@ -126,28 +128,26 @@ def _diffusers_ring(rank: int) -> dict:
             "warnings": [str(w.message) for w in caught if issubclass(w.category, T4DWarning)]}
 
 
-def _ring_contradicted(rank: int) -> dict:
-    """Ring under a layout of the right length that the graph contradicts (10 frames x 8 tokens, not 5 x 16)."""
+def _ring_explicit(layout) -> dict:
+    """One call of the ring under a layout given by hand: its output and kept chunk pairs, or the T4DOptionError."""
     from diffusers import ContextParallelConfig
     from t4dopt.context_parallel import enable_parallelism, use_sparse_ring
-    from t4dopt.masks import sculpt4d
 
     model = make_model()
     enable_parallelism(model, ContextParallelConfig(ring_degree=WORLD))
-    use_sparse_ring(model, sculpt4d(2 * FRAMES, TOKENS // (2 * FRAMES), block_size=SPARSE["block_size"],
-                                    strides=SPARSE["strides"], anchor_frames=SPARSE["anchor_frames"]))
+    kept = use_sparse_ring(model, layout).kept
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="turbo4d", options={"sparse": SPARSE, "target": "eager"})
     latents, text = inputs()
     try:
         with torch.no_grad():
-            compiled(hidden_states=latents, timestep=torch.tensor([1000.0]), encoder_hidden_states=text,
-                     return_dict=False)
+            output = compiled(hidden_states=latents, timestep=torch.tensor([1000.0]), encoder_hidden_states=text,
+                              return_dict=False)[0]
     except Exception as error:  # dynamo wraps the backend's error
         while error is not None and not isinstance(error, T4DOptionError):
             error = error.__cause__ or getattr(error, "inner_exception", None)
         return {"option": getattr(error, "option", None), "message": str(error)}
-    return {"option": None, "message": "it ran"}
+    return {"output": output, "kept": kept}
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -158,7 +158,12 @@ def _worker(rank: int, port: int, folder: str) -> None:
     try:
         results = {kind: _scenario(kind, rank) for kind in ("ulysses", "ring")}
         results["diffusers_ring"] = _diffusers_ring(rank)
-        results["ring_contradicted"] = _ring_contradicted(rank)
+        results["ring_explicit"] = _ring_explicit(ring_layout())
+        # Of the right length, but 10 frames x 8 tokens where the graph shows 5 x 16: refused.
+        results["ring_contradicted"] = _ring_explicit(sculpt4d(2 * FRAMES, TOKENS // (2 * FRAMES),
+                                                               block_size=SPARSE["block_size"],
+                                                               strides=SPARSE["strides"],
+                                                               anchor_frames=SPARSE["anchor_frames"]))
     finally:
         dist.destroy_process_group()
     # The single-process references, one per worker (they run side by side), after the group is gone.
@@ -232,11 +237,15 @@ def test_sparse_equals_the_explicit_mask(ranks, masked_first, kind):
         assert len(joint) == 2 and all(action == "sparse" for _, _, action in joint), ranks[0][kind]["sites"]
         # Site names as users write them, also through diffusers' hooked forwards.
         assert [name for name, _, _ in joint] == ["blocks.0.attn1", "blocks.1.attn1"]
-    else:
-        assert [r[kind]["kept"] for r in ranks] == [(0, 1), (1, 0)]
     assert ranks[0][kind]["graphs"] == 1
-    # The ring's layout is the one the graph proves (checked in the compile): no warning that it is unconfirmed.
+    # The ring's layout is the one the graph proves: no warning that it is unconfirmed or left dense.
     assert not [w for r in ranks for w in r[kind]["warnings"] if "left dense" in w or "not confirmed" in w]
+
+
+def test_ring_under_a_layout_given_by_hand(ranks, masked_first):
+    for result in ranks:
+        torch.testing.assert_close(result["ring_explicit"]["output"], masked_first, rtol=0, atol=1e-5)
+    assert [r["ring_explicit"]["kept"] for r in ranks] == [(0, 1), (1, 0)]
 
 
 @pytest.mark.parametrize("kind", ["ulysses", "ring"])

@@ -17,7 +17,7 @@ from .attention_masks import read_attention_masks
 from .detect import detect_attention
 from .layout import classify_layouts, infer_grid, read_layouts
 from .rewrite import rewrite_sparse_sites
-from .ring_layouts import check_ring_layouts
+from .ring_layouts import check_ring_layouts, rewrite_ring_layouts
 from .sequence_trace import trace_sequences
 from .sparsify import decide_sparsity
 from .state import PassState
@@ -38,8 +38,8 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
 )
 """The passes that read the graph and decide; they change nothing."""
 
-PASSES: tuple[Pass, ...] = (*ANALYSIS_PASSES, rewrite_sparse_sites)
-"""Every pass, in order: the analysis, then the one pass that changes the graph."""
+PASSES: tuple[Pass, ...] = (*ANALYSIS_PASSES, rewrite_sparse_sites, rewrite_ring_layouts)
+"""Every pass, in order: the analysis, then the passes that change the graph."""
 
 
 def _run(state: PassState, passes: tuple[Pass, ...]) -> list[SiteDecision]:

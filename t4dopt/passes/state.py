@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from t4dopt.block_layout import BlockLayout
 from t4dopt.options import Options
 from t4dopt.sites import AttentionSite, JointReading, ModelGrid, SiteDecision, SiteLayout, SiteMask, SiteTokens
 
@@ -33,3 +34,5 @@ class PassState:
     grid: ModelGrid | None = None
     layouts: list[SiteLayout] = field(default_factory=list)
     decisions: list[SiteDecision] = field(default_factory=list)
+    ring_layouts: dict[fx.Node, BlockLayout] = field(default_factory=dict)
+    """The table each ring chunk call traced without a layout gets (`t4dopt.passes.ring_layouts`)."""
