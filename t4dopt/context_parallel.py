@@ -144,7 +144,7 @@ def _sparse_ring(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         raise NotImplementedError(f"{BACKEND}: masks, is_causal, dropout and grouped heads under ring attention")
     if query.shape[1] != plan.chunk or key.shape[1] != plan.chunk:
         raise ValueError(f"{BACKEND}: queries of {query.shape[1]} and keys of {key.shape[1]} tokens per rank, but "
-                         f"the layout's {plan.layout.seq_len} tokens over {plan.world} ranks are {plan.chunk} each")
+                         f"the ring of {plan.world} ranks has chunks of {plan.chunk} tokens")
     chunks = _gathered(key, value, config)
     q = query.transpose(1, 2)
     out = lse = None

@@ -27,7 +27,7 @@ from t4dopt.sites import AttentionSite, SiteDecision, SiteKind, SiteLayout
 FUSED = "fused"
 """`AttentionSite.form` of a fused aten call."""
 
-RING_WAY = ("for block-sparse ring attention call t4dopt.context_parallel.use_sparse_ring(model, layout) after "
+RING_WAY = ("for block-sparse ring attention call t4dopt.context_parallel.use_sparse_ring(model) after "
             "enable_parallelism (the turbo4d diffusers attention backend)")
 
 
