@@ -10,7 +10,8 @@ graph from the sequence axis, through ops whose effect on the token axes is unde
   along another axis every piece carries the tokens;
 - position-wise ops: elementwise arithmetic, activations, casts, linear layers, norms, softmax,
   reductions over other axes, matmul / bmm / einsum along their rows, attention outputs (the
-  query's rows; of a fused aten attention call, its output and its log-sum-exp), values written into ``torch.empty_like(x)`` slice by slice (rotary embeddings);
+  query's rows; of a fused aten attention call, its output and its log-sum-exp), values written
+  into ``torch.empty_like(x)`` slice by slice (rotary embeddings);
 - patch embeddings: a Conv3d / Conv2d / unfold whose kernel equals its stride cuts an axis into
   patches; its spatial dims tell what the axes are (a Conv3d's depth is time, the batch of a
   per-image Conv2d holds the frames).
