@@ -92,7 +92,8 @@ def _reference(model, x):
         model.reference_mask = None
 
 
-@pytest.mark.parametrize("form, words", [("direct", "direct fused aten call"), ("ring", "one of 2 over the same queries")])
+@pytest.mark.parametrize("form, words", [("direct", "direct fused aten call"),
+                                         ("ring", "one of 2 over the same queries")])
 def test_a_fused_call_is_reported_dense_and_the_attention_after_it_is_still_proven(form, words, x):
     model = FusedThenJoint(form).eval()
     with pytest.warns(t4dopt.T4DWarning, match=words), torch.no_grad():

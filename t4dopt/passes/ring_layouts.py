@@ -39,7 +39,8 @@ from t4dopt.sites import CONFIRMED, SiteKind, SiteLayout
 
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
 
-CHUNK_TARGETS = frozenset({torch.ops.t4d.block_sparse_attention_chunk, torch.ops.t4d.block_sparse_attention_chunk.default})
+CHUNK_TARGETS = frozenset({torch.ops.t4d.block_sparse_attention_chunk,
+                           torch.ops.t4d.block_sparse_attention_chunk.default})
 TABLES_AT, BLOCK_STARTS_ARGUMENT, BLOCK_SIZE_ARGUMENT, KV_OFFSET_ARGUMENT = 3, 5, 6, 8
 
 
