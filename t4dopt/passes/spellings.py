@@ -354,7 +354,6 @@ WEIGHTED_SUMS: tuple[Spelling[WeightedSum], ...] = (
 
 TABLES: dict[str, tuple[Spelling, ...]] = {
     "sdpa": SDPA, "fused_sdpa": FUSED_SDPA, "key_transposes": KEY_TRANSPOSES, "scores": SCORES, "scales": SCALES,
-    "masks": MASKS,
-    "casts": CASTS, "softmaxes": SOFTMAXES, "weighted_sums": WEIGHTED_SUMS,
+    "masks": MASKS, "casts": CASTS, "softmaxes": SOFTMAXES, "weighted_sums": WEIGHTED_SUMS,
 }
 """Every table by role, for tests and for reading; the detect pass uses the tables directly."""
