@@ -38,7 +38,7 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
 )
 """The passes that read the graph and decide; they change nothing."""
 
-PASSES: tuple[Pass, ...] = (*ANALYSIS_PASSES, rewrite_sparse_sites, rewrite_ring_layouts)
+PASSES: tuple[Pass, ...] = (*ANALYSIS_PASSES, rewrite_ring_layouts, rewrite_sparse_sites)
 """Every pass, in order: the analysis, then the passes that change the graph."""
 
 
