@@ -46,6 +46,50 @@ def sdpa_functions() -> frozenset:
     return frozenset(f for f in (F.scaled_dot_product_attention, private) if f is not None)
 
 
+FUSED_SDPA_OPS = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+)
+"""aten's fused attention kernels, under ``torch.ops.aten``. Each returns a tuple whose item 0 is the output
+([B, H, Nq, Dv]) and item 1 the log-sum-exp (``logsumexp`` / ``log_sumexp``, [B, H, Nq] or padded); diffusers'
+context-parallel paths (its ``_native_flash`` / ``_native_cudnn`` / ``_native_efficient`` backends under ring
+or Ulysses) call them directly, once per key/value chunk of a ring."""
+
+
+@functools.cache
+def fused_sdpa_functions() -> dict[Any, str]:
+    """Every target dynamo may record for a fused aten attention call (the op and each of its overloads), with the
+    op's name (``aten._scaled_dot_product_flash_attention``); ops this torch lacks are left out."""
+    found: dict[Any, str] = {}
+    for name in FUSED_SDPA_OPS:
+        packet = _lookup(f"torch.ops.aten.{name}")
+        if packet is None:
+            continue
+        found[packet] = f"aten.{name}"
+        for overload in packet.overloads():
+            found[getattr(packet, overload)] = f"aten.{name}"
+    return found
+
+
+def op_arguments(target: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """The arguments of a call of the aten op `target` (an OpOverload or its packet) by their schema names, defaults
+    filled in (None where the schema has none); None when the schema is not readable."""
+    overload = getattr(target, "default", target)
+    schema = getattr(overload, "_schema", None)
+    if schema is None:
+        return None
+    try:
+        bound = {a.name: (a.default_value if a.has_default_value() else None) for a in schema.arguments}
+        bound.update(zip((a.name for a in schema.arguments), args))
+    except (AttributeError, TypeError):
+        return None
+    bound.update(kwargs)
+    return bound
+
+
 @functools.cache
 def cpu_flash_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """``(q, k, v, scale, attn_mask=None) -> (out, logsumexp)`` on CPU: torch's CPU flash kernel, or SDPA
@@ -227,6 +271,9 @@ class PrivateAPI:
 PRIVATE_APIS = (
     PrivateAPI("torch._C._nn.scaled_dot_product_attention", "passes/spellings.py (an SDPA spelling)",
                "that spelling is not recognised; F.scaled_dot_product_attention still is"),
+    PrivateAPI(" + ".join(f"torch.ops.aten.{name}" for name in FUSED_SDPA_OPS),
+               "passes/spellings.py (fused aten attention calls, reported and left dense; their arguments read by "
+               "OpOverload._schema)", "a missing op is not recognised: its calls run dense without a report"),
     PrivateAPI("torch.ops.aten._scaled_dot_product_flash_attention_for_cpu", "ops/cpu_kernel.py (each dense piece)",
                "pieces run as a float32 softmax with its log-sum-exp (slower, same result)"),
     PrivateAPI("torch._C._dispatch_tls_local_include_set + torch._C._dispatch_tls_local_exclude_set"

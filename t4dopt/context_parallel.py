@@ -8,9 +8,15 @@ so ``torch.compile(model, backend="turbo4d")`` proves and rewrites the joint att
 merging the partial results by their log-sum-exp. `use_sparse_ring` registers a diffusers attention
 backend, ``turbo4d`` (``supports_context_parallel=True``), on the model's attention processors. It
 runs the ring itself: it gathers the key/value chunks as diffusers' ring does (one all-gather over
-the ring group), then for each chunk pair that keeps any block calls
-``t4d::block_sparse_attention_chunk`` (query chunk ``rank``, key chunk ``j``: offsets into the global
-layout) and merges by log-sum-exp; pairs that keep no block are skipped, decided once per model.
+the ring group), then for each chunk pair calls ``t4d::block_sparse_attention_chunk`` (query chunk
+``rank``, key chunk ``j``: offsets into the global layout) and merges by log-sum-exp.
+
+The layout: this backend runs while dynamo traces the model, before the turbo4d backend sees any
+graph, so without a layout (`use_sparse_ring(model)`) it traces with a stand-in table
+(`t4dopt.ops.chunk.DEFERRED`, every chunk pair called) that the turbo4d backend replaces by the table
+of the layout it proves from the graph (`t4dopt.passes.ring_layouts`: the sequence diffusers shards,
+read as on one GPU); such a model runs only under ``torch.compile(backend="turbo4d")``. With a layout
+given, the plan is made here: pairs that keep no block are skipped, decided once per model.
 
 Why a backend that runs its own loop rather than a rewrite of diffusers' per-chunk calls: on CPU
 diffusers has no ring-capable backend at all (``native`` refuses ``return_lse``, ``_native_flash`` has
@@ -18,9 +24,10 @@ no CPU kernel); in diffusers' loop the key chunk a call sees is the loop counter
 shows; and its sigmoid merge turns a ``-inf`` log-sum-exp (a row that keeps no key of a chunk) into
 NaN. Here the offsets are facts, not readings: diffusers' equipartition sharder gives rank r the
 tokens ``r * S : (r + 1) * S`` of every sharded sequence and the all-gather returns the chunks in
-rank order; the merge (`t4dopt.ops.chunk.merge_chunks`) keeps such rows at zero. The mask is the
-layout the caller names, as with `t4dopt.block_sparse_attention`; a call whose lengths do not match
-it (the sequence is not ``world`` chunks of the layout) raises rather than guess. Attention whose
+rank order; the merge (`t4dopt.ops.chunk.merge_chunks`) keeps such rows at zero. A layout given
+by hand is used as with `t4dopt.block_sparse_attention`; a call whose lengths do not match it (the
+sequence is not ``world`` chunks of the layout) raises rather than guess, and the turbo4d backend
+checks its grid against the sequence the graph shows diffusers sharding (a contradiction is refused). Attention whose
 keys are not that sequence (cross-attention to text) runs dense over the gathered keys, exact whether
 the text is sharded or replicated (a key repeated on every rank leaves the softmax unchanged).
 
@@ -44,6 +51,13 @@ BACKEND = "turbo4d"
 """Self-attention over the sharded sequence: block-sparse ring attention under the model's layout."""
 DENSE_BACKEND = "turbo4d_dense"
 """Every other attention of the model under ring: dense over the gathered keys."""
+
+
+class DeferredRing(NamedTuple):
+    """A ring whose layout the turbo4d backend proves (`use_sparse_ring` without a layout): this rank and the ring."""
+
+    rank: int
+    world: int
 
 
 class RingPlan(NamedTuple):
@@ -120,15 +134,17 @@ def _sparse_ring(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     from t4dopt.ops.chunk import block_sparse_attention_chunk, merge_chunks
 
     config = _ring_context(_parallel_config)
-    plan: RingPlan | None = getattr(_parallel_config, "_t4d_ring", None)
+    plan: RingPlan | DeferredRing | None = getattr(_parallel_config, "_t4d_ring", None)
     if config is None or plan is None:
         raise RuntimeError(f"the {BACKEND} attention backend runs under ring context parallelism after "
                            "t4dopt.context_parallel.use_sparse_ring(model, layout)")
+    if isinstance(plan, DeferredRing):
+        plan = _deferred_plan(plan, query.shape[1])
     if attn_mask is not None or is_causal or dropout_p or enable_gqa:
         raise NotImplementedError(f"{BACKEND}: masks, is_causal, dropout and grouped heads under ring attention")
     if query.shape[1] != plan.chunk or key.shape[1] != plan.chunk:
         raise ValueError(f"{BACKEND}: queries of {query.shape[1]} and keys of {key.shape[1]} tokens per rank, but "
-                         f"the layout's {plan.layout.seq_len} tokens over {plan.world} ranks are {plan.chunk} each")
+                         f"the ring of {plan.world} ranks has chunks of {plan.chunk} tokens")
     chunks = _gathered(key, value, config)
     q = query.transpose(1, 2)
     out = lse = None
@@ -142,6 +158,19 @@ def _sparse_ring(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
     out = out.to(query.dtype).transpose(1, 2)
     return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+def _deferred_plan(ring: DeferredRing, chunk: int) -> RingPlan:
+    """Every chunk pair over the stand-in table `t4dopt.ops.chunk.DEFERRED`, which the turbo4d backend replaces by
+    the layout it proves; outside a turbo4d compile there is nothing to run."""
+    from t4dopt.ops.chunk import DEFERRED
+
+    if not torch.compiler.is_compiling():
+        raise RuntimeError(f"the {BACKEND} attention backend without a layout runs only under "
+                           "torch.compile(model, backend='turbo4d'), which proves the layout from the graph; "
+                           "to run otherwise, pass one: use_sparse_ring(model, t4dopt.masks.sculpt4d(...))")
+    order = tuple((ring.rank + step) % ring.world for step in range(ring.world))
+    return RingPlan(DEFERRED, ring.rank, ring.world, chunk, order)
 
 
 def register_diffusers_backends() -> None:
@@ -163,15 +192,19 @@ def _is_self_attention(module: torch.nn.Module) -> bool:
     return getattr(module, "cross_attention_dim", None) in (None, getattr(module, "query_dim", None))
 
 
-def use_sparse_ring(model: torch.nn.Module, layout: BlockLayout) -> RingPlan:
-    """Run `model`'s self-attentions as block-sparse ring attention under `layout` (after ``enable_parallelism``
-    with ``ContextParallelConfig(ring_degree=world)``); its other attentions run dense over the gathered keys.
+def use_sparse_ring(model: torch.nn.Module, layout: BlockLayout | None = None) -> RingPlan | DeferredRing:
+    """Run `model`'s self-attentions as block-sparse ring attention (after ``enable_parallelism`` with
+    ``ContextParallelConfig(ring_degree=world)``); its other attentions run dense over the gathered keys.
 
-    `layout` covers the whole sequence the self-attentions see (``t4dopt.masks.sculpt4d(frames, tokens, ...)``).
-    Returns this rank's plan (which chunk pairs it computes).
+    Without `layout`, the turbo4d backend proves the layout from the graph, as on one GPU, and builds the mask
+    of its ``options['sparse']`` policy (`t4dopt.passes.ring_layouts`); the model then runs only under
+    ``torch.compile(model, backend="turbo4d")``. With `layout` (``t4dopt.masks.sculpt4d(frames, tokens, ...)``,
+    covering the whole sequence the self-attentions see) it runs under any compile or none, and the turbo4d
+    backend checks it against the graph. Returns this rank's plan (which chunk pairs it computes), or the
+    `DeferredRing` the backend completes.
     """
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a t4dopt.BlockLayout, got {type(layout).__name__}")
+    if layout is not None and not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a t4dopt.BlockLayout or None, got {type(layout).__name__}")
     parallel = getattr(model, "_parallel_config", None)
     config = getattr(parallel, "context_parallel_config", None)
     if config is None or config.ring_degree <= 1 or config.ulysses_degree > 1:
@@ -179,7 +212,16 @@ def use_sparse_ring(model: torch.nn.Module, layout: BlockLayout) -> RingPlan:
                              "ContextParallelConfig(ring_degree > 1, ulysses_degree=1)", option="ring_degree",
                              value=None if config is None else config.ring_degree, allowed="> 1 with ulysses 1")
     register_diffusers_backends()
-    plan = ring_plan(layout, int(config._ring_local_rank), int(config.ring_degree))
+    rank, world = int(config._ring_local_rank), int(config.ring_degree)
+    if layout is None:
+        from t4dopt.ops.chunk import DEFERRED
+        from t4dopt.ops.tables import layout_tensors
+
+        parameter = next(model.parameters(), None)
+        layout_tensors(DEFERRED, parameter.device if parameter is not None else torch.device("cpu"))
+        plan = DeferredRing(rank, world)
+    else:
+        plan = ring_plan(layout, rank, world)
     parallel._t4d_ring = plan
     for module in model.modules():
         processor = getattr(module, "processor", None)

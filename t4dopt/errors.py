@@ -74,3 +74,10 @@ def warn_or_raise(decisions: list[SiteDecision], options: Options, hidden: list[
         if options.strict:
             raise T4DUnsupportedError(message + " (strict=True)")
         warnings.warn(message, T4DWarning, stacklevel=2)
+
+
+def warn_unconfirmed(message: str, options: Options) -> None:
+    """A hint the graph does not confirm and nothing else checks: a `T4DWarning`, or with ``strict=True`` an error."""
+    if options.strict:
+        raise T4DUnsupportedError(message + " (strict=True)")
+    warnings.warn(message, T4DWarning, stacklevel=2)

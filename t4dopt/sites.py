@@ -28,9 +28,11 @@ class SiteKind(str, Enum):
 class AttentionSite:
     """One attention in an FX graph, normalised to q, k, v of shape [..., N, D].
 
-    ``nodes`` are the graph nodes that make up the attention (one for SDPA; matmul, scale,
-    softmax, matmul for hand-written attention); ``output`` is the last of them.
-    ``key_transposed`` is set when the graph holds k^T ([..., D, N]) rather than k.
+    ``form``: ``"sdpa"``, ``"handwritten"`` or ``"fused"`` (a direct call of aten's fused attention kernel
+    ``op``, `t4dopt.compat.FUSED_SDPA_OPS`, never rewritten: its ``output`` node is a tuple, item 0 the
+    attention's output and item 1 its log-sum-exp). ``nodes`` are the graph nodes that make up the attention
+    (one for SDPA and fused calls; matmul, scale, softmax, matmul for hand-written attention); ``output`` is the
+    last of them. ``key_transposed`` is set when the graph holds k^T ([..., D, N]) rather than k.
     """
 
     name: str
@@ -51,6 +53,7 @@ class AttentionSite:
     enable_gqa: bool = False
     key_transposed: bool = False
     module_path: str = ""
+    op: str = ""
 
     @property
     def query_len(self) -> int:

@@ -34,6 +34,13 @@ from t4dopt.ops.schema import CHUNK_BACKWARD_OP_NAME, CHUNK_OP_NAME, resolve_sca
 from t4dopt.ops.tables import BlockTable, layout_tensors, lookup_table
 
 
+DEFERRED = BlockLayout.from_dense(torch.ones(1, 1, dtype=torch.bool), torch.tensor([0, 1]), 1,
+                                  "deferred to the turbo4d backend")
+"""The stand-in table a ring traces with when no layout was given (`t4dopt.context_parallel.use_sparse_ring`):
+the turbo4d backend replaces it in the graph by the layout it proves (`t4dopt.passes.ring_layouts`); run as it
+is, it raises."""
+
+
 class ChunkTable(NamedTuple):
     """A chunk pair of a block table as a square table over ``length`` virtual tokens.
 
@@ -54,7 +61,9 @@ def _refine(table: BlockTable, q_offset: int, q_len: int, kv_offset: int, kv_len
     seq_len = table.seq_len
     if q_offset < 0 or kv_offset < 0 or q_offset + q_len > seq_len or kv_offset + kv_len > seq_len:
         raise ValueError(f"{CHUNK_OP_NAME}: query tokens {q_offset}:{q_offset + q_len} and key tokens "
-                         f"{kv_offset}:{kv_offset + kv_len} must lie in the layout's {seq_len} tokens")
+                         f"{kv_offset}:{kv_offset + kv_len} must lie in the layout's {seq_len} tokens (a ring "
+                         "traced without a layout runs only under torch.compile(backend='turbo4d'), which "
+                         "proves one)")
     length = max(q_len, kv_len)
     cuts = {0, length, q_len, kv_len}
     cuts.update(int(s) - q_offset for s in starts if 0 < int(s) - q_offset < q_len)

@@ -162,3 +162,12 @@ def layout_tensors(layout: BlockLayout, device: torch.device) -> tuple[torch.Ten
     if device not in per_device:
         per_device[device] = layout.tensors(device)
     return per_device[device]
+
+
+def layout_of(tensor: torch.Tensor) -> BlockLayout | None:
+    """The layout whose `layout_tensors` include `tensor` (that very tensor object), else None: what a graph holding
+    those tensors (a ring backend's chunk calls) was built from."""
+    for layout, per_device in list(_layout_tensors.values()):
+        if any(tensor is t for tensors in per_device.values() for t in tensors):
+            return layout
+    return None

@@ -1,8 +1,10 @@
 """Find attention in the torch-level FX graph that dynamo hands a backend.
 
-Two forms are recognised, each piece in any spelling of `t4dopt.passes.spellings`:
+Three forms are recognised, each piece in any spelling of `t4dopt.passes.spellings`:
 
 - an SDPA call;
+- a direct call of one of aten's fused attention kernels (form ``"fused"``: reported, never rewritten,
+  `t4dopt.passes.fused_attention`);
 - hand-written attention: ``scores = q @ k^T``, an optional scale, an optional additive mask,
   softmax over the last dim (with or without a float upcast and a cast back), then
   ``probabilities @ v``. Each intermediate must feed only the next piece: weights or scores
@@ -18,7 +20,8 @@ from typing import NamedTuple
 
 import torch.fx as fx
 
-from .spellings import (CASTS, MASKS, SCALES, SCORES, SDPA, SOFTMAXES, WEIGHTED_SUMS, Scores, SdpaCall,
+from .fused_attention import FUSED
+from .spellings import (CASTS, FUSED_SDPA, MASKS, SCALES, SCORES, SDPA, SOFTMAXES, WEIGHTED_SUMS, Scores, SdpaCall,
                         first_match)
 from .state import PassState
 from t4dopt.fx_utils import dtype_of, module_path, shape_of
@@ -29,10 +32,10 @@ def _dtype_name(node: fx.Node) -> str:
     return str(dtype_of(node)).replace("torch.", "")
 
 
-def _sdpa_site(node: fx.Node, call: SdpaCall) -> AttentionSite:
+def _sdpa_site(node: fx.Node, call: SdpaCall, form: str = "sdpa", op: str = "") -> AttentionSite:
     q, k, v = call.query, call.key, call.value
     return AttentionSite(
-        name=node.name, form="sdpa", query=q, key=k, value=v, output=node, nodes=[node],
+        name=node.name, form=form, op=op, query=q, key=k, value=v, output=node, nodes=[node],
         query_shape=shape_of(q), key_shape=shape_of(k), value_shape=shape_of(v),
         dtype=_dtype_name(q),
         scale=call.scale,
@@ -148,6 +151,8 @@ def find_attention(graph: fx.Graph) -> list[AttentionSite]:
     for node in graph.nodes:
         if (call := first_match(SDPA, node)) is not None:
             site = _sdpa_site(node, call)
+        elif (fused := first_match(FUSED_SDPA, node)) is not None:
+            site = _sdpa_site(node, fused.call, FUSED, fused.op)
         elif (scores_input := first_match(SOFTMAXES, node)) is not None:
             site = _handwritten_site(node, scores_input)
         else:
@@ -158,5 +163,5 @@ def find_attention(graph: fx.Graph) -> list[AttentionSite]:
 
 
 def detect_attention(state: PassState) -> None:
-    """Find every attention site: SDPA, or hand-written in any spelling of the table."""
+    """Find every attention site: SDPA, a fused aten call, or hand-written in any spelling of the table."""
     state.sites = find_attention(state.gm.graph)

@@ -18,6 +18,7 @@ from .carried_tokens import CarriedOutput, find_carried_outputs
 from .detect import detect_attention
 from .layout import classify_layouts, infer_grid, read_layouts
 from .rewrite import rewrite_sparse_sites
+from .ring_layouts import check_ring_layouts, rewrite_ring_layouts
 from .sequence_trace import trace_sequences
 from .sparsify import decide_sparsity
 from .state import PassState
@@ -34,12 +35,13 @@ ANALYSIS_PASSES: tuple[Pass, ...] = (
     read_layouts,
     infer_grid,
     classify_layouts,
+    check_ring_layouts,
     decide_sparsity,
 )
 """The passes that read the graph and decide; they change nothing."""
 
-PASSES: tuple[Pass, ...] = (*ANALYSIS_PASSES, rewrite_sparse_sites)
-"""Every pass, in order: the analysis, then the one pass that changes the graph."""
+PASSES: tuple[Pass, ...] = (*ANALYSIS_PASSES, rewrite_ring_layouts, rewrite_sparse_sites)
+"""Every pass, in order: the analysis, then the passes that change the graph."""
 
 
 def _run(state: PassState, passes: tuple[Pass, ...]) -> list[SiteDecision]:

@@ -25,7 +25,8 @@ from t4dopt.sites import SiteDecision
 import t4dopt.ops  # noqa: F401  (registers torch.ops.t4d)
 
 
-def _buffer(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
+def add_buffer(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
+    """`tensor` as a buffer of `gm` named `name`, and the graph node that reads it (inserted where the graph is)."""
     gm.register_buffer(name, tensor)
     register_graph_buffer_source(gm, name)
     return gm.graph.get_attr(name)
@@ -94,12 +95,12 @@ def _rewrite_site(gm: fx.GraphModule, index: int, decision: SiteDecision, refere
             v = graph.call_method("repeat_interleave", (v, heads // kv_heads), {"dim": 1})
         prefix = f"_t4d_site{index}"
         if reference:
-            mask = _with_model_mask(graph, _buffer(gm, f"{prefix}_token_mask", layout.token_mask().to(device)), site)
+            mask = _with_model_mask(graph, add_buffer(gm, f"{prefix}_token_mask", layout.token_mask().to(device)), site)
             out = graph.call_function(F.scaled_dot_product_attention, (q, k, v),
                                       {"attn_mask": mask, "scale": site.scale})
         else:
             counts, indices, starts = (
-                _buffer(gm, f"{prefix}_{name}", tensor)
+                add_buffer(gm, f"{prefix}_{name}", tensor)
                 for name, tensor in zip(("kv_counts", "kv_indices", "block_starts"), layout.tensors(device))
             )
             key_mask = (_as_batch_by_keys(graph, decision.key_mask, site.key_len)

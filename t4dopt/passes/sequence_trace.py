@@ -10,7 +10,8 @@ graph from the sequence axis, through ops whose effect on the token axes is unde
   along another axis every piece carries the tokens;
 - position-wise ops: elementwise arithmetic, activations, casts, linear layers, norms, softmax,
   reductions over other axes, matmul / bmm / einsum along their rows, attention outputs (the
-  query's rows), values written into ``torch.empty_like(x)`` slice by slice (rotary embeddings);
+  query's rows; of a fused aten attention call, its output and its log-sum-exp), values written
+  into ``torch.empty_like(x)`` slice by slice (rotary embeddings);
 - patch embeddings: a Conv3d / Conv2d / unfold whose kernel equals its stride cuts an axis into
   patches; its spatial dims tell what the axes are (a Conv3d's depth is time, the batch of a
   per-image Conv2d holds the frames).
@@ -39,6 +40,7 @@ import torch
 import torch.fx as fx
 
 from .state import PassState
+from t4dopt.compat import fused_sdpa_functions, op_arguments
 from t4dopt.fx_utils import example_value, is_parameter_input, is_size, op_name, shape_of, source_line
 from t4dopt.sites import Digit, Segment, SiteTokens, Stop, TokenMap
 
@@ -50,14 +52,14 @@ VIEWS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsque
 AXIS_MOVES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"})
 SAME_AXES = frozenset({
     "contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "to", "type", "type_as", "cpu", "cuda",
-    "neg", "abs", "exp", "log", "sigmoid", "tanh", "sin", "cos", "sqrt", "rsqrt", "reciprocal", "square", "erf",
+    "neg", "abs", "exp", "log", "sigmoid", "log_sigmoid", "logsigmoid", "tanh", "sin", "cos", "sqrt", "rsqrt", "reciprocal", "square", "erf",
     "relu", "silu", "gelu", "mish", "leaky_relu", "elu", "softplus", "hardswish", "hardsigmoid", "dropout",
     "nan_to_num", "real", "imag", "conj", "angle", "sign", "floor", "ceil", "round", "logical_not", "bitwise_not",
     "__neg__", "__invert__", "cumsum", "cumprod", "wait_tensor",
 })
 ELEMENTWISE = frozenset({
     "add", "sub", "mul", "div", "truediv", "floordiv", "true_divide", "rsub", "pow", "where", "addcmul", "addcdiv",
-    "lerp", "maximum", "minimum", "masked_fill", "polar", "complex", "atan2", "hypot", "fmod", "remainder",
+    "lerp", "maximum", "minimum", "logaddexp", "logaddexp2", "masked_fill", "polar", "complex", "atan2", "hypot", "fmod", "remainder",
     "clamp", "clip", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "and_", "or_", "xor",
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
     "__pow__", "__rpow__", "__and__", "__or__", "__floordiv__", "__mod__",
@@ -620,6 +622,26 @@ def _sdpa(node: fx.Node, cursor: Cursor) -> _Follow | _End:
     return _Follow(_cursor(query, cursor.digits, {a: v for a, v in cursor.offsets if a != rank - 1}))
 
 
+def _fused_output(node: fx.Node, cursor: Cursor) -> _Follow | _End:
+    """Item 0 (the output, [..., Nq, Dv]) or item 1 (the log-sum-exp, [..., Nq] or with trailing 1s) of a fused aten
+    attention call (`t4dopt.compat.FUSED_SDPA_OPS`): the query's rows. Any other item (sequence and RNG
+    bookkeeping), or a log-sum-exp padded past the queries (the efficient kernel's), is not followed."""
+    call, index = node.args
+    bound = op_arguments(call.target, call.args, call.kwargs) or {}
+    query, shape = bound.get("query"), shape_of(node)
+    query_shape = shape_of(query)
+    if query_shape is None or shape is None or index not in (0, 1):
+        return _End(Stop.OPAQUE, f"{_where(call)}")
+    rows = len(query_shape) - 1  # the axes the output shares with the queries: [..., Nq]
+    if index == 0:
+        matches = len(shape) == len(query_shape) and shape[:rows] == query_shape[:rows]
+    else:
+        matches = shape[:rows] == query_shape[:rows] and all(size == 1 for size in shape[rows:])
+    if not matches or any(axis >= rows for axis in _axes(cursor)):
+        return _End(Stop.OPAQUE, f"{_where(call)}")
+    return _Follow(_cursor(query, cursor.digits, {a: v for a, v in cursor.offsets if a < rows}))
+
+
 def _pairs(value: Any, count: int, default: int) -> tuple:
     if value is None:
         return (default,) * count
@@ -1029,6 +1051,8 @@ class TokenWalk:
             return _End(Stop.INPUT, f"constant ({_where(node)})")
         parent = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if name == "getitem":
+            if parent is not None and parent.op == "call_function" and parent.target in fused_sdpa_functions():
+                return _fused_output(node, cursor)
             if isinstance(example_value(parent), (tuple, list)):
                 return _piece(node, cursor)
             return _indexed(node, cursor)

@@ -4,13 +4,15 @@ Only joint spatio-temporal self-attention is made sparse. The model's own mask i
 dropped: a structured one intersected with the policy's table, a key mask applied by the op
 (`t4dopt.passes.attention_masks`). A site we cannot handle (unknown layout, a mask that does not
 combine, a causal flag, dropout, an unsupported dtype) stays dense; the decision carries the
-reason and whether the user should be warned.
+reason and whether the user should be warned. A fused aten call always stays dense
+(`t4dopt.passes.fused_attention`).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
+from .fused_attention import FUSED, calls_per_query, fused_decision
 from .state import PassState
 from t4dopt import masks
 from t4dopt.block_layout import BlockLayout
@@ -61,10 +63,14 @@ def _with_mask(block_layout: BlockLayout, mask: SiteMask | None) -> tuple[BlockL
     return block_layout & structured, None
 
 
-def decide(site: AttentionSite, layout: SiteLayout, options: Options, mask: SiteMask | None = None) -> SiteDecision:
-    """What to do with one site under `options` (`mask`: what its attention mask means, see `attention_masks`)."""
+def decide(site: AttentionSite, layout: SiteLayout, options: Options, mask: SiteMask | None = None,
+           fused_calls: int = 1) -> SiteDecision:
+    """What to do with one site under `options` (`mask`: what its attention mask means, see `attention_masks`;
+    `fused_calls`: for a fused aten call, how many of them read its queries, see `fused_attention`)."""
     if options.sparse is None:
         return SiteDecision(site, layout, "dense", "sparse=None: no mask policy chosen")
+    if site.form == FUSED:
+        return fused_decision(site, layout, fused_calls)
     if layout.kind is SiteKind.UNKNOWN:
         return SiteDecision(site, layout, "dense", f"layout unknown: {layout.evidence}", warn=True)
     if layout.kind is not SiteKind.SPATIOTEMPORAL:
@@ -86,5 +92,6 @@ def decide(site: AttentionSite, layout: SiteLayout, options: Options, mask: Site
 
 def decide_sparsity(state: PassState) -> None:
     """Decide per site: block-sparse with a block table, or dense with the reason (and a warning)."""
-    state.decisions = [decide(site, layout, state.options, mask)
-                       for site, layout, mask in zip(state.sites, state.layouts, state.masks)]
+    calls = calls_per_query(state.sites)
+    state.decisions = [decide(site, layout, state.options, mask, fused)
+                       for site, layout, mask, fused in zip(state.sites, state.layouts, state.masks, calls)]

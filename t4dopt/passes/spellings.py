@@ -8,6 +8,9 @@ off a matching node; it answers None when the node is spelled that way but means
 in ``tests/test_spellings.py``. The tables, by role, in the order attention is computed:
 
 - `SDPA`: ``F.scaled_dot_product_attention``, the whole attention in one call;
+- `FUSED_SDPA`: a direct call of one of aten's fused attention kernels (``torch.ops.aten.
+  _scaled_dot_product_flash_attention`` and its kin, `t4dopt.compat.FUSED_SDPA_OPS`), which returns
+  (output, logsumexp, ...): found so that it is reported, never rewritten (`t4dopt.passes.fused_attention`);
 - `KEY_TRANSPOSES`: ``k^T`` over the last two dims;
 - `SCORES`: the product ``q @ k^T`` (matmul, ``@``, bmm, einsum, baddbmm);
 - `SCALES`: a factor on the scores (multiply or divide by a number);
@@ -31,7 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from t4dopt.compat import sdpa_functions
+from t4dopt.compat import fused_sdpa_functions, op_arguments, sdpa_functions
 from t4dopt.fx_utils import shape_of
 
 T = TypeVar("T")
@@ -75,6 +78,14 @@ class SdpaCall(NamedTuple):
     is_causal: Any
     scale: Any
     enable_gqa: Any
+
+
+class FusedSdpaCall(NamedTuple):
+    """A fused aten attention call: the op (``aten._scaled_dot_product_flash_attention``) and its arguments read as
+    SDPA's (``attn_bias`` as the mask; no grouped heads)."""
+
+    op: str
+    call: SdpaCall
 
 
 class Scores(NamedTuple):
@@ -123,6 +134,25 @@ def _sdpa(node: fx.Node) -> SdpaCall | None:
 
 SDPA: tuple[Spelling[SdpaCall], ...] = (
     Spelling("F.scaled_dot_product_attention", _sdpa, functions=sdpa_functions()),
+)
+
+
+def _fused_sdpa(node: fx.Node) -> FusedSdpaCall | None:
+    """Arguments by the op's schema (positional or keyword); None unless q, k and v have known shapes of rank >= 2."""
+    bound = op_arguments(node.target, node.args, node.kwargs)
+    if bound is None:
+        return None
+    mask = bound.get("attn_mask", bound.get("attn_bias"))
+    call = SdpaCall(bound.get("query"), bound.get("key"), bound.get("value"), mask, bound.get("dropout_p", 0.0),
+                    bound.get("is_causal", False), bound.get("scale"), False)
+    if any(shape_of(x) is None or len(shape_of(x)) < 2 for x in (call.query, call.key, call.value)):
+        return None
+    return FusedSdpaCall(fused_sdpa_functions()[node.target], call)
+
+
+FUSED_SDPA: tuple[Spelling[FusedSdpaCall], ...] = (
+    Spelling("torch.ops.aten._scaled_dot_product_*_attention", _fused_sdpa,
+             functions=frozenset(fused_sdpa_functions())),
 )
 
 
@@ -323,7 +353,7 @@ WEIGHTED_SUMS: tuple[Spelling[WeightedSum], ...] = (
 )
 
 TABLES: dict[str, tuple[Spelling, ...]] = {
-    "sdpa": SDPA, "key_transposes": KEY_TRANSPOSES, "scores": SCORES, "scales": SCALES, "masks": MASKS,
-    "casts": CASTS, "softmaxes": SOFTMAXES, "weighted_sums": WEIGHTED_SUMS,
+    "sdpa": SDPA, "fused_sdpa": FUSED_SDPA, "key_transposes": KEY_TRANSPOSES, "scores": SCORES, "scales": SCALES,
+    "masks": MASKS, "casts": CASTS, "softmaxes": SOFTMAXES, "weighted_sums": WEIGHTED_SUMS,
 }
 """Every table by role, for tests and for reading; the detect pass uses the tables directly."""

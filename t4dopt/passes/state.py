@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
+from t4dopt.block_layout import BlockLayout
 from t4dopt.options import Options
 from t4dopt.sites import AttentionSite, JointReading, ModelGrid, SiteDecision, SiteLayout, SiteMask, SiteTokens
 
@@ -43,3 +44,5 @@ class PassState:
     carried: dict[str, CarriedOutput] = field(default_factory=dict)
     walk: TokenWalk | None = None
     carried_outputs: tuple[tuple[int, CarriedOutput], ...] = ()
+    ring_layouts: dict[fx.Node, BlockLayout] = field(default_factory=dict)
+    """The table each ring chunk call traced without a layout gets (`t4dopt.passes.ring_layouts`)."""
