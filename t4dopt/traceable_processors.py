@@ -98,7 +98,6 @@ REPLACEMENTS = (Replacement("diffusers.models.attention_processor", "MochiAttnPr
                             TraceableMochiAttnProcessor),)
 
 
-
 class Known(NamedTuple):
     """A `Replacement` with diffusers' classes loaded."""
 
