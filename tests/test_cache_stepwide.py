@@ -12,10 +12,12 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import t4dopt
 from denoising import STEPS, WIDTH, TinyDenoiser, compiled, fresh, loop, noise, reused, text, times
 from t4dopt.cache import executor, policy
+from t4dopt.cache.registry import runtimes_of
 from t4dopt.cache.state import DriftState
 from t4dopt.options import CacheSpec, parse_options
 
@@ -159,3 +161,50 @@ def test_bad_calibrate_decisions_raise(model, decisions):
     with pytest.raises(t4dopt.T4DOptionError, match="decisions"):
         t4dopt.calibrate(model, lambda m: loop(m, noise(0), text(0), times()), {"psnr": 30.0},
                          options={"target": "eager"}, decisions=decisions)
+
+
+class CastStack(nn.Module):
+    """Two blocks spelling the MLP's residual as Wan does, ``h = (h.float() + mlp(h)).type_as(h)``: the
+    ``type_as`` reads the MLP's entry outside its sublayer, so the attention's span and the MLP's touch
+    (one's exit is the other's entry) without being one span."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.time, self.head = nn.Linear(4, 16), nn.Linear(1, 16), nn.Linear(16, 4)
+        self.qkv = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
+        self.mlp = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+    def forward(self, x, t):
+        h = self.embed(x) + self.time(t.view(-1, 1, 1))
+        for qkv, mlp in zip(self.qkv, self.mlp):
+            q, k, v = qkv(h).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            h = h + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            h = (h.float() + mlp(h)).type_as(h)
+        return self.head(h)
+
+
+def test_touching_spans_reuse_as_one_whole_graph_equal_to_segments(paths):
+    """Each reused span starts from the value rebuilding the span before it (as segment by segment does),
+    not from that span's computed exit: the whole reused graph needs none of the units' nodes."""
+    model = CastStack().eval()
+    cache = {"threshold": 10.0, "max_reuse": 2, "warmup": 2, "final": 1, "steps": 6, "decision": "step"}
+    x = torch.randn(1, 32, 4, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for path in ("whole", "segments"):
+        torch._dynamo.reset()
+        compiled_model = torch.compile(model, backend="turbo4d", options={
+            "target": "eager", "layout": {"frames": 4, "tokens_per_frame": 8}, "cache": cache})
+        earlier = set(runtimes_of(model))
+        with torch.no_grad(), t4dopt.generation(model):
+            results[path] = [compiled_model(x, torch.ones(1))]
+            (runtime,) = set(runtimes_of(model)) - earlier
+            if path == "segments":
+                runtime.executor.step_graphs = None
+            results[path] += [compiled_model(x, torch.full((1,), float(t))) for t in torch.linspace(1, 0, 6)[1:]]
+        spans = runtime.executor.spans
+        assert len(spans) > 1 and any(runtime.program.units[a.last].exit == runtime.program.units[b.first].entry
+                                      for a, b in zip(spans, spans[1:]))
+    whole = paths[:6]
+    assert executor.CallPath.REUSED in whole and executor.CallPath.SEGMENTS not in whole
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results["whole"], results["segments"]))
