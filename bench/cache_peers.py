@@ -7,8 +7,9 @@ that seed (PSNR; mean and worst seed). Rows:
 
 - full compute, eager and ``torch.compile`` (Inductor): the reference for speed is the latter;
 - turbo4d: ``torch.compile(model, backend="turbo4d", options={"cache": {...}})`` over a
-  threshold x ``max_reuse`` grid (threshold 0: the cache machinery reusing nothing), and
-  ``t4dopt.calibrate`` with a 30 dB budget over the same grid, its pick marked;
+  threshold x ``max_reuse`` x ``decision`` grid (per unit, and step-wide: one decision per call;
+  threshold 0: the cache machinery reusing nothing), and ``t4dopt.calibrate`` with a 30 dB
+  budget over the same grid, its pick marked;
 - each cache diffusers offers, ``transformer.enable_cache(config)``, eager as diffusers users
   run them and under ``torch.compile`` where the hook allows it (a hook that makes dynamo
   recompile past its limit is reported, not run eagerly in disguise): FirstBlockCache,
@@ -26,7 +27,8 @@ median over rounds, its speedup that of compiled full compute divided by it, wit
 A row whose samples change between rounds is flagged. Use one thread on a shared machine.
 
     python bench/cache_peers.py --threads 1 [--models wan-tiny cogvideox-tiny] [--steps 20 50]
-        [--seeds 4] [--rounds 3] [--families turbo4d MagCache ...] [--markdown out.md] [--plot-dir bench]
+        [--seeds 4] [--rounds 3] [--families turbo4d MagCache ...] [--decisions unit step]
+        [--markdown out.md] [--plot-dir bench]
     python bench/cache_peers.py --quick      # smoke test: a few steps, one setting each, no Inductor
 """
 
@@ -54,6 +56,7 @@ import t4dopt
 from t4dopt.data.tasks import EVAL_SEED, video_batch
 from t4dopt.models import pretrained, sample_diffusers
 from t4dopt.models.diffusers_testbeds import TESTBEDS
+from t4dopt.options import DECISIONS
 from t4dopt.quality import psnr
 
 BUDGET_DB = 30.0
@@ -190,21 +193,32 @@ def _share_computed(model: torch.nn.Module) -> Callable[[], str]:
     return share
 
 
-def turbo4d_rows(model: torch.nn.Module, steps: int, grid: list[tuple[float, int]], target: str) -> list[Method]:
+Setting = tuple[float, int, str]
+"""A turbo4d setting: threshold, ``max_reuse``, ``decision``."""
+
+
+def setting_name(threshold: float, max_reuse: int, decision: str) -> str:
+    if not threshold:
+        return "threshold 0"
+    return f"threshold {threshold:g}, max_reuse {max_reuse}" + (", step-wide" if decision == "step" else "")
+
+
+def turbo4d_rows(model: torch.nn.Module, steps: int, grid: list[Setting], target: str) -> list[Method]:
     """turbo4d at threshold 0 and over `grid`, each on its own copy of the model."""
     methods = []
-    for threshold, max_reuse in [(0.0, 0)] + grid:
+    for threshold, max_reuse, decision in [(0.0, 0, "unit")] + grid:
         copied = copy.deepcopy(model)
-        cache = {"threshold": threshold, "steps": steps} | ({"max_reuse": max_reuse} if max_reuse else {})
+        cache = ({"threshold": threshold, "steps": steps, "decision": decision}
+                 | ({"max_reuse": max_reuse} if max_reuse else {}))
         options = {"cache": cache} | ({"target": target} if target != "inductor" else {})
-        setting = "threshold 0" if not threshold else f"threshold {threshold:g}, max_reuse {max_reuse}"
+        setting = setting_name(threshold, max_reuse, decision)
         methods.append(Method("turbo4d", setting, "compiled", torch.compile(copied, backend="turbo4d", options=options),
                               computed=_share_computed(copied)))
     return methods
 
 
 def run_calibrate(model: torch.nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]], steps: int,
-                  grid: list[tuple[float, int]], target: str) -> tuple[tuple[float, int] | None, str]:
+                  grid: list[Setting], target: str) -> tuple[str | None, str]:
     """`t4dopt.calibrate` with a 30 dB budget over the grid: its pick and a note (its own table, or why none)."""
     def run(m: Callable) -> torch.Tensor:
         return torch.cat([sample_diffusers(m, noise, cond, steps=steps) for noise, cond in inputs])
@@ -212,14 +226,15 @@ def run_calibrate(model: torch.nn.Module, inputs: list[tuple[torch.Tensor, torch
     options = {"cache": {"steps": steps}} | ({"target": target} if target != "inductor" else {})
     try:
         result = t4dopt.calibrate(copy.deepcopy(model), run, {"psnr": BUDGET_DB}, options=options,
-                                  thresholds=sorted({t for t, _ in grid}), max_reuse=sorted({m for _, m in grid}))
+                                  thresholds=sorted({t for t, _, _ in grid}), max_reuse=sorted({m for _, m, _ in grid}),
+                                  decisions=sorted({d for _, _, d in grid}))
     except t4dopt.T4DOptionError as error:
         return None, f"calibrate: {error}"
     print(result.table(), flush=True)
     if result.options is None:
         return None, f"calibrate: {result.reason}"
     cache = result.options["cache"]
-    return (cache["threshold"], cache["max_reuse"]), ""
+    return setting_name(cache["threshold"], cache["max_reuse"], cache.get("decision", "unit")), ""
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -317,8 +332,11 @@ def _best(rows: list[Result], keep: Callable[[Result], bool]) -> Result | None:
     return max(fitting, key=lambda r: r.speedup, default=None)
 
 
-def table(name: str, steps: int, rows: list[Result], pick: tuple[float, int] | None, pick_note: str) -> str:
-    picked = None if pick is None else f"threshold {pick[0]:g}, max_reuse {pick[1]}"
+def _decision(row: Result) -> str:
+    return "step-wide" if row.setting.endswith("step-wide") else "per unit"
+
+
+def table(name: str, steps: int, rows: list[Result], picked: str | None, pick_note: str) -> str:
     lines = [f"### {name}, {steps} steps", "",
              "| method | setting | mode | s/sample | speedup vs compiled | PSNR dB (worst seed) | computed | note |",
              "|---|---|---|---|---|---|---|---|"]
@@ -335,6 +353,11 @@ def table(name: str, steps: int, rows: list[Result], pick: tuple[float, int] | N
             lines.append(f"| {family} | {mode} | none at >= {BUDGET_DB:g} dB | - | - |")
         else:
             lines.append(f"| {family} | {mode} | {best.setting} | {best.speedup:.2f}x | {_db(best.psnr)} |")
+    for decision in ("per unit", "step-wide"):
+        best = _best(rows, lambda r, d=decision: r.family == "turbo4d" and _decision(r) == d)
+        if best is not None:
+            lines.append(f"| turbo4d, {decision} | {best.mode} | {best.setting} | {best.speedup:.2f}x | "
+                         f"{_db(best.psnr)} |")
     ours = _best(rows, lambda r: r.family == "turbo4d")
     peer = _best(rows, lambda r: r.family not in ("turbo4d", "full compute"))
     zero = next((r for r in rows if r.family == "turbo4d" and r.setting == "threshold 0"), None)
@@ -371,7 +394,8 @@ def bench(name: str, steps: int, args: argparse.Namespace) -> str:
     inputs = _inputs(name, seeds)
     with torch.no_grad():
         references = [sample_diffusers(model, noise, cond, steps=steps) for noise, cond in inputs]
-    grid = [(t, m) for m in args.max_reuse for t in args.thresholds]
+    grid = [(t, m, d) for d in args.decisions for m in args.max_reuse
+            for t in (args.step_thresholds or args.thresholds if d == "step" else args.thresholds)]
     target = "eager" if args.quick else "inductor"
     compiler = "eager" if args.quick else "inductor"
     clock = Clock()
@@ -417,6 +441,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     parser.add_argument("--max-reuse", type=int, nargs="+", default=list(MAX_REUSE))
+    parser.add_argument("--decisions", nargs="+", default=list(DECISIONS), choices=list(DECISIONS),
+                        help="turbo4d's cache decision: per unit, step-wide (one decision per call), or both")
+    parser.add_argument("--step-thresholds", type=float, nargs="+",
+                        help="thresholds of the step-wide rows (default: --thresholds)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
                         help="which caches to measure (full compute always runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

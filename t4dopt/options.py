@@ -20,10 +20,12 @@ LAYOUT_KEYS = ("frames", "views", "tokens_per_frame", "prefix_tokens", "suffix_t
 GLOBAL_TOKEN_KEYS = ("prefix_tokens", "suffix_tokens")
 """Layout keys that may be 0: global tokens before and after the video."""
 TOP_LEVEL_KEYS = ("layout", "sparse", "cache", "target", "strict", "verify", "trust_layout")
-CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps", "order")
+CACHE_KEYS = ("threshold", "warmup", "final", "max_reuse", "token_ratio", "levels", "steps", "order", "decision")
 CACHE_LEVELS = ("block", "token", "chain")
 ORDERS = (0, 1, 2)
 """Values of the cache's ``order`` option: how a reused residual is extrapolated."""
+DECISIONS = ("unit", "step")
+"""Values of the cache's ``decision`` option: one decision per unit, or one per call for every unit."""
 DEFAULT_POLICY = "sculpt4d"
 TRIAL_FRAMES, TRIAL_BLOCKS = 64, 3
 """The grid a policy is tried on when the options are checked: more frames than video DiTs' latents have."""
@@ -68,7 +70,10 @@ class CacheSpec:
     with it can the ``final`` steps be recognised. ``order`` 0 reuses a stored residual as it
     is; 1 carries it along its change per step between the last two computations; 2 also bends it
     with the change of that change over the last three (Newton's divided differences, as
-    TaylorSeer's finite-difference Taylor terms).
+    TaylorSeer's finite-difference Taylor terms). ``decision`` "unit" decides per unit from its
+    own drift (calls may mix computed and reused units, and those run segment by segment);
+    "step" decides once per call for every unit from the first unit's drift, as FirstBlockCache
+    and TeaCache do, so each call runs one whole lowered graph (`t4dopt.cache.policy`).
     """
 
     threshold: float = 0.05
@@ -79,6 +84,7 @@ class CacheSpec:
     levels: tuple[str, ...] = CACHE_LEVELS
     steps: int | None = None
     order: int = 1
+    decision: str = "unit"
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,10 @@ def cache_spec(fields: Mapping[str, Any], name: Callable[[str], str] = lambda ke
     if isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS:
         raise _fail(name("order"), order, "0 (reuse the residual as stored), 1 (extrapolate it along its slope) or 2 (also along "
                                     "its curvature), an integer")
+    decision = spec["decision"]
+    if not isinstance(decision, str) or decision not in DECISIONS:
+        raise _fail(name("decision"), decision, '"unit" (each unit decides from its own drift) or "step" (one '
+                                                "decision per call for every unit, from the first unit's drift)")
     return CacheSpec(**{**spec, "threshold": float(threshold), "token_ratio": float(ratio),
                         "levels": tuple(level for level in CACHE_LEVELS if level in levels)})
 

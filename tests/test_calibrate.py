@@ -71,13 +71,16 @@ def calibrated(short, tmp_path_factory):
 
 def test_calibrate_picks_the_fastest_point_within_budget(calibrated):
     result, plot = calibrated
-    assert len(result.points) == 2
+    # Both decisions (per unit, step-wide) are measured at every threshold, and the pick names its decision.
+    assert sorted((p.decision, p.threshold) for p in result.points) == [
+        ("step", 0.05), ("step", 0.3), ("unit", 0.05), ("unit", 0.3)]
     faster = [p for p in result.points if p.psnr >= 30.0 and p.speedup > 1.03 and p.computed < 1]
     assert faster, result.table()
     best = max(faster, key=lambda p: p.speedup)
     chosen = result.options["cache"]
-    assert chosen.keys() == {"steps", "threshold", "max_reuse"} and chosen["steps"] == SHORT
-    picked = next(p for p in result.points if (p.threshold, p.max_reuse) == (chosen["threshold"], chosen["max_reuse"]))
+    assert chosen.keys() == {"steps", "threshold", "max_reuse", "decision"} and chosen["steps"] == SHORT
+    picked = next(p for p in result.points if (p.threshold, p.max_reuse, p.decision)
+                  == (chosen["threshold"], chosen["max_reuse"], chosen["decision"]))
     assert picked.speedup >= 0.97 * best.speedup and picked.psnr >= 30.0
     assert result.options["layout"] == OPTIONS["layout"]
     assert plot.stat().st_size > 0
@@ -156,7 +159,7 @@ def test_calibrate_picks_the_same_setting_on_two_runs(short, calibrated):
 def test_calibrate_returns_no_options_when_nothing_meets_the_budget(short):
     model, run, options = short
     result = t4dopt.calibrate(model, run, {"psnr": 500.0}, options=options, thresholds=(0.3,), max_reuse=(4,),
-                              repeats=1)
+                              decisions=("unit",), repeats=1)
     assert result.options is None and len(result.points) == 1 and result.reason == "no setting within the budget"
 
 
@@ -166,6 +169,7 @@ def test_calibrate_returns_no_options_when_nothing_meets_the_budget(short):
     ({"thresholds": (0,)}, "thresholds"),
     ({"max_reuse": (0,)}, "max_reuse"),
     ({"orders": (3,)}, "orders"),
+    ({"decisions": ("block",)}, "decisions"),
     ({"repeats": 0}, "repeats"),
     ({"tolerance": 1.5}, "tolerance"),
 ])

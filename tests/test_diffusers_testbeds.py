@@ -161,6 +161,8 @@ def test_cache_peers_bench_quick_mode_runs(tmp_path):
                    cwd=REPOSITORY, env=env, check=True, timeout=300, capture_output=True)
     text = out.read_text()
     for row in ("| full compute |  | compiled |", "| turbo4d | threshold 0 | compiled |",
+                "| turbo4d | threshold 0.3, max_reuse 4 | compiled |",
+                "| turbo4d | threshold 0.3, max_reuse 4, step-wide | compiled |",
                 "| FirstBlockCache | threshold 0.1 | eager |", "| FirstBlockCache | threshold 0.1 | compiled |"):
         assert row in text, text
     # calibrate's pick is marked, or the line says why there is none (at 3 steps nothing may pay).

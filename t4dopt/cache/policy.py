@@ -14,6 +14,13 @@ policy predicts the drift it will have now, assuming it grows linearly with the 
 
 Warm-up and final steps, units without stored state and units that reached ``max_reuse``
 reuses in a row are computed.
+
+With ``decision="step"`` there is one decision per call instead, for every unit: all reuse
+when the first unit's predicted drift is under the threshold and every unit may reuse (stored,
+under ``max_reuse``), else all compute. The first unit's entry is the model's input to its
+blocks, the probe FirstBlockCache, SeaCache and TeaCache read; a reused call measures it as it
+rebuilds the first span, a computed one as it saves. Uniform calls each run one whole lowered
+graph (`t4dopt.cache.executor`), where mixed ones run segment by segment.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ def choose(spec: CacheSpec, step: int, progress: float, units: list[DriftState],
     modes = [Mode.COMPUTE] * len(units)
     if forced(spec, step):
         return modes
+    if spec.decision == "step":
+        return step_wide(spec, units)
     if "chain" in spec.levels:
         chain_threshold = spec.threshold * (0.5 + progress)
         for state, members in zip(chains, chain_units):
@@ -72,3 +81,10 @@ def choose(spec: CacheSpec, step: int, progress: float, units: list[DriftState],
         elif "token" in spec.levels and prunable[index] and drift < TOKEN_THRESHOLD_FACTOR * spec.threshold:
             modes[index] = Mode.PRUNE
     return modes
+
+
+def step_wide(spec: CacheSpec, units: list[DriftState]) -> list[Mode]:
+    """One mode for every unit: reused when the first unit's predicted drift is under the threshold and every
+    unit may reuse, else computed (`decision="step"`)."""
+    reuse = bool(units) and all(state.usable(spec) for state in units) and units[0].predicted() < spec.threshold
+    return [Mode.REUSE if reuse else Mode.COMPUTE] * len(units)

@@ -138,14 +138,19 @@ def reused_graph(gm: fx.GraphModule, plan: RegionPlan, spans: Sequence[tuple[int
     graph, by_name, leaves = _copy(gm)
     inputs = _Inputs(graph)
     drifts = []
+    rebuilt_exits: dict[fx.Node, fx.Node] = {}
+    """A span's exit -> the value rebuilding it: the entry of a next span that starts there (spans that touch
+    but are not one span, where another segment also reads the value between them)."""
     for index, ((first, last), order) in enumerate(zip(spans, orders)):
         before = inputs.add(f"_t4d_span{index}_before")
         addend = [inputs.add(f"_t4d_span{index}_{name}") for name in ADDEND_FIELDS[order]]
         entry, exit_node = by_name[plan.units[first].entry.name], by_name[plan.units[last].exit.name]
+        entry = rebuilt_exits.get(entry, entry)
         with graph.inserting_before(exit_node):
             value = graph.call_function(rebuilt, (entry, *addend))
             drifts.append(graph.call_function(relative_drift, (entry, before)))
         exit_node.replace_all_uses_with(value)
+        rebuilt_exits[exit_node] = value
         leaves = [value if leaf is exit_node else leaf for leaf in leaves]
     graph.output(tuple(leaves) + tuple(drifts))
     graph.eliminate_dead_code()
