@@ -7,6 +7,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def captured_graph(fn, *inputs):
+    """The one FX graph dynamo captures for `fn(*inputs)` (fullgraph), as a backend receives it."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=True)(*inputs)
+    torch._dynamo.reset()
+    return graphs[0]
+
+
 class JointVideoAttention(nn.Module):
     """Per-frame spatial SDPA, then joint attention over prefix + frames x tokens in a chosen spelling."""
 

@@ -9,22 +9,11 @@ import torch.nn.functional as F
 from t4dopt.options import LayoutHints, Options
 from t4dopt.passes import analyze
 from t4dopt.passes.detect import find_attention
-
-
-def _graph(fn, *inputs):
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=capture, fullgraph=True)(*inputs)
-    return graphs[0]
+from support import captured_graph
 
 
 def _kinds(fn, *inputs, **hints):
-    decisions = analyze(_graph(fn, *inputs), Options(layout=LayoutHints(**hints)))
+    decisions = analyze(captured_graph(fn, *inputs), Options(layout=LayoutHints(**hints)))
     return [d.layout.kind.value for d in decisions], [d.site for d in decisions]
 
 
@@ -37,7 +26,7 @@ def test_sdpa_call_forms_are_all_found():
         return a + b + c + d
 
     q = torch.randn(1, 2, 8, 4)
-    sites = find_attention(_graph(fn, q, q, q, torch.zeros(8, 8)).graph)
+    sites = find_attention(captured_graph(fn, q, q, q, torch.zeros(8, 8)).graph)
     assert len(sites) == 4
     assert sites[1].attn_mask is not None and sites[2].is_causal and sites[2].scale == 0.5
     assert sites[3].enable_gqa and sites[3].key_shape == (1, 1, 8, 4)
@@ -49,25 +38,25 @@ def test_softmax_that_is_not_attention_is_ignored():
         p = (q @ k.transpose(-2, -1)).softmax(-1)
         return w, p @ v, p                                     # weights also returned: cannot fuse
     q = torch.randn(1, 2, 8, 4)
-    assert find_attention(_graph(fn, q, q, q).graph) == []
+    assert find_attention(captured_graph(fn, q, q, q).graph) == []
 
 
 def test_scale_applied_after_the_mask_is_not_mistaken_for_sdpa():
     def fn(q, k, v, mask):
         return ((q @ k.transpose(-2, -1) + mask) * 0.5).softmax(-1) @ v
     q = torch.randn(1, 2, 8, 4)
-    assert find_attention(_graph(fn, q, q, q, torch.zeros(8, 8)).graph) == []
+    assert find_attention(captured_graph(fn, q, q, q, torch.zeros(8, 8)).graph) == []
 
 
 def test_additive_mask_and_scale_of_handwritten_attention():
     def fn(q, k, v, mask):
         return (torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(4) + mask).softmax(-1) @ v
     q = torch.randn(1, 2, 8, 4)
-    (site,) = find_attention(_graph(fn, q, q, q, torch.zeros(8, 8)).graph)
+    (site,) = find_attention(captured_graph(fn, q, q, q, torch.zeros(8, 8)).graph)
     assert site.form == "handwritten" and site.scale == pytest.approx(0.5) and site.attn_mask is not None
 
 
-def test_axes_from_the_layout_and_the_graph():
+def test_axes_from_the_layout_and_thecaptured_graph():
     frames, tokens, dim = 4, 6, 8
 
     def fn(x, ctx):
@@ -85,7 +74,7 @@ def test_axes_from_the_layout_and_the_graph():
     assert kinds == ["spatial", "temporal", "spatiotemporal", "cross"]
     # Without the option nothing in this graph tells time from space (a token-major model with the
     # sizes swapped draws the same graph): every self-attention stays unknown, the joint one names the option.
-    decisions = analyze(_graph(fn, *inputs), Options())
+    decisions = analyze(captured_graph(fn, *inputs), Options())
     assert [d.layout.kind.value for d in decisions] == ["unknown", "unknown", "unknown", "cross"]
     assert "{'frames': 4, 'tokens_per_frame': 6}" in decisions[2].layout.evidence
 
@@ -211,7 +200,7 @@ CASES = {
 def test_a_site_is_joint_only_when_the_graph_proves_one_frame_major_sequence(case):
     fn, shapes, layout, kind, words = CASES[case]
     inputs = [torch.randn(*shape, generator=torch.Generator().manual_seed(1)) for shape in shapes]
-    (decision,) = analyze(_graph(fn, *inputs), Options(layout=LayoutHints(**layout)))
+    (decision,) = analyze(captured_graph(fn, *inputs), Options(layout=LayoutHints(**layout)))
     assert decision.layout.kind.value == kind, decision.layout.evidence
     for word in words:
         assert word in decision.layout.evidence
@@ -227,10 +216,10 @@ def test_trust_layout_takes_an_unconfirmed_option_but_never_a_contradicted_one()
         return _attend(x.flatten(1, 2))
 
     options = parse_options({"layout": FRAME_MAJOR, "sparse": {"block_size": 4}, "trust_layout": True})
-    (decision,) = analyze(_graph(packed, torch.randn(B, F_ * P_, C_)), options)
+    (decision,) = analyze(captured_graph(packed, torch.randn(B, F_ * P_, C_)), options)
     assert (decision.layout.kind.value, decision.action) == ("spatiotemporal", "sparse")
     assert decision.layout.trusted and decision.warn and "trust_layout=True" in decision.reason
-    (decision,) = analyze(_graph(token_major, torch.randn(B, P_, F_, C_)), options)
+    (decision,) = analyze(captured_graph(token_major, torch.randn(B, P_, F_, C_)), options)
     assert (decision.layout.kind.value, decision.action) == ("unknown", "dense")
-    (decision,) = analyze(_graph(lambda x: _attend(x.flatten(1, 2).flip(1)), torch.randn(B, F_, P_, C_)), options)
+    (decision,) = analyze(captured_graph(lambda x: _attend(x.flatten(1, 2).flip(1)), torch.randn(B, F_, P_, C_)), options)
     assert (decision.layout.kind.value, decision.action) == ("unknown", "dense") and "flip" in decision.reason

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from t4dopt.passes.attention_masks import _and_factors, varying_dims
+from support import captured_graph
 
 B, N, PAD = 2, 6, 2
 
@@ -40,19 +41,6 @@ def _apply(step: str, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _captured(fn, *args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    torch._dynamo.reset()
-    return graphs[0]
-
-
 def _constant_along(value: torch.Tensor, dim: int) -> bool:
     return bool((value == value.narrow(dim, 0, 1)).all())
 
@@ -70,7 +58,7 @@ def test_a_dim_read_as_constant_is_constant(steps, seed):
             x = _apply(step, x, other)
         return x
 
-    gm = _captured(mask, valid, other)
+    gm = captured_graph(mask, valid, other)
     node = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     node = node[0] if isinstance(node, (tuple, list)) else node
     value = mask(valid, other)
@@ -86,7 +74,7 @@ def test_hunyuan_video_15s_mask_is_a_key_mask_and_a_query_mask():
         rows = F.pad(valid, (PAD, 0), value=True).bool().view(B, 1, 1, N).repeat(1, 1, N, 1)
         return (rows & rows.transpose(2, 3)).bool()
 
-    gm = _captured(mask, torch.ones(B, N - PAD, dtype=torch.bool))
+    gm = captured_graph(mask, torch.ones(B, N - PAD, dtype=torch.bool))
     node = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     node = node[0] if isinstance(node, (tuple, list)) else node
     keys, queries = _and_factors(node)
