@@ -13,8 +13,8 @@ from support import captured_graph
 
 B, N, PAD = 2, 6, 2
 
-STEPS = ("repeat_queries", "repeat_heads", "expand_queries", "transpose", "permute", "invert", "and_transposed",
-         "or_other", "flip", "cast_bool")
+STEPS = ("repeat_queries", "repeat_heads", "expand_queries", "transpose", "transpose_by_keyword", "permute",
+         "permute_by_keyword", "invert", "and_transposed", "or_other", "flip", "cast_bool")
 
 
 def _apply(step: str, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -26,8 +26,12 @@ def _apply(step: str, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         return x.expand(-1, -1, N, -1)
     if step == "transpose":
         return x.transpose(2, 3)
+    if step == "transpose_by_keyword":
+        return x.transpose(dim0=1, dim1=3)
     if step == "permute":
         return x.permute(0, 1, 3, 2)
+    if step == "permute_by_keyword":
+        return x.permute(dims=(0, 3, 2, 1))
     if step == "invert":
         return ~x
     if step == "and_transposed" and x.shape[2] == x.shape[3]:

@@ -127,13 +127,17 @@ def varying_dims(node: object) -> frozenset[int] | None:
         return everywhere
     if name in SAME_PLACES or name in BROADCASTS or (name == "repeat_interleave" and "dim" in node.kwargs):
         return inner & everywhere
+    rank = len(shape)
     if name in ("transpose", "swapaxes", "swapdims"):
-        rank = len(shape)
-        a, b = (d - rank if d >= 0 else d for d in node.args[1:3])
+        pair = node.args[1:3]
+        if len(pair) != 2 or not all(isinstance(d, int) for d in pair):
+            return everywhere  # dims given by keyword or symbolically: not read
+        a, b = (d - rank if d >= 0 else d for d in pair)
         return frozenset(b if d == a else a if d == b else d for d in inner)
     if name == "permute":
-        rank = len(shape)
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+            return everywhere  # dims given by keyword: not read
         sources = [(d - rank if d >= 0 else d) for d in dims]
         return frozenset(i - rank for i, source in enumerate(sources) if source in inner)
     if name in RESHAPES:
