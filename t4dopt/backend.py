@@ -24,6 +24,7 @@ from t4dopt.passes import run_passes
 from t4dopt.passes.carried_tokens import CarriedGuard, carried_inputs, guarded, recording
 from t4dopt.passes.graph_breaks import hidden_attentions
 from t4dopt.passes.pipeline import rewrite
+from t4dopt.passes.state import PassState
 from t4dopt.sites import SiteDecision
 
 VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -100,9 +101,19 @@ def turbo4d(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str,
     if reference is not None and any(d.action == "sparse" for d in decisions):
         run_passes(reference, opts, reference=True, carried=carried)
         compiled = _verified(compiled, reference)
-    if state.walk is not None and state.walk.carried_used and any(d.action == "sparse" for d in decisions):
-        guard = CarriedGuard.of(gm, state.walk.carried_used, carried)
-        compiled = guarded(compiled, lambda: _lower(original, example_inputs, opts.target), guard, _warn_uncarried)
-    if state.carried_outputs:
-        compiled = recording(compiled, state.carried_outputs)
-    return compiled
+    return _carrying(compiled, state, carried, original, opts.target)
+
+
+def _carrying(compiled: Callable, state: PassState, carried: dict, original: fx.GraphModule | None,
+              target: str) -> Callable:
+    """`compiled`, recording the outputs that carry token maps to later graphs, and checking on every call the
+    inputs whose carried maps it relied on (`t4dopt.passes.carried_tokens`): when one does not carry them, a
+    graph made sparse with them runs `original` dense, and no graph records outputs derived from them."""
+    recorded = recording(compiled, state.carried_outputs) if state.carried_outputs else compiled
+    relied = state.walk.carried_used if state.walk is not None else set()
+    if not relied:
+        return recorded
+    guard = CarriedGuard.of(state.gm, relied, carried)
+    if any(d.action == "sparse" for d in state.decisions):
+        return guarded(recorded, lambda args: _lower(original, args, target), guard, _warn_uncarried)
+    return guarded(recorded, lambda args: compiled, guard, None)  # nothing rewritten: the same graph, unrecorded

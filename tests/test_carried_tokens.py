@@ -145,3 +145,30 @@ def test_a_consumer_that_reorders_the_carried_tokens_is_not_fooled():
             got = torch.compile(flipped, backend="turbo4d", options={"sparse": SPARSE, "target": "eager"})(tokens)
     assert [s.action for s in report.sites] == ["dense"]
     torch.testing.assert_close(got, flipped(tokens), rtol=1e-5, atol=1e-6)
+
+
+class Mlp(torch.nn.Module):
+    """A position-wise block with no attention: what it carries on comes from its input alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(DIM, 2 * DIM), torch.nn.Linear(2 * DIM, DIM)
+
+    def forward(self, tokens):
+        return tokens + self.down(F.gelu(self.up(tokens)))
+
+
+def test_a_graph_in_between_carries_on_only_what_its_input_carried():
+    torch.manual_seed(3)
+    embed, mlp, attend = Embed().eval(), Mlp().eval(), Attend().eval()
+    embed_c, mlp_c, attend_c = _compiled(embed), _compiled(mlp), _compiled(attend)
+    latents = torch.randn(1, 4, FRAMES, HEIGHT, WIDTH)
+    with torch.no_grad():
+        tokens = embed_c(latents)
+        hidden = mlp_c(tokens)
+        torch.testing.assert_close(attend_c(hidden).double(), attend.reference(hidden, _layout().token_mask()).double(),
+                                   rtol=1e-4, atol=1e-5)
+        plain = mlp_c(tokens.clone())  # the MLP graph ran on a tensor that carries nothing: so does its output
+        with pytest.warns(t4dopt.T4DWarning, match="does not carry them"):
+            got = attend_c(plain)
+        torch.testing.assert_close(got, attend(plain), rtol=1e-5, atol=1e-6)

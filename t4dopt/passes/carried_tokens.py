@@ -164,18 +164,21 @@ class CarriedGuard:
         return None
 
 
-def guarded(compiled: Callable, dense: Callable[[], Callable], guard: CarriedGuard,
-            warn: Callable[[str], None]) -> Callable:
-    """`compiled`, run only while `guard` holds; other calls run `dense()` (built on first need), after `warn`."""
+def guarded(compiled: Callable, dense: Callable[[list], Callable], guard: CarriedGuard,
+            warn: Callable[[str], None] | None) -> Callable:
+    """`compiled`, run only while `guard` holds; other calls run `dense(args)` (built on first need, for those
+    arguments), after `warn`. Wrap `compiled` in `recording` first and not `dense`: on such a call the outputs
+    carry nothing, since what they would carry came from the inputs that failed the guard."""
     fallback: list[Callable] = []
 
     def run(*args):
         name = guard.failed(args)
         if name is None:
             return compiled(*args)
-        warn(name)
+        if warn is not None:
+            warn(name)
         if not fallback:
-            fallback.append(dense())
+            fallback.append(dense(list(args)))
         return fallback[0](*args)
 
     return run
