@@ -21,7 +21,7 @@ from t4dopt.errors import T4DUnsupportedError, T4DVerifyError, T4DWarning, warn_
 from t4dopt.options import Options, parse_options
 from t4dopt.fx_utils import graph_parameters
 from t4dopt.passes import run_passes
-from t4dopt.passes.carried_tokens import CarriedGuard, carried_inputs, guarded, recording
+from t4dopt.passes.carried_tokens import CarriedGuard, CarriedOutput, carried_inputs, guarded, recording
 from t4dopt.passes.graph_breaks import hidden_attentions
 from t4dopt.passes.pipeline import rewrite
 from t4dopt.passes.state import PassState
@@ -104,7 +104,7 @@ def turbo4d(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str,
     return _carrying(compiled, state, carried, original, opts.target)
 
 
-def _carrying(compiled: Callable, state: PassState, carried: dict, original: fx.GraphModule | None,
+def _carrying(compiled: Callable, state: PassState, carried: dict[str, CarriedOutput], original: fx.GraphModule | None,
               target: str) -> Callable:
     """`compiled`, recording the outputs that carry token maps to later graphs, and checking on every call the
     inputs whose carried maps it relied on (`t4dopt.passes.carried_tokens`): when one does not carry them, a
