@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from t4dopt import lowering, report
-from t4dopt.errors import T4DUnsupportedError, T4DVerifyError, T4DWarning, warn_or_raise
+from t4dopt.errors import T4DVerifyError, T4DWarning, warn_or_raise, warn_unless_strict
 from t4dopt.options import Options, parse_options
 from t4dopt.fx_utils import graph_parameters
 from t4dopt.passes import run_passes
@@ -41,10 +41,7 @@ def _with_cache(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[S
 
     runtime, plan = build_runtime(gm, example_inputs, decisions, options.cache, lowering.target(options.target).segment)
     if runtime is None and decisions:
-        message = f"turbo4d cache: graph left uncached: {plan.reason}"
-        if options.strict:
-            raise T4DUnsupportedError(message + " (strict=True)")
-        warnings.warn(message, T4DWarning, stacklevel=2)
+        warn_unless_strict(f"turbo4d cache: graph left uncached: {plan.reason}", options, stacklevel=2)
     return runtime
 
 

@@ -52,6 +52,14 @@ class T4DWarning(UserWarning):
     """An attention site was left dense for a reason the user may want to fix."""
 
 
+def warn_unless_strict(message: str, options: Options, stacklevel: int = 1) -> None:
+    """`message` as a `T4DWarning`, or with ``strict=True`` as a `T4DUnsupportedError`: what every place that leaves
+    something dense, uncached or unconfirmed does. `stacklevel` counts from the caller, as for ``warnings.warn``."""
+    if options.strict:
+        raise T4DUnsupportedError(message + " (strict=True)")
+    warnings.warn(message, T4DWarning, stacklevel=stacklevel + 1)
+
+
 def warn_or_raise(decisions: list[SiteDecision], options: Options, hidden: list[HiddenAttention] = ()) -> None:
     """Warn about each site left dense for a reason the user can fix and each attention a graph break keeps out
     of the graph (with ``strict=True``, raise), and about each site made sparse on a layout the graph did not
@@ -59,9 +67,7 @@ def warn_or_raise(decisions: list[SiteDecision], options: Options, hidden: list[
     for attention in hidden:
         message = (f"turbo4d: attention {attention.module} is not in the compiled graph: a graph break at "
                    f"{attention.where} ({attention.reason}); to keep it in: {attention.avoid}")
-        if options.strict:
-            raise T4DUnsupportedError(message + " (strict=True)")
-        warnings.warn(message, T4DWarning, stacklevel=2)
+        warn_unless_strict(message, options, stacklevel=2)
     for decision in decisions:
         if not decision.warn:
             continue
@@ -70,14 +76,5 @@ def warn_or_raise(decisions: list[SiteDecision], options: Options, hidden: list[
             warnings.warn(f"turbo4d: attention {decision.site.name} ({where}) made sparse: {decision.reason}",
                           T4DWarning, stacklevel=2)
             continue
-        message = f"turbo4d: attention {decision.site.name} ({where}) left dense: {decision.reason}"
-        if options.strict:
-            raise T4DUnsupportedError(message + " (strict=True)")
-        warnings.warn(message, T4DWarning, stacklevel=2)
-
-
-def warn_unconfirmed(message: str, options: Options) -> None:
-    """A hint the graph does not confirm and nothing else checks: a `T4DWarning`, or with ``strict=True`` an error."""
-    if options.strict:
-        raise T4DUnsupportedError(message + " (strict=True)")
-    warnings.warn(message, T4DWarning, stacklevel=2)
+        warn_unless_strict(f"turbo4d: attention {decision.site.name} ({where}) left dense: {decision.reason}",
+                           options, stacklevel=2)

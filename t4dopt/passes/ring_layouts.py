@@ -30,7 +30,7 @@ from .sparsify import block_layout_for
 from .state import PassState
 from t4dopt.block_layout import BlockLayout, TokenGrid
 from t4dopt.compat import placeholder_origin
-from t4dopt.errors import T4DOptionError, warn_unconfirmed
+from t4dopt.errors import T4DOptionError, warn_unless_strict
 from t4dopt.fx_utils import device_of, example_value, op_name, shape_of
 from t4dopt.ops.chunk import DEFERRED
 from t4dopt.ops.schema import TABLE_ARGUMENTS
@@ -125,8 +125,8 @@ def _proven_layout(calls: list[fx.Node], proof: Proof, state: PassState) -> Bloc
         why = "sparse=None: no mask policy chosen"
     else:
         why = f"the graph shows {grid.describe()} ({grid.seq_len} tokens), but the ring's chunks cover {length}"
-    warn_unconfirmed(f"turbo4d: ring attention {calls[0].name} left dense (use_sparse_ring without a layout): "
-                     f"{why}", state.options)
+    warn_unless_strict(f"turbo4d: ring attention {calls[0].name} left dense (use_sparse_ring without a layout): "
+                       f"{why}", state.options)
     return BlockLayout.from_dense(torch.ones(1, 1, dtype=torch.bool), torch.tensor([0, length]), length,
                                   "dense ring (no layout proven)")
 
@@ -147,8 +147,8 @@ def check_ring_layouts(state: PassState) -> None:
         proof = prove(walk, state, node.args[0], layout.seq_len)
         given = layout.grid
         if proof.grid is None:
-            warn_unconfirmed(f"turbo4d: the ring layout ({given.describe()}) is not confirmed by the graph: "
-                             f"{proof.evidence}", state.options)
+            warn_unless_strict(f"turbo4d: the ring layout ({given.describe()}) is not confirmed by the graph: "
+                               f"{proof.evidence}", state.options)
         elif proof.grid != given:
             raise T4DOptionError(f"use_sparse_ring: the layout says {given.describe()}, but the graph shows "
                                  f"{proof.grid.describe()} ({proof.evidence})", option="layout",
