@@ -38,6 +38,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import inspect
 import io
 import math
 import platform
@@ -87,11 +88,14 @@ class Method:
     model: Callable[..., Any]
     after: Callable[[], None] = lambda: None
     computed: Callable[[], str] = lambda: "-"
+    cache_calls: Callable[[], int] | None = None
+    """turbo4d rows: the calls its cache runtimes ran so far (`CacheReport.total_calls`)."""
     note: str = ""
     seconds: list[float] = field(default_factory=list)
     samples: list[torch.Tensor] = field(default_factory=list)
     varies: bool = False
     recompiled: bool = False
+    uncached: bool = False
 
     @property
     def name(self) -> str:
@@ -116,12 +120,24 @@ class Result:
 # --- the rows -------------------------------------------------------------------------------------
 
 
+ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+"""Whether this torch can keep a compile's frame decisions to itself (torch >= 2.13)."""
+
+
 def _diffusers_cache(model: torch.nn.Module, config: Any, mode: str, compiler: str) -> tuple[Callable, Callable]:
-    """A copy of `model` with diffusers' cache `config` enabled (compiled for mode "compiled"), and its reset."""
+    """A copy of `model` with diffusers' cache `config` enabled (compiled for mode "compiled"), and its reset.
+
+    A hooked copy breaks its graph inside the blocks' loop, and dynamo then decides to skip the
+    model class's forward: for every copy, the plain ``torch.compile`` and turbo4d rows compiled
+    before it included, which from then on would run eagerly, block by block (their samples change
+    between rounds). ``isolate_recompiles`` keeps that decision to the hooked copy's own compile.
+    """
     cached = copy.deepcopy(model)
     cached.enable_cache(config)
-    runnable = torch.compile(cached, backend=compiler) if mode == "compiled" else cached
-    return runnable, cached._reset_stateful_cache
+    if mode != "compiled":
+        return cached, cached._reset_stateful_cache
+    isolated = {"isolate_recompiles": True} if ISOLATES else {}
+    return torch.compile(cached, backend=compiler, **isolated), cached._reset_stateful_cache
 
 
 def _cogvideox_raw_vision(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -186,11 +202,16 @@ def peer_configs(name: str, model: torch.nn.Module, steps: int, clock: Clock, qu
 
 
 def _share_computed(model: torch.nn.Module) -> Callable[[], str]:
+    """The share of the last generation's unit calls `model`'s cache computed (while its runtimes live)."""
     def share() -> str:
         units = t4dopt.cache_report(model).units
         calls = sum(u.calls for u in units)
         return f"{100 * sum(u.computed for u in units) / calls:.0f}% of {len(units)} units" if calls else "no units"
     return share
+
+
+def _frozen(text: str) -> Callable[[], str]:
+    return lambda: text
 
 
 Setting = tuple[float, int, str]
@@ -213,7 +234,8 @@ def turbo4d_rows(model: torch.nn.Module, steps: int, grid: list[Setting], target
         options = {"cache": cache} | ({"target": target} if target != "inductor" else {})
         setting = setting_name(threshold, max_reuse, decision)
         methods.append(Method("turbo4d", setting, "compiled", torch.compile(copied, backend="turbo4d", options=options),
-                              computed=_share_computed(copied)))
+                              computed=_share_computed(copied),
+                              cache_calls=lambda copied=copied: t4dopt.cache_report(copied).total_calls))
     return methods
 
 
@@ -279,8 +301,7 @@ def _warm_up(method: Method, inputs: list, steps: int, clock: Clock) -> bool:
     reasons = sorted({str(w.message).splitlines()[0][:160] for w in caught if issubclass(w.category, t4dopt.T4DWarning)})
     if method.mode == "compiled":
         reasons.insert(0, f"{counters['stats']['unique_graphs'] - graphs} dynamo graphs")
-    if reasons:
-        method.note = "; ".join(reasons)
+    method.note = "; ".join(filter(None, [method.note, *reasons]))
     print(f"  {method.name} ({method.mode}): warm-up {time.perf_counter() - start:.1f} s", flush=True)
     return True
 
@@ -298,9 +319,12 @@ def measure(methods: list[Method], inputs: list, steps: int, rounds: int, clock:
         shift = round_index % max(len(ran), 1)
         for method in ran[shift:] + ran[:shift]:
             graphs = counters["stats"]["unique_graphs"]
+            served = method.cache_calls() if method.cache_calls else 0
             start = time.perf_counter()
             samples = _samples(method, inputs, steps, clock)
             method.seconds.append((time.perf_counter() - start) / len(inputs))
+            if method.cache_calls:
+                method.uncached |= method.cache_calls() - served != steps * len(inputs)
             method.varies |= any(not torch.equal(a, b) for a, b in zip(samples, method.samples))
             method.recompiled |= counters["stats"]["unique_graphs"] != graphs
         print(f"  round {round_index + 1}/{rounds} done", flush=True)
@@ -313,8 +337,9 @@ def results(ran: list[Method], references: list[torch.Tensor]) -> list[Result]:
     for m in ran:
         scores = [psnr(s, r) for s, r in zip(m.samples, references)]
         seconds = statistics.median(m.seconds)
-        note = "; ".join(filter(None, [m.note, "samples differ between rounds" if m.varies else "",
-                                       "compiled again while timed" if m.recompiled else ""]))
+        note = "; ".join(filter(None, [m.note, "samples differ between rounds (another path ran while timed)" if m.varies else "",
+                                       "compiled again while timed" if m.recompiled else "",
+                                       "ran without its cache while timed" if m.uncached else ""]))
         rows.append(Result(m.family, m.setting, m.mode, seconds, baseline / seconds, statistics.mean(scores),
                            min(scores), m.computed(), note))
     return rows
@@ -411,9 +436,12 @@ def bench(name: str, steps: int, args: argparse.Namespace) -> str:
             continue
         for mode in ("eager", "compiled"):
             runnable, reset = _diffusers_cache(model, config(), mode, compiler)
-            methods.append(Method(family, setting, mode, runnable, after=reset))
+            note = "" if ISOLATES or mode == "eager" else "not isolated (torch < 2.13): the compiled rows may run eagerly"
+            methods.append(Method(family, setting, mode, runnable, after=reset, note=note))
     with torch.no_grad():
         ran = measure(methods, inputs, steps, args.rounds, clock)
+        for method in ran:  # read now: calibrate's dynamo reset below frees the rows' cache runtimes
+            method.computed = _frozen(method.computed())
         pick, pick_note = None, ""
         if "turbo4d" in args.families:
             print("  calibrate:", flush=True)

@@ -104,6 +104,9 @@ class CacheReport:
     """Per graph compiled with the cache, the units found and the work left out with the reasons."""
     work: WorkShare = WorkShare(0.0, 0.0)
     """FLOPs of the last generation's calls, computed and in all, counting the work outside units."""
+    total_calls: int = 0
+    """Calls (without gradients) the cache runtimes ran since they were compiled, every generation and reset
+    included: a check that a compiled model still runs through its cache (a graph dynamo stopped calling adds none)."""
 
     @property
     def units_found(self) -> list[str]:
@@ -147,7 +150,8 @@ def report_of(runtimes: list[CacheRuntime], graphs: list[GraphUnits] | None = No
     shares = [runtime.stats.work_share() for runtime in runtimes]
     return CacheReport([unit for runtime in runtimes for unit in runtime.stats.report()],
                        sum(runtime.held_bytes() for runtime in runtimes), list(graphs or []),
-                       WorkShare(sum(s.computed for s in shares), sum(s.total for s in shares)))
+                       WorkShare(sum(s.computed for s in shares), sum(s.total for s in shares)),
+                       sum(runtime.stats.total_calls for runtime in runtimes))
 
 
 def units_found(model: torch.nn.Module, *args, options: dict | None = None, **kwargs) -> list[GraphUnits]:

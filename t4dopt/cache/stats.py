@@ -47,12 +47,15 @@ class CacheStats:
         self.work, self.call_work = work or [0.0] * len(names), call_work
         self.current = self._empty()
         self.last: list[dict[Mode, int]] | None = None
+        self.total_calls = 0
+        """Every call counted since the runtime was built (resets and generations included)."""
 
     def _empty(self) -> list[dict[Mode, int]]:
         return [dict.fromkeys(Mode, 0) for _ in self.names]
 
     def count(self, modes: list[Mode]) -> None:
         """Count one call: each unit's mode."""
+        self.total_calls += 1
         for counts, mode in zip(self.current, modes):
             counts[mode] += 1
 
