@@ -16,8 +16,10 @@ from torch import nn
 
 import diffusers_models as dm
 import t4dopt
+from t4dopt.cache.arithmetic import SaveKind
 from t4dopt.cache.graph.functional import functional_writes, written
-from t4dopt.cache.graph.streams import packed
+from t4dopt.cache.graph.streams import packed, unpacked
+from t4dopt.cache.registry import runtimes_of
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -105,6 +107,12 @@ def test_two_stream_rope_blocks_are_units_and_exact_when_computed(joint):
         assert torch.equal(uncached[0], joint(*inputs(0)))
     torch._dynamo.reset()
     assert all(torch.equal(a, b) for a, b in zip(run(joint, 3, {"threshold": 0.0}), uncached))
+    # Threshold 0 runs the graph as it came, not the one packed for the cache (which concatenates every
+    # sublayer's two addends): the computed graph has the packing, the plain one none.
+    (runtime,) = runtimes_of(joint)
+    graphs = runtime.executor.step_graphs
+    assert _packing_nodes(graphs.computed(SaveKind.FIRST).run.gm) > 0
+    assert _packing_nodes(graphs.plain.gm) == 0
     report = t4dopt.cache_report(joint)
     (graph,) = report.graphs
     # Each block: the joint attention (both streams, RoPE functionalised), then both FFNs as one unit.
@@ -114,6 +122,10 @@ def test_two_stream_rope_blocks_are_units_and_exact_when_computed(joint):
     computed = run(joint, 3, {"threshold": 10.0, "warmup": 3, "order": 0})
     assert all(torch.equal(a, b) for a, b in zip(computed, uncached))
     assert all(u.computed == 3 for u in t4dopt.cache_report(joint).units)
+
+
+def _packing_nodes(gm: torch.fx.GraphModule) -> int:
+    return sum(node.target in (packed, unpacked) for node in gm.graph.nodes)
 
 
 def test_a_reused_two_stream_step_adds_both_streams_stored_residuals(joint):
@@ -224,8 +236,13 @@ def test_functionalised_and_two_stream_families_are_exact_at_threshold_zero(make
         want = tiny.model(**tiny.inputs, return_dict=False)[0]
         options = {"target": "eager", "sparse": None, "cache": {"threshold": 0.0}}
         got = torch.compile(tiny.model, backend="turbo4d", options=options)(**tiny.inputs, return_dict=False)[0]
-    assert torch.equal(got, want)
-    graphs = t4dopt.cache_report(tiny.model).graphs
+        graphs = t4dopt.cache_report(tiny.model).graphs
+        torch._dynamo.reset()
+        # A first call with reuse on computes every unit through the prepared graph (streams packed, writes
+        # functional), saving as it goes; threshold 0 runs the graph as it came.
+        options["cache"] = {"threshold": 10.0}
+        saving = torch.compile(tiny.model, backend="turbo4d", options=options)(**tiny.inputs, return_dict=False)[0]
+    assert torch.equal(got, want) and torch.equal(saving, want)
     cached = [unit for graph in graphs if not graph.reason for unit in graph.units]
     assert len(cached) == tiny.cache_units
     assert any(unit.kind not in ("other", "cross") for unit in cached)  # the joint self-attention is a unit

@@ -1,6 +1,7 @@
 """The shipped tiny diffusers testbeds (wan-tiny, cogvideox-tiny): they load, sample in seconds, denoise
 the procedural scenes far better than untrained twins, and sample as diffusers' pipelines call them."""
 
+import inspect
 import json
 import os
 import re
@@ -171,3 +172,49 @@ def test_cache_peers_bench_quick_mode_runs(tmp_path):
     # calibrate's pick is marked, or the line says why there is none (at 3 steps nothing may pay).
     assert "(calibrate's pick)" in text or re.search(r"^- calibrate: .+", text, flags=re.M), text
     assert (tmp_path / "cache_peers_wan-tiny_3.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_a_hooked_copy_compiled_apart_leaves_the_other_copies_on_their_cache():
+    # A copy with a diffusers cache hook breaks its graph inside the blocks' loop when compiled, and dynamo
+    # then skips the class's forward for every copy. Compiled with isolate_recompiles, the hooked copy keeps
+    # that to itself and our compiled copy still runs every call through its cache (CacheReport.total_calls
+    # counts them); compiled without it, where dynamo skips our copy's forward, the warning says what to do.
+    import copy
+    import warnings
+
+    from diffusers import FirstBlockCacheConfig
+
+    import t4dopt
+
+    if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
+        pytest.skip("torch.compile has no isolate_recompiles before torch 2.13")
+    model = pretrained("wan-tiny")
+    clean, cond = _held_out("wan-tiny", 1, EVAL_SEED)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    ours_model = copy.deepcopy(model)
+    ours = torch.compile(ours_model, backend="turbo4d",
+                         options={"target": "eager", "cache": {"threshold": 0.5, "steps": 4, "warmup": 1, "final": 0}})
+
+    def sampled(compiled) -> torch.Tensor:
+        with torch.no_grad():
+            return sample_diffusers(compiled, noise, cond, steps=4)
+
+    def hooked(isolated: bool) -> None:
+        copied = copy.deepcopy(model)
+        copied.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+        sampled(torch.compile(copied, backend="eager", **({"isolate_recompiles": True} if isolated else {})))
+        copied._reset_stateful_cache()
+
+    first = sampled(ours)
+    assert t4dopt.cache_report(ours_model).total_calls == 4
+    hooked(isolated=True)
+    assert torch.equal(sampled(ours), first)
+    assert t4dopt.cache_report(ours_model).total_calls == 8
+    hooked(isolated=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sampled(ours)
+    if t4dopt.cache_report(ours_model).total_calls == 8:  # this torch skips our copy's forward now
+        assert any("isolate_recompiles=True" in str(w.message) and "torch._dynamo.reset()" in str(w.message)
+                   for w in caught), [str(w.message)[:200] for w in caught]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,10 @@ NOT_A_DENOISER = (
     "the graph has no timestep input, so it is not a whole denoiser: a block of a regionally compiled model "
     "(diffusers' compile_repeated_blocks), or a piece of a model split by a graph break. The cache tells "
     "denoising steps and generations apart by the timestep and the latents, so it needs them in one graph: "
-    "compile the whole model (torch.compile(transformer, backend='turbo4d', ...)) to use it")
+    "compile the whole model (torch.compile(transformer, backend='turbo4d', ...)) to use it. If you did: dynamo "
+    "may be skipping the model's forward, which it does for every copy of a class once one copy broke its graph "
+    "inside the blocks' loop in this process (a copy with a diffusers cache hook, compiled): call "
+    "torch._dynamo.reset() before compiling, or compile that copy with torch.compile(..., isolate_recompiles=True)")
 
 
 @dataclass
@@ -88,17 +92,21 @@ def _work(gm: fx.GraphModule, plan: RegionPlan, decisions: list[SiteDecision]) -
                 work.flops(gm.graph.nodes, modules, attention))
 
 
-def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: Lower) -> StepGraphs:
+def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: Lower,
+                unprepared: fx.GraphModule | None = None) -> StepGraphs:
     """The runtime's whole-call graphs for `gm`.
 
-    A graph that changes tensors in place gets only the plain one: values a tapped or
-    rebuilt graph returned early could change later in the same graph, but the plain graph
-    returns only the graph's own outputs.
+    The plain one (calls that keep nothing: threshold 0, gradients) is `unprepared`, the graph
+    as it was before `prepare` where given: the streams unpacked and the writes in place, so such
+    a call costs what plain ``torch.compile`` of the graph costs (the packed streams of a
+    two-stream model concatenate every sublayer's two addends). A graph that changes tensors in
+    place gets only the plain one: values a tapped or rebuilt graph returned early could change
+    later in the same graph, but the plain graph returns only the graph's own outputs.
     """
     program = prepared.program
     # The whole-call graphs take the graph's inputs first, then what the runtime passes.
     static = [i for i, name in enumerate(program.placeholders) if name in set(program.static)]
-    plain = LazyLowered(tapped_graph(gm, []).module, lower, static)
+    plain = LazyLowered(tapped_graph(unprepared if unprepared is not None else gm, []).module, lower, static)
     if program.mutates:
         return StepGraphs(plain, None, None, {})
     token_taps = {}
@@ -132,6 +140,7 @@ def step_graphs(gm: fx.GraphModule, prepared: Prepared, spec: CacheSpec, lower: 
 def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list[SiteDecision], spec: CacheSpec,
                   lower: Lower) -> tuple[CacheRuntime | None, RegionPlan]:
     """A runtime for `gm`, or None (with the plan saying why) when no sublayer can be cached."""
+    unprepared = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # its modules and attributes shared, not copied
     prepared = prepare(gm, decisions, spec)
     plan = prepared.plan
     found = GraphUnits(tuple(UnitFound(u.name, u.kind) for u in plan.units),
@@ -151,7 +160,8 @@ def build_runtime(gm: fx.GraphModule, example_inputs: list[Any], decisions: list
     runners = [SegmentRunners(lazy(s.gm, s), lazy(s.token_full, s), lazy(s.token_pruned, s))
                for s in prepared.segments]
     parameters = ParameterSet(x for x in example_inputs if isinstance(x, torch.nn.Parameter))
-    runtime = CacheRuntime(prepared.program, runners, spec, parameters, lower, step_graphs(gm, prepared, spec, lower))
+    runtime = CacheRuntime(prepared.program, runners, spec, parameters, lower,
+                           step_graphs(gm, prepared, spec, lower, unprepared))
     runtime.generations.group = prepared.group
     register(runtime)
     return runtime, prepared.plan

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -17,7 +17,23 @@ class ParameterSet:
 
     def __init__(self, tensors: Iterable[torch.Tensor] = ()) -> None:
         self._refs: dict[int, weakref.ref] = {}
+        self._last_first: weakref.ref | None = None
         self.update(tensors)
+
+    def update_from_call(self, args: Sequence[object], positions: Sequence[int]) -> None:
+        """`update` with a call's parameters (``args`` at `positions`), skipped when the first is the last call's.
+
+        A graph runs with one module's parameters call after call; walking them all (hundreds in a
+        real model) on every call costs more than the check. A call with another module's (its first
+        parameter differs) walks them.
+        """
+        if not positions:
+            return
+        first = args[positions[0]]
+        if self._last_first is not None and self._last_first() is first:
+            return
+        self.update(args[i] for i in positions)
+        self._last_first = weakref.ref(first)
 
     def update(self, tensors: Iterable[torch.Tensor]) -> None:
         for tensor in tensors:

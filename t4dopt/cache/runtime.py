@@ -121,7 +121,7 @@ class CacheRuntime:
         now = float(timestep.max()) if isinstance(timestep, torch.Tensor) else timestep
         with self._lock:
             # As placing a call would: a graph serving another module's parameters is found from that module too.
-            self.parameters.update(args[i] for i in self.generations.static)
+            self.parameters.update_from_call(args, self.generations.static)
             if isinstance(now, (int, float)) and self._last_timestep is not None and now > self._last_timestep:
                 self.stats.close_generation()
             self._last_timestep = now
