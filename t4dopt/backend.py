@@ -8,7 +8,6 @@ and lowers the rewritten graph through Inductor (or runs it eagerly with ``targe
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from t4dopt import lowering, report
-from t4dopt.errors import T4DVerifyError, T4DWarning, warn_or_raise, warn_unless_strict
+from t4dopt.errors import T4DVerifyError, warn_or_raise, warn_unless_strict
 from t4dopt.options import Options, parse_options
 from t4dopt.fx_utils import graph_parameters
 from t4dopt.passes import run_passes
@@ -75,10 +74,14 @@ def _verified(compiled: Callable, reference: fx.GraphModule) -> Callable:
     return run
 
 
-def _warn_uncarried(name: str) -> None:
-    warnings.warn(f"turbo4d: the input {name} of a graph made sparse with token maps carried from an earlier graph "
-                  "does not carry them in this call (made another way, or changed in place since): this call "
-                  "runs the graph dense", T4DWarning, stacklevel=3)
+def _uncarried(options: Options) -> Callable[[str], None]:
+    """What a call whose input lost its carried token maps says: a warning, or with ``strict=True`` an error
+    (before anything runs)."""
+    def say(name: str) -> None:
+        warn_unless_strict(f"turbo4d: the input {name} of a graph made sparse with token maps carried from an "
+                           "earlier graph does not carry them in this call (made another way, or changed in place "
+                           "since): this call runs the graph dense", options, stacklevel=3)
+    return say
 
 
 def turbo4d(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str, Any] | Options | None = None) -> Callable:
@@ -98,11 +101,11 @@ def turbo4d(gm: fx.GraphModule, example_inputs: list[Any], options: Mapping[str,
     if reference is not None and any(d.action == "sparse" for d in decisions):
         run_passes(reference, opts, reference=True, carried=carried)
         compiled = _verified(compiled, reference)
-    return _carrying(compiled, state, carried, original, opts.target)
+    return _carrying(compiled, state, carried, original, opts)
 
 
 def _carrying(compiled: Callable, state: PassState, carried: dict[str, CarriedOutput], original: fx.GraphModule | None,
-              target: str) -> Callable:
+              options: Options) -> Callable:
     """`compiled`, recording the outputs that carry token maps to later graphs, and checking on every call the
     inputs whose carried maps it relied on (`t4dopt.passes.carried_tokens`): when one does not carry them, a
     graph made sparse with them runs `original` dense, and no graph records outputs derived from them."""
@@ -112,5 +115,5 @@ def _carrying(compiled: Callable, state: PassState, carried: dict[str, CarriedOu
         return recorded
     guard = CarriedGuard.of(state.gm, relied, carried)
     if any(d.action == "sparse" for d in state.decisions):
-        return guarded(recorded, lambda args: _lower(original, args, target), guard, _warn_uncarried)
+        return guarded(recorded, lambda args: _lower(original, args, options.target), guard, _uncarried(options))
     return guarded(recorded, lambda args: compiled, guard, None)  # nothing rewritten: the same graph, unrecorded

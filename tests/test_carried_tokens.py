@@ -124,6 +124,18 @@ def test_a_tensor_the_producer_did_not_make_carries_nothing_and_runs_dense():
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_strict_raises_on_a_call_whose_input_lost_its_carried_token_maps():
+    embed, attend = Embed().eval(), Attend().eval()
+    strict = {"sparse": SPARSE, "target": "eager", "strict": True}
+    embed_c = torch.compile(embed, backend="turbo4d", options=strict)
+    attend_c = torch.compile(attend, backend="turbo4d", options=strict)
+    latents = torch.randn(1, 4, FRAMES, HEIGHT, WIDTH)
+    with torch.no_grad():
+        attend_c(embed_c(latents))  # carried: sparse, nothing to say
+        with pytest.raises(t4dopt.T4DUnsupportedError, match="does not carry them.*strict=True"):
+            attend_c(embed_c(latents).clone())
+
+
 def test_a_consumer_compiled_on_a_plain_tensor_stays_dense_and_says_what_it_needs():
     attend = Attend().eval()
     tokens = torch.randn(1, FRAMES * TOKENS, DIM)
