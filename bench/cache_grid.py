@@ -81,15 +81,26 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    fitting = sorted((r for r in rows if r["psnr"] >= BUDGET_DB), key=lambda r: (r["computed"], -r["psnr"]))
     print(f"\n{args.model}, {args.steps} steps, {args.seeds} seeds: least work computed at >= {BUDGET_DB:g} dB "
           "(mean over seeds)\n")
-    print("| decision | threshold | max_reuse | order | warmup | final | PSNR dB (worst) | work computed |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in fitting[:8]:
-        print(f"| {r['decision']} | {r['threshold']:g} | {r['max_reuse']} | {r['order']} | {r['warmup']} | "
-              f"{r['final']} | {r['psnr']:.1f} ({r['worst_psnr']:.1f}) | {100 * r['computed']:.0f}% |")
+    print(summary(rows))
 
+
+def summary(rows: list[dict], count: int = 8) -> str:
+    """The `count` settings computing the least at >= 30 dB (mean PSNR), one line per distinct outcome (settings
+    with the same samples: the first, and how many more)."""
+    fitting = sorted((r for r in rows if r["psnr"] >= BUDGET_DB), key=lambda r: (r["computed"], -r["psnr"]))
+    outcomes: dict[tuple, list[dict]] = {}
+    for r in fitting:
+        outcomes.setdefault((round(r["psnr"], 3), round(r["computed"], 4)), []).append(r)
+    lines = ["| decision | threshold | max_reuse | order | warmup | final | PSNR dB (worst) | work computed | "
+             "same outcome |", "|---|---|---|---|---|---|---|---|---|"]
+    for alike in list(outcomes.values())[:count]:
+        r = alike[0]
+        lines.append(f"| {r['decision']} | {r['threshold']:g} | {r['max_reuse']} | {r['order']} | {r['warmup']} | "
+                     f"{r['final']} | {r['psnr']:.1f} ({r['worst_psnr']:.1f}) | {100 * r['computed']:.0f}% | "
+                     f"{len(alike) - 1} more |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
