@@ -27,7 +27,8 @@ median over rounds, its speedup that of compiled full compute divided by it, wit
 A row whose samples change between rounds is flagged. Use one thread on a shared machine.
 
     python bench/cache_peers.py --threads 1 [--models wan-tiny cogvideox-tiny] [--steps 20 50]
-        [--seeds 4] [--rounds 3] [--families turbo4d MagCache ...] [--decisions unit step]
+        [--seeds 4] [--rounds 3] [--families turbo4d MagCache ...] [--compiled-families MagCache ...]
+        [--decisions unit step]
         [--markdown out.md] [--plot-dir bench]
     python bench/cache_peers.py --quick      # smoke test: a few steps, one setting each, no Inductor
 """
@@ -434,7 +435,7 @@ def bench(name: str, steps: int, args: argparse.Namespace) -> str:
     for family, setting, config in peer_configs(name, model, steps, clock, args.quick, calibration):
         if family not in args.families:
             continue
-        for mode in ("eager", "compiled"):
+        for mode in ("eager", "compiled") if family in args.compiled_families else ("eager",):
             runnable, reset = _diffusers_cache(model, config(), mode, compiler)
             note = "" if ISOLATES or mode == "eager" else "not isolated (torch < 2.13): the compiled rows may run eagerly"
             methods.append(Method(family, setting, mode, runnable, after=reset, note=note))
@@ -475,6 +476,9 @@ def main() -> None:
                         help="thresholds of the step-wide rows (default: --thresholds)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
                         help="which caches to measure (full compute always runs)")
+    parser.add_argument("--compiled-families", nargs="+", default=list(FAMILIES[1:]), choices=list(FAMILIES[1:]),
+                        help="the diffusers caches also measured under torch.compile (default: all; PAB's and "
+                             "FasterCache's hooks recompile for minutes per setting on a CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     parser.add_argument("--plot-dir", help="write cache_peers_<model>_<steps>.png here")
