@@ -173,8 +173,8 @@ def calibrate(
     `thresholds`, `max_reuse` and `orders` (the ``order`` cache option: how reused residuals
     are extrapolated; default the one in `options`) and `decisions` (the ``decision`` cache
     option: per unit or step-wide; default both) is run once to compile and score it,
-    then `repeats` interleaved rounds time every setting and full compute (threshold 0, the
-    same compiled graphs) once each, in an order rotated per round; each is timed by its
+    then `repeats` interleaved rounds time every setting and full compute (threshold 0: the
+    graph as dynamo gave it, lowered once) once each, in an order rotated per round; each is timed by its
     median. The pick is made by `pick` (never a setting that is not faster than full compute
     in the same run). `clock` reads seconds (a fake one makes tests independent of the
     machine). With `plot`, writes the speed-vs-quality curve there (PNG).
