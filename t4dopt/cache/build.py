@@ -33,8 +33,8 @@ NOT_A_DENOISER = (
     "denoising steps and generations apart by the timestep and the latents, so it needs them in one graph: "
     "compile the whole model (torch.compile(transformer, backend='turbo4d', ...)) to use it. If you did: dynamo "
     "may be skipping the model's forward, which it does for every copy of a class once one copy broke its graph "
-    "inside the blocks' loop in this process (a copy with a diffusers cache hook, compiled): call "
-    "torch._dynamo.reset() before compiling, or compile that copy with torch.compile(..., isolate_recompiles=True)")
+    "inside the blocks' loop in this process (a copy with a diffusers cache hook, compiled): compile that copy "
+    "with torch.compile(..., isolate_recompiles=True), or call torch._dynamo.reset() once it is no longer used")
 
 
 @dataclass
