@@ -1,6 +1,7 @@
 """The shipped tiny diffusers testbeds (wan-tiny, cogvideox-tiny): they load, sample in seconds, denoise
 the procedural scenes far better than untrained twins, and sample as diffusers' pipelines call them."""
 
+import copy
 import inspect
 import json
 import os
@@ -8,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from diffusers import FirstBlockCacheConfig
+
+import t4dopt
 from t4dopt.data.tasks import EVAL_SEED, loss_at, video_batch
 from t4dopt.models import flow_matching_timesteps, pretrained, sample_diffusers
 from t4dopt.models.diffusers_testbeds import TESTBEDS, Denoiser, build_transformer, diffusers_class
@@ -180,13 +185,6 @@ def test_a_hooked_copy_compiled_apart_leaves_the_other_copies_on_their_cache():
     # then skips the class's forward for every copy. Compiled with isolate_recompiles, the hooked copy keeps
     # that to itself and our compiled copy still runs every call through its cache (CacheReport.total_calls
     # counts them); compiled without it, where dynamo skips our copy's forward, the warning says what to do.
-    import copy
-    import warnings
-
-    from diffusers import FirstBlockCacheConfig
-
-    import t4dopt
-
     if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
         pytest.skip("torch.compile has no isolate_recompiles before torch 2.13")
     model = pretrained("wan-tiny")
