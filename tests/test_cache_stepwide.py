@@ -163,10 +163,10 @@ def test_bad_calibrate_decisions_raise(model, decisions):
                          options={"target": "eager"}, decisions=decisions)
 
 
-class CastStack(nn.Module):
-    """Two blocks spelling the MLP's residual as Wan does, ``h = (h.float() + mlp(h)).type_as(h)``: the
-    ``type_as`` reads the MLP's entry outside its sublayer, so the attention's span and the MLP's touch
-    (one's exit is the other's entry) without being one span."""
+class ViewAsStack(nn.Module):
+    """Two blocks spelling the MLP's residual ``h = (h + mlp(h)).view_as(h)``: the ``view_as`` reads the MLP's
+    entry outside its sublayer, so the attention's span and the MLP's touch (one's exit is the other's
+    entry) without being one span. (A cast spelt so, as Wan's ``type_as``, belongs to the sublayer.)"""
 
     def __init__(self):
         super().__init__()
@@ -180,14 +180,14 @@ class CastStack(nn.Module):
         for qkv, mlp in zip(self.qkv, self.mlp):
             q, k, v = qkv(h).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
             h = h + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-            h = (h.float() + mlp(h)).type_as(h)
+            h = (h + mlp(h)).view_as(h)
         return self.head(h)
 
 
 def test_touching_spans_reuse_as_one_whole_graph_equal_to_segments(paths):
     """Each reused span starts from the value rebuilding the span before it (as segment by segment does),
     not from that span's computed exit: the whole reused graph needs none of the units' nodes."""
-    model = CastStack().eval()
+    model = ViewAsStack().eval()
     cache = {"threshold": 10.0, "max_reuse": 2, "warmup": 2, "final": 1, "steps": 6, "decision": "step"}
     x = torch.randn(1, 32, 4, generator=torch.Generator().manual_seed(0))
     results = {}

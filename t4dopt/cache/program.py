@@ -97,7 +97,8 @@ class Program:
 
         A reused span is rebuilt in one sum, so the values between its units are never made:
         units are adjacent only where the value between them is used by the next unit alone
-        (not by another segment, e.g. a ``type_as`` after the sublayer, nor returned).
+        (not by another segment, e.g. a ``view_as`` after the sublayer, nor returned; a cast after the
+        residual addition belongs to its unit, see `t4dopt.cache.graph.regions`).
         """
         users: dict[str, set[int | None]] = {}
         for segment in self.segments:

@@ -9,9 +9,9 @@ do not depend on the stream (timestep embedding, modulation, conditioning projec
 parameters) are *lateral*: they can be computed before any region.
 
 A region that ends in a residual addition of its entry (``exit = entry + f(entry)``, casts
-allowed) and does real work (attention, a linear layer, a matmul or a convolution) is a cache
-*unit*: its exit can be rebuilt from a
-new entry and the residual ``exit - entry`` stored when it was last computed. Adjacent units whose
+allowed, also a cast right after the addition, as in ``(h.float() + f(h)).type_as(h)``) and does
+real work (attention, a linear layer, a matmul or a convolution) is a cache *unit*: its exit can
+be rebuilt from a new entry and the residual ``exit - entry`` stored when it was last computed. Adjacent units whose
 attention mixes space, then views, then time form a *chain* that can be skipped as a whole.
 """
 
@@ -200,10 +200,13 @@ def _chains(units: list[CacheUnit]) -> list[CacheChain]:
     return chains
 
 
+def _is_cast(node: fx.Node) -> bool:
+    return ((node.op == "call_method" and node.target in CAST_METHODS)
+            or (node.op == "call_function" and node.target in (torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as)))
+
+
 def _strip_casts(node: object) -> object:
-    while isinstance(node, fx.Node) and (
-            (node.op == "call_method" and node.target in CAST_METHODS)
-            or (node.op == "call_function" and node.target in (torch.Tensor.to, torch.Tensor.float, torch.Tensor.type_as))):
+    while isinstance(node, fx.Node) and _is_cast(node):
         node = node.args[0]
     return node
 
@@ -286,6 +289,19 @@ def _not_a_unit(nodes: list[fx.Node], entry: fx.Node, exit_node: fx.Node, output
     return ""
 
 
+def _absorbs_casts(plan: RegionPlan, nodes: list[fx.Node], exit_node: fx.Node, output: fx.Node) -> bool:
+    """Whether the region `nodes` only casts the exit of the unit just before it, which then ends at `exit_node`.
+
+    ``h = (h.float() + attn * gate).type_as(h)`` (Wan, and most blocks that add in float32) cuts the
+    stream at the addition and again at the cast. Left apart, the cast would sit between every two
+    units, so no two would be adjacent and a reused call would rebuild each unit on its own.
+    """
+    if not plan.regions or plan.regions[-1][1] is None or not nodes or not all(_is_cast(n) for n in nodes):
+        return False
+    unit = plan.units[-1]
+    return not _not_a_unit(unit.nodes + nodes, unit.entry, exit_node, output, [])
+
+
 def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[str, torch.nn.Module]) -> RegionPlan:
     """Split `graph` into lateral nodes and stream regions.
 
@@ -323,9 +339,13 @@ def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[s
             level[node] = max(level[used] for used in node.all_input_nodes if used in level)
             members[level[node]].append(node)
     attention_output = {_output_node(d): d for d in decisions}
-    for nodes in members:
-        region_index = len(plan.regions)
+    for region_index, nodes in enumerate(members):
         entry, exit_node = dominators[region_index], dominators[region_index + 1]
+        if _absorbs_casts(plan, nodes, exit_node, output):
+            unit = plan.units[-1]
+            unit.nodes, unit.exit = unit.nodes + nodes, exit_node
+            plan.regions[-1] = (unit.nodes, unit.index)
+            continue
         sites = [attention_output[n] for n in nodes if n in attention_output]
         work = [n for n in nodes if n in attention_output or _does_work(n, modules)]
         reason = _not_a_unit(nodes, entry, exit_node, output, work) if work else "no work"
@@ -335,8 +355,7 @@ def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[s
             plan.regions.append((nodes, None))
             continue
         index = len(plan.units)
-        unit = CacheUnit(index, entry, exit_node, nodes, sites, _common_module(work), _token_site(sites))
-        plan.units.append(unit)
+        plan.units.append(CacheUnit(index, entry, exit_node, nodes, sites, _common_module(work), _token_site(sites)))
         plan.regions.append((nodes, index))
     if not plan.units:
         plan.reason = "no residual sublayer (single-entry single-exit region of the stream) found"
