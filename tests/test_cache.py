@@ -316,6 +316,44 @@ def test_a_cast_after_the_residual_addition_stays_inside_its_unit():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
 
 
+def test_a_bfloat16_unit_ending_in_a_cast_reuses_its_cast_residual():
+    """In bfloat16 the ``type_as`` after ``h.float() + mlp(h)`` rounds: the unit's exit is the rounded value, so
+    a reuse adds ``exit - entry`` of the last computation in bfloat16, every unit's in one sum. Computed
+    steps equal the model exactly; reused ones equal that rule, written out here on the eager model."""
+    torch.manual_seed(0)
+    model = ResidualStack(in_place=False, cast=True).eval().to(torch.bfloat16)
+    compiled_model = torch.compile(model, backend="turbo4d", options={
+        "target": "eager", "layout": {"frames": 4, "tokens_per_frame": 8},
+        "cache": {"threshold": 10.0, "max_reuse": 3, "warmup": 3, "final": 1, "steps": 6, "order": 0}})
+    x = torch.randn(1, 32, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    times = [torch.full((1,), float(t), dtype=torch.bfloat16) for t in torch.linspace(1, 0, 6)]
+    with torch.no_grad(), t4dopt.generation(model):
+        got = [compiled_model(x, t) for t in times]
+    assert [(u.computed, u.reused) for u in t4dopt.cache_report(model).units] == [(4, 2)] * 4
+    assert len(next(iter(runtimes_of(model))).program.spans()) == 1
+
+    with torch.no_grad():
+        for step in (0, 1, 2, 5):
+            assert torch.equal(got[step], model(x, times[step]))
+        h = model.embed(x) + model.time(times[2].view(-1, 1, 1))
+        saved = []
+        for qkv, mlp in zip(model.qkv, model.mlp):
+            q, k, v = qkv(h).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            after = h + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            saved.append(after - h)
+            h, after = after, (after.float() + mlp(after)).type_as(after)
+            saved.append(after - h)
+            h = after
+        total = saved[0]
+        for residual in saved[1:]:
+            total = total + residual
+        for step in (3, 4):
+            entry = model.embed(x) + model.time(times[step].view(-1, 1, 1))
+            expected = model.head(entry + total)
+            assert torch.allclose(got[step].float(), expected.float(), atol=2e-2, rtol=0)
+            assert (got[step].float() - model.head(entry).float()).abs().max() > 0.1
+
+
 def test_in_place_addition_another_value_sees_is_left_in_place():
     torch.manual_seed(0)
     model = ResidualStack(in_place=True, skip=True).eval()

@@ -73,6 +73,21 @@ def test_loads_and_samples_in_seconds(name):
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", DIFFUSERS_PRETRAINED)
+def test_a_reused_call_rebuilds_every_block_in_one_sum(name):
+    """Every sublayer of the testbeds is a unit and the units are adjacent (Wan's ``.type_as(h)`` after each
+    addition included): a call reusing them all rebuilds the stack in one sum, not one per unit."""
+    model = pretrained(name)
+    compiled = torch.compile(copy.deepcopy(model), backend="turbo4d", options={"target": "eager", "cache": {}})
+    x0, cond = _held_out(name, 1, EVAL_SEED)
+    sample_diffusers(compiled, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)), cond, steps=2)
+    (runtime,) = t4dopt.cache.registry.runtimes_of(compiled)
+    per_block = {"wan-tiny": 3, "cogvideox-tiny": 2}[name]  # self-attention (and cross-attention), feed-forward
+    assert len(runtime.program.units) == per_block * model.config.num_layers
+    assert [(span.first, span.last) for span in runtime.program.spans()] == [(0, len(runtime.program.units) - 1)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", DIFFUSERS_PRETRAINED)
 def test_trained_model_denoises_far_better_than_its_untrained_twin(name):
     model = pretrained(name)
     info = model.pretrained_info
