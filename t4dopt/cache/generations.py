@@ -29,6 +29,7 @@ the ``steps`` option's last step is freed after it.
 
 from __future__ import annotations
 
+import operator
 import threading
 import warnings
 import weakref
@@ -132,6 +133,9 @@ class Generations:
         self.program, self._owner, self.parameters = program, weakref.ref(owner), parameters
         names, static = program.placeholders, set(program.static)
         self.static = [i for i, n in enumerate(names) if n in static]
+        # The parameters' identities name a call's domain: read at C speed (a model has hundreds).
+        self._statics = operator.itemgetter(*self.static) if len(self.static) > 1 else (
+            lambda args: tuple(args[i] for i in self.static))
         self.stream = names.index(program.stream) if program.stream in names else None
         self.timestep = names.index(program.timestep) if program.timestep in names else None
         self.dynamic = [i for i, n in enumerate(names) if n not in static]
@@ -194,7 +198,7 @@ class Generations:
 
     def place(self, args: tuple, units: int, chains: int) -> Placement:
         """The track of a call with `args`, after the runtime's one device read (timestep, identities, drifts)."""
-        key = tuple(id(args[i]) for i in self.static)
+        key = tuple(map(id, self._statics(args)))
         owner = self._owner()
         active = scope.active_scope(owner, key)
         name = scope.active_branch(owner, key)
