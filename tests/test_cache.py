@@ -354,6 +354,27 @@ def test_a_bfloat16_unit_ending_in_a_cast_reuses_its_cast_residual():
             assert (got[step].float() - model.head(entry).float()).abs().max() > 0.1
 
 
+def test_a_span_reused_in_one_sum_measures_every_units_drift():
+    """Reused in one sum, a span's inner entries are never made: the drift of its entry is read back for every
+    unit in it, so per-unit decisions do not run on rates left over from each unit's last computation."""
+    torch.manual_seed(0)
+    model = ResidualStack(in_place=False).eval()
+    compiled_model = torch.compile(model, backend="turbo4d", options={
+        "target": "eager", "layout": {"frames": 4, "tokens_per_frame": 8},
+        "cache": {"threshold": 10.0, "max_reuse": 3, "warmup": 2, "decision": "unit"}})
+    x = torch.randn(1, 32, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), t4dopt.generation(model):
+        for t in torch.linspace(1, 0, 6):
+            compiled_model(x, torch.full((1,), float(t)))
+        # After the sixth call (computed), the rates are those read back from the fifth (reused).
+        runtime = next(iter(runtimes_of(model)))
+        (track,) = [track for domain in runtime.generations.domains.values() for track in domain.tracks]
+        rates = [memory.drift.rate for memory in track.slot.units]
+    assert len(runtime.program.spans()) == 1
+    assert [(u.computed, u.reused) for u in t4dopt.cache_report(model).units] == [(3, 3)] * 4
+    assert rates[0] is not None and rates == [rates[0]] * len(rates), rates
+
+
 def test_in_place_addition_another_value_sees_is_left_in_place():
     torch.manual_seed(0)
     model = ResidualStack(in_place=True, skip=True).eval()

@@ -46,8 +46,14 @@ def combinable(terms: Sequence[Term]) -> bool:
 
 
 def reused(slot: SlotState, terms: Sequence[Term], drift: torch.Tensor) -> None:
-    """`terms` were reused: the first one's entry moved by `drift`; each counts a reuse."""
-    slot.expect(terms[0].memory.drift, drift)
+    """`terms` were reused: the first one's entry moved by `drift`; each counts a reuse.
+
+    The other terms' entries were never made (the span was rebuilt in one sum), so `drift` is what
+    each of them measures too: left unmeasured, their rates would go stale while the span is reused,
+    and per-unit decisions would compute them at the wrong steps.
+    """
+    for term in terms:
+        slot.expect(term.memory.drift, drift)
     for term in terms:
         for state in term.counted:
             state.reused()
