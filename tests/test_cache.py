@@ -19,6 +19,7 @@ from t4dopt.cache.lowered import LazyLowered
 from t4dopt.cache.registry import runtimes_of
 from t4dopt.models import SCMNet, Sculpt4DDiT
 from t4dopt.export.capture import node_values
+from t4dopt.fx_utils import example_tensor
 from t4dopt.models.pretrained import pretrained
 from t4dopt.models.sampler import flow_matching_timesteps, sample_flow_matching
 from t4dopt.options import CacheSpec, parse_options
@@ -314,6 +315,29 @@ def test_a_cast_after_the_residual_addition_stays_inside_its_unit():
     assert len(runtime.program.spans()) == 1
     assert sum(u.reused for u in t4dopt.cache_report(cast).units) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected))
+
+
+class CastDownStack(nn.Module):
+    """One block whose MLP residual is added in float32 and cast down to bfloat16, which the head then runs in."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.time = nn.Linear(4, 16), nn.Linear(1, 16)
+        self.qkv, self.mlp, self.head = nn.Linear(16, 48), nn.Linear(16, 16), nn.Linear(16, 4).to(torch.bfloat16)
+
+    def forward(self, x, t):
+        h = self.embed(x) + self.time(t.view(-1, 1, 1))
+        q, k, v = self.qkv(h).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        h = h + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        h = (h + self.mlp(h)).to(torch.bfloat16)
+        return self.head(h)
+
+
+def test_a_cast_to_another_dtype_stays_out_of_its_unit():
+    """A rebuilt exit (entry + residual) has the entry's dtype: a cast to another one is not the unit's."""
+    _, plan = plan_of(CastDownStack().eval(), torch.randn(1, 32, 4), torch.ones(1))
+    mlp = plan.units[-1]
+    assert mlp.name == "mlp" and example_tensor(mlp.exit).dtype == torch.float32, mlp.exit
 
 
 def test_a_bfloat16_unit_ending_in_a_cast_reuses_its_cast_residual():

@@ -11,8 +11,9 @@ parameters) are *lateral*: they can be computed before any region.
 A region that ends in a residual addition of its entry (``exit = entry + f(entry)``, casts
 allowed, also a cast right after the addition, as in ``(h.float() + f(h)).type_as(h)``) and does
 real work (attention, a linear layer, a matmul or a convolution) is a cache *unit*: its exit can
-be rebuilt from a new entry and the residual ``exit - entry`` stored when it was last computed. Adjacent units whose
-attention mixes space, then views, then time form a *chain* that can be skipped as a whole.
+be rebuilt from a new entry and the residual ``exit - entry`` stored when it was last computed.
+Adjacent units whose attention mixes space, then views, then time form a *chain* that can be
+skipped as a whole.
 """
 
 from __future__ import annotations
@@ -294,11 +295,15 @@ def _absorbs_casts(plan: RegionPlan, nodes: list[fx.Node], exit_node: fx.Node, o
 
     ``h = (h.float() + attn * gate).type_as(h)`` (Wan, and most blocks that add in float32) cuts the
     stream at the addition and again at the cast. Left apart, the cast would sit between every two
-    units, so no two would be adjacent and a reused call would rebuild each unit on its own.
+    units, so no two would be adjacent and a reused call would rebuild each unit on its own. Only a
+    cast back to the entry's dtype: a rebuilt exit (entry plus residual) has the entry's dtype.
     """
     if not plan.regions or plan.regions[-1][1] is None or not nodes or not all(_is_cast(n) for n in nodes):
         return False
     unit = plan.units[-1]
+    entry, exit_value = example_tensor(unit.entry), example_tensor(exit_node)
+    if entry is None or exit_value is None or entry.dtype != exit_value.dtype:
+        return False
     return not _not_a_unit(unit.nodes + nodes, unit.entry, exit_node, output, [])
 
 
