@@ -101,7 +101,12 @@ def _cpu_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, 
 
 class _OthersLoad:
     """Cores that other processes kept busy while the block ran (from /proc/stat, less this process's CPU
-    time); None where /proc/stat is missing. The busy process of ``--busy`` counts as another process."""
+    time); None where /proc/stat is missing. The busy process of ``--busy`` counts as another process.
+
+    /proc/stat counts in clock ticks (10 ms): a block shorter than `MIN_WINDOW_S` is followed by a wait
+    that makes the window that long, else a few milliseconds of tiny shapes read as noise."""
+
+    MIN_WINDOW_S = 0.5
 
     def __enter__(self) -> _OthersLoad:
         self.cores: float | None = None
@@ -109,6 +114,8 @@ class _OthersLoad:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self._start is not None:
+            time.sleep(max(0.0, self.MIN_WINDOW_S - (time.monotonic() - self._start[2])))
         end = self._sample()
         if self._start is not None and end is not None:
             (busy0, own0, wall0), (busy1, own1, wall1) = self._start, end
