@@ -296,13 +296,13 @@ def _absorbs_casts(plan: RegionPlan, nodes: list[fx.Node], exit_node: fx.Node, o
     ``h = (h.float() + attn * gate).type_as(h)`` (Wan, and most blocks that add in float32) cuts the
     stream at the addition and again at the cast. Left apart, the cast would sit between every two
     units, so no two would be adjacent and a reused call would rebuild each unit on its own. Only a
-    cast back to the entry's dtype: a rebuilt exit (entry plus residual) has the entry's dtype.
+    cast back to the entry's dtype and device: a rebuilt exit (entry plus residual) has the entry's.
     """
     if not plan.regions or plan.regions[-1][1] is None or not nodes or not all(_is_cast(n) for n in nodes):
         return False
     unit = plan.units[-1]
     entry, exit_value = example_tensor(unit.entry), example_tensor(exit_node)
-    if entry is None or exit_value is None or entry.dtype != exit_value.dtype:
+    if entry is None or exit_value is None or (entry.dtype, entry.device) != (exit_value.dtype, exit_value.device):
         return False
     return not _not_a_unit(unit.nodes + nodes, unit.entry, exit_node, output, [])
 
