@@ -54,7 +54,6 @@ def reused(slot: SlotState, terms: Sequence[Term], drift: torch.Tensor) -> None:
     """
     for term in terms:
         slot.expect(term.memory.drift, drift)
-    for term in terms:
         for state in term.counted:
             state.reused()
 

@@ -269,9 +269,8 @@ def _common_module(nodes: list[fx.Node]) -> str:
     return ".".join(common)
 
 
-def _not_a_unit(nodes: list[fx.Node], entry: fx.Node, exit_node: fx.Node, output: fx.Node,
-                work: list[fx.Node]) -> str:
-    """Why the region `nodes` from `entry` to `exit_node`, which does `work`, is no cache unit ("" when it is one)."""
+def _not_a_unit(nodes: list[fx.Node], entry: fx.Node, exit_node: fx.Node, output: fx.Node) -> str:
+    """Why the region `nodes` from `entry` to `exit_node`, which does work, is no cache unit ("" when it is one)."""
     if exit_node is output:
         return "it ends at the graph's output"
     if sizes_of(entry) != sizes_of(exit_node):
@@ -304,7 +303,7 @@ def _absorbs_casts(plan: RegionPlan, nodes: list[fx.Node], exit_node: fx.Node, o
     entry, exit_value = example_tensor(unit.entry), example_tensor(exit_node)
     if entry is None or exit_value is None or (entry.dtype, entry.device) != (exit_value.dtype, exit_value.device):
         return False
-    return not _not_a_unit(unit.nodes + nodes, unit.entry, exit_node, output, [])
+    return not _not_a_unit(unit.nodes + nodes, unit.entry, exit_node, output)
 
 
 def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[str, torch.nn.Module]) -> RegionPlan:
@@ -353,7 +352,7 @@ def find_regions(graph: fx.Graph, decisions: list[SiteDecision], modules: dict[s
             continue
         sites = [attention_output[n] for n in nodes if n in attention_output]
         work = [n for n in nodes if n in attention_output or _does_work(n, modules)]
-        reason = _not_a_unit(nodes, entry, exit_node, output, work) if work else "no work"
+        reason = _not_a_unit(nodes, entry, exit_node, output) if work else "no work"
         if reason:
             if work:
                 plan.rejected.append(Rejection(_common_module(work) or f"region@{exit_node.name}", reason))
